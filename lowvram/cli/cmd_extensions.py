@@ -1,0 +1,1 @@
+"""`lowvram extensions`: registered on the app by its owner module (being built)."""

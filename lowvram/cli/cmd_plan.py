@@ -1,0 +1,1 @@
+"""`lowvram plan`: registered on the app by its owner module (being built)."""

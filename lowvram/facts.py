@@ -1,0 +1,364 @@
+"""Facts about one machine and its WebUI: frozen data, built by detect/ or read from a facts file.
+
+The JSON form is the `doctor --json` contract (DESIGN.md §1). Reading it back is lenient on
+purpose: a missing key reads as null, an unknown key is ignored (facts from a newer lowvram), and
+`sysmem_fallback` missing is derived from OS and driver. A value of the wrong type is an error that
+names the key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from packaging.version import InvalidVersion, Version
+
+from lowvram.errors import FactsError
+
+OS_NAMES = ("linux", "windows", "darwin")
+SYSMEM_FALLBACK_VALUES = ("on", "off", "unknown", "unsupported")
+FLAVORS = ("a1111", "forge", "sdnext", "comfyui")
+FAMILIES = ("sd15", "sd2", "sdxl", "sdxl-refiner", "unknown")
+
+# NVIDIA KB 5490: 536.40 added the fallback to shared memory, 546.01 made it a per-program choice.
+FALLBACK_FIRST_DRIVER = Version("536.40")
+FALLBACK_CHOOSABLE_DRIVER = Version("546.01")
+
+
+def parse_driver(driver: str | None) -> Version | None:
+    if not driver:
+        return None
+    try:
+        return Version(driver.strip())
+    except InvalidVersion:
+        return None
+
+
+def derive_sysmem_fallback(os_name: str | None, driver: str | None, wsl: bool) -> str:
+    """What the driver does when VRAM runs out: spill into shared memory (on) or OOM.
+
+    Native Linux and macOS never spill. WSL2 spills and ignores the Control Panel policy
+    (microsoft/WSL #11050). On Windows 536.40–546.00 always spill; from 546.01 the user can choose
+    per program and the choice cannot be read reliably, so it is `unknown` (treated as on).
+    """
+    if wsl:
+        return "on"
+    if os_name != "windows":
+        return "unsupported"
+    version = parse_driver(driver)
+    if version is None:
+        return "unknown"
+    if version < FALLBACK_FIRST_DRIVER:
+        return "unsupported"
+    if version < FALLBACK_CHOOSABLE_DRIVER:
+        return "on"
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class SystemFacts:
+    os: str
+    os_version: str | None = None
+    arch: str | None = None
+    ram_mb: int | None = None
+    swap_mb: int | None = None
+    glibc: str | None = None
+    wsl: bool = False
+    sysmem_fallback: str = "unsupported"
+    cpu_count: int | None = None
+
+
+@dataclass(frozen=True)
+class GpuFacts:
+    index: int
+    uuid: str | None = None
+    name: str | None = None
+    vram_total_mb: int | None = None
+    vram_free_mb: int | None = None
+    vram_used_mb: int | None = None
+    driver: str | None = None
+    cuda_driver: str | None = None
+    compute_capability: str | None = None
+    pcie_gen: int | None = None
+    pcie_width: int | None = None
+    lost: bool = False
+    # NVML fields that could not be read, e.g. ("memory: NotSupported",); shown with --debug.
+    errors: tuple[str, ...] = ()
+
+    @property
+    def cc_tuple(self) -> tuple[int, int] | None:
+        if not self.compute_capability:
+            return None
+        try:
+            major, minor = self.compute_capability.split(".", 1)
+            return int(major), int(minor)
+        except ValueError:
+            return None
+
+
+@dataclass(frozen=True)
+class OtherGpu:
+    vendor: str  # amd | intel | apple
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class TcmallocFacts:
+    library: str | None = None
+    usable: bool = False
+    reason: str = ""
+    package: str | None = None  # what to install when it is missing
+
+
+@dataclass(frozen=True)
+class CudaEnv:
+    """The CUDA environment variables that decide which GPU a UI would use (DESIGN.md §3)."""
+
+    visible_devices: str | None = None
+    device_order: str | None = None
+
+
+@dataclass(frozen=True)
+class WebuiFacts:
+    path: str
+    flavor: str
+    version: str | None = None
+    python: str | None = None
+    torch: str | None = None
+    torch_cuda: str | None = None
+    xformers: str | None = None
+    checkpoint: str | None = None
+    checkpoint_path: str | None = None
+    model_family: str | None = None
+    batch_cond_uncond: bool | None = None
+    # The user's literal COMMANDLINE_ARGS from webui-user (outside lowvram's block); None when absent
+    # or not literal ($VAR, $(...)), see `user_args_literal`.
+    user_args: tuple[str, ...] | None = None
+    user_args_literal: bool = True
+    extensions: tuple[str, ...] = ()
+    disabled_extensions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Facts:
+    system: SystemFacts
+    gpus: tuple[GpuFacts, ...] = ()
+    other_gpus: tuple[OtherGpu, ...] = ()
+    tcmalloc: TcmallocFacts = field(default_factory=TcmallocFacts)
+    webui: WebuiFacts | None = None
+    cuda: CudaEnv = field(default_factory=CudaEnv)
+    nvml_error: str | None = None  # why NVML gave no GPUs (no driver, ...), or None
+
+    @property
+    def usable_gpus(self) -> tuple[GpuFacts, ...]:
+        return tuple(g for g in self.gpus if not g.lost)
+
+    def with_webui(self, webui: WebuiFacts | None) -> Facts:
+        from dataclasses import replace
+
+        return replace(self, webui=webui)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for gpu in data["gpus"]:
+            gpu["errors"] = list(gpu["errors"])
+        if data["webui"] is not None:
+            for key in ("user_args", "extensions", "disabled_extensions"):
+                value = data["webui"][key]
+                data["webui"][key] = list(value) if value is not None else None
+        return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading facts back (lenient, but a wrong type is a clear error naming the key)
+
+
+class _Reader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, expected: str, value: Any) -> FactsError:
+        return FactsError(
+            f"{self.source}: `{key}` should be {expected}, not {json.dumps(value)[:60]}",
+            "use the JSON that `lowvram doctor --json` printed, unchanged",
+        )
+
+    def obj(self, data: Any, key: str) -> dict[str, Any]:
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise self.fail(key, "an object", data)
+        return data
+
+    def str_(self, d: dict[str, Any], key: str, path: str) -> str | None:
+        value = d.get(key)
+        if value is None:
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise self.fail(f"{path}.{key}", "a string", value)
+        return value
+
+    def int_(self, d: dict[str, Any], key: str, path: str) -> int | None:
+        value = d.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(f"{path}.{key}", "a number", value)
+        if not math.isfinite(value):
+            raise self.fail(f"{path}.{key}", "a finite number", value)
+        if value < 0:
+            raise self.fail(f"{path}.{key}", "a number ≥ 0", value)
+        return int(value)
+
+    def bool_(self, d: dict[str, Any], key: str, path: str) -> bool | None:
+        value = d.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, bool):
+            raise self.fail(f"{path}.{key}", "true or false", value)
+        return value
+
+    def strs(self, d: dict[str, Any], key: str, path: str) -> tuple[str, ...] | None:
+        value = d.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(f"{path}.{key}", "a list of strings", value)
+        return tuple(value)
+
+    def choice(self, d: dict[str, Any], key: str, path: str, choices: tuple[str, ...]) -> str | None:
+        value = self.str_(d, key, path)
+        if value is not None and value not in choices:
+            raise self.fail(f"{path}.{key}", "one of " + ", ".join(choices), value)
+        return value
+
+
+def facts_from_dict(data: Any, source: str = "facts") -> Facts:
+    r = _Reader(source)
+    if not isinstance(data, dict):
+        raise FactsError(f"{source}: not a facts object", "use the JSON that `lowvram doctor --json` printed")
+    if "error" in data and "system" not in data:
+        raise FactsError(f"{source}: holds an error report, not facts", "run `lowvram doctor --json` again")
+    s = r.obj(data.get("system"), "system")
+    os_name = r.choice(s, "os", "system", OS_NAMES) or "linux"
+    wsl = bool(r.bool_(s, "wsl", "system"))
+    gpus_raw = data.get("gpus") or []
+    if not isinstance(gpus_raw, list):
+        raise r.fail("gpus", "a list", gpus_raw)
+    gpus: list[GpuFacts] = []
+    for i, g_any in enumerate(gpus_raw):
+        g = r.obj(g_any, f"gpus[{i}]")
+        p = f"gpus[{i}]"
+        gpus.append(
+            GpuFacts(
+                index=r.int_(g, "index", p) if g.get("index") is not None else i,  # type: ignore[arg-type]
+                uuid=r.str_(g, "uuid", p),
+                name=r.str_(g, "name", p),
+                vram_total_mb=r.int_(g, "vram_total_mb", p),
+                vram_free_mb=r.int_(g, "vram_free_mb", p),
+                vram_used_mb=r.int_(g, "vram_used_mb", p),
+                driver=r.str_(g, "driver", p),
+                cuda_driver=r.str_(g, "cuda_driver", p),
+                compute_capability=r.str_(g, "compute_capability", p),
+                pcie_gen=r.int_(g, "pcie_gen", p),
+                pcie_width=r.int_(g, "pcie_width", p),
+                lost=bool(r.bool_(g, "lost", p)),
+                errors=r.strs(g, "errors", p) or (),
+            )
+        )
+    driver = next((g.driver for g in gpus if g.driver), None)
+    fallback = r.choice(s, "sysmem_fallback", "system", SYSMEM_FALLBACK_VALUES)
+    system = SystemFacts(
+        os=os_name,
+        os_version=r.str_(s, "os_version", "system"),
+        arch=r.str_(s, "arch", "system"),
+        ram_mb=r.int_(s, "ram_mb", "system"),
+        swap_mb=r.int_(s, "swap_mb", "system"),
+        glibc=r.str_(s, "glibc", "system"),
+        wsl=wsl,
+        sysmem_fallback=fallback or derive_sysmem_fallback(os_name, driver, wsl),
+        cpu_count=r.int_(s, "cpu_count", "system"),
+    )
+    others_raw = data.get("other_gpus") or []
+    if not isinstance(others_raw, list):
+        raise r.fail("other_gpus", "a list", others_raw)
+    others = []
+    for i, o_any in enumerate(others_raw):
+        o = r.obj(o_any, f"other_gpus[{i}]")
+        others.append(OtherGpu(vendor=r.str_(o, "vendor", f"other_gpus[{i}]") or "unknown",
+                               name=r.str_(o, "name", f"other_gpus[{i}]")))
+    t = r.obj(data.get("tcmalloc"), "tcmalloc")
+    tcmalloc = TcmallocFacts(
+        library=r.str_(t, "library", "tcmalloc"),
+        usable=bool(r.bool_(t, "usable", "tcmalloc")),
+        reason=r.str_(t, "reason", "tcmalloc") or "",
+        package=r.str_(t, "package", "tcmalloc"),
+    )
+    c = r.obj(data.get("cuda"), "cuda")
+    cuda = CudaEnv(visible_devices=r.str_(c, "visible_devices", "cuda"), device_order=r.str_(c, "device_order", "cuda"))
+    webui = None
+    if data.get("webui") is not None:
+        w = r.obj(data["webui"], "webui")
+        webui = WebuiFacts(
+            path=r.str_(w, "path", "webui") or "",
+            flavor=r.choice(w, "flavor", "webui", FLAVORS) or "a1111",
+            version=r.str_(w, "version", "webui"),
+            python=r.str_(w, "python", "webui"),
+            torch=r.str_(w, "torch", "webui"),
+            torch_cuda=r.str_(w, "torch_cuda", "webui"),
+            xformers=r.str_(w, "xformers", "webui"),
+            checkpoint=r.str_(w, "checkpoint", "webui"),
+            checkpoint_path=r.str_(w, "checkpoint_path", "webui"),
+            model_family=r.choice(w, "model_family", "webui", FAMILIES),
+            batch_cond_uncond=r.bool_(w, "batch_cond_uncond", "webui"),
+            user_args=r.strs(w, "user_args", "webui"),
+            user_args_literal=r.bool_(w, "user_args_literal", "webui") is not False,
+            extensions=r.strs(w, "extensions", "webui") or (),
+            disabled_extensions=r.strs(w, "disabled_extensions", "webui") or (),
+        )
+    return Facts(
+        system=system,
+        gpus=tuple(gpus),
+        other_gpus=tuple(others),
+        tcmalloc=tcmalloc,
+        webui=webui,
+        cuda=cuda,
+        nvml_error=r.str_(data, "nvml_error", "facts") if "nvml_error" in data else None,
+    )
+
+
+MAX_FACTS_BYTES = 4 * 1024 * 1024
+
+
+def load_facts_file(path: Path) -> Facts:
+    """Read the JSON `doctor --json` printed (here or on another machine)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_FACTS_BYTES:
+            raise FactsError(f"facts file {path} is {size} bytes, too large to be facts",
+                             "use the JSON that `lowvram doctor --json` printed")
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise FactsError(f"facts file {path} does not exist", "run `lowvram doctor --json > facts.json` first") from exc
+    except IsADirectoryError as exc:
+        raise FactsError(f"facts file {path} is a directory", "give the path of a JSON file") from exc
+    except OSError as exc:
+        raise FactsError(f"cannot read facts file {path}: {exc.strerror}", "check the path") from exc
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise FactsError(f"facts file {path} is not UTF-8 text", "use the JSON that `lowvram doctor --json` printed") from exc
+    except json.JSONDecodeError as exc:
+        raise FactsError(
+            f"facts file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
+            "use the JSON that `lowvram doctor --json` printed",
+        ) from exc
+    except RecursionError as exc:
+        raise FactsError(f"facts file {path} is nested too deeply", "use the JSON that `lowvram doctor --json` printed") from exc
+    return facts_from_dict(data, source=str(path))

@@ -1,0 +1,257 @@
+"""Crash-safe file primitives: atomic writes, stale-temp cleanup, kill points and the WebUI lock.
+
+Every file lowvram writes goes through `atomic_write_bytes`: a temp file in the same directory,
+fsync, rename, fsync of the directory. A kill at any moment leaves the old bytes or the new bytes.
+Temp names carry `TEMP_MARK` so the next run can remove what a killed run left (DESIGN.md §6).
+
+Kill points: tests set `LOWVRAM_KILL_AT=<n>` to make the process SIGKILL itself at the n-th kill
+point it reaches (counting from 1), or `LOWVRAM_KILL_AT=<name>` to stop at a named one;
+`LOWVRAM_KILL_TRACE=<file>` appends each point's name as it is reached, so a test can count them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import secrets
+import shutil
+import signal
+import stat
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from lowvram.errors import ApplyError, LockError
+
+TEMP_MARK = ".lowvram-tmp-"
+
+_kill_counter = 0
+
+
+def kill_point(name: str) -> None:
+    """Die here (SIGKILL, no cleanup) when a test asked for this point."""
+    global _kill_counter
+    trace = os.environ.get("LOWVRAM_KILL_TRACE")
+    target = os.environ.get("LOWVRAM_KILL_AT")
+    if not trace and not target:
+        return
+    _kill_counter += 1
+    if trace:
+        with open(trace, "a", encoding="utf-8") as fh:
+            fh.write(name + "\n")
+    if target and (target == name or (target.isdigit() and int(target) == _kill_counter)):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def temp_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}{TEMP_MARK}{secrets.token_hex(4)}")
+
+
+def fsync_dir(directory: Path) -> None:
+    if os.name == "nt":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _describe_os_error(path: Path, exc: OSError) -> ApplyError:
+    if exc.errno == errno.ENOSPC:
+        return ApplyError(f"no space left on the disk while writing {path}", "free some disk space and run again")
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return ApplyError(
+            f"cannot write {path}: {exc.strerror}",
+            "make the WebUI folder writable for this user (or run lowvram as the user that owns it)",
+        )
+    if exc.errno == errno.EFBIG:
+        return ApplyError(f"file too large while writing {path}", "check the process' file size limit (ulimit -f)")
+    return ApplyError(f"cannot write {path}: {exc.strerror or exc}", "check the path and its permissions")
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Replace `path` with `data` atomically, keeping the old file's mode unless `mode` is given."""
+    path = Path(path)
+    if mode is None:
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            mode = None
+    tmp = temp_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644 if mode is None else mode)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                _write_all(fh, data, path)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        if mode is not None:
+            os.chmod(tmp, mode)
+        kill_point(f"write:{path.name}:before-rename")
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        kill_point(f"write:{path.name}:after-rename")
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise _describe_os_error(path, exc) from exc
+
+
+def _write_all(fh: BinaryIO, data: bytes, path: Path) -> None:
+    half = len(data) // 2
+    fh.write(data[:half])
+    if half:
+        fh.flush()
+        kill_point(f"write:{path.name}:half-written")
+    fh.write(data[half:])
+
+
+def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def atomic_write_json(path: Path, obj: Any, mode: int | None = None) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"), mode)
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def clean_stale_temps(directory: Path) -> list[Path]:
+    """Remove temp files and directories a killed lowvram run left in `directory`."""
+    removed: list[Path] = []
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if TEMP_MARK not in entry.name:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, onerror=_make_writable_and_retry)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
+
+
+def _make_writable_and_retry(func: Any, path: str, _exc: Any) -> None:
+    """git writes read-only pack files; Windows refuses to delete them until they are writable."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, stat.S_IWRITE | stat.S_IREAD)
+        func(path)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, onerror=_make_writable_and_retry)
+
+
+class FileLock:
+    """An OS file lock (fcntl on POSIX, msvcrt on Windows), never a pid file.
+
+    The lock dies with the process, so a killed lowvram never leaves a WebUI locked.
+    """
+
+    def __init__(self, path: Path, what: str = "this WebUI") -> None:
+        self.path = Path(path)
+        self.what = what
+        self._fh: Any = None
+
+    def acquire(self, timeout: float = 0.0) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+b")  # noqa: SIM115 - held for the lock's lifetime
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                _lock_fd(fh)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, errno.EDEADLK):
+                    fh.close()
+                    raise
+                if time.monotonic() >= deadline:
+                    holder = _read_holder(fh)
+                    fh.close()
+                    raise LockError(
+                        f"another lowvram process is using {self.what}{holder}",
+                        "wait for it to finish (a running `lowvram launch` holds the lock until the UI exits)",
+                    ) from exc
+                time.sleep(0.1)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}\n".encode())
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is None:
+            return
+        with contextlib.suppress(OSError):
+            _unlock_fd(self._fh)
+        self._fh.close()
+        self._fh = None
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_holder(fh: Any) -> str:
+    try:
+        fh.seek(0)
+        text = fh.read(64).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+    return f" ({text})" if text.startswith("pid ") else ""
+
+
+if os.name == "nt":  # pragma: no cover - exercised on Windows only
+    import msvcrt
+
+    def _lock_fd(fh: Any) -> None:
+        fh.seek(0)
+        try:
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+        except OSError as exc:
+            raise OSError(errno.EACCES, str(exc)) from exc
+
+    def _unlock_fd(fh: Any) -> None:
+        fh.seek(0)
+        msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
+
+else:
+    import fcntl
+
+    def _lock_fd(fh: Any) -> None:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _unlock_fd(fh: Any) -> None:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def webui_lock(path: Path, what: str = "this WebUI", timeout: float = 0.0) -> Iterator[FileLock]:
+    lock = FileLock(path, what)
+    lock.acquire(timeout=timeout)
+    try:
+        yield lock
+    finally:
+        lock.release()
