@@ -132,6 +132,7 @@ class WebuiFacts:
     xformers: str | None = None
     checkpoint: str | None = None
     checkpoint_path: str | None = None
+    checkpoint_key: str | None = None  # markers.checkpoint_key(): name|size|mtime
     model_family: str | None = None
     batch_cond_uncond: bool | None = None
     # The user's literal COMMANDLINE_ARGS from webui-user (outside lowvram's block); None when absent
@@ -314,6 +315,7 @@ def facts_from_dict(data: Any, source: str = "facts") -> Facts:
             xformers=r.str_(w, "xformers", "webui"),
             checkpoint=r.str_(w, "checkpoint", "webui"),
             checkpoint_path=r.str_(w, "checkpoint_path", "webui"),
+            checkpoint_key=r.str_(w, "checkpoint_key", "webui"),
             model_family=r.choice(w, "model_family", "webui", FAMILIES),
             batch_cond_uncond=r.bool_(w, "batch_cond_uncond", "webui"),
             user_args=r.strs(w, "user_args", "webui"),

@@ -1,0 +1,23 @@
+"""The lines that fence lowvram's managed block in webui-user files, and the hook's folder name.
+
+Shared by the writer (apply/webui_user.py), detection (which reads the user's own lines outside
+the block) and doctor (which checks the block is still there).
+"""
+
+from __future__ import annotations
+
+BLOCK_BEGIN = "# >>> lowvram managed block (`lowvram revert` removes it; edits inside are replaced) >>>"
+BLOCK_END = "# <<< lowvram managed block <<<"
+# cmd comments: `rem` lines; `::` is unsafe inside parenthesised blocks.
+BAT_BLOCK_BEGIN = "rem >>> lowvram managed block (`lowvram revert` removes it; edits inside are replaced) >>>"
+BAT_BLOCK_END = "rem <<< lowvram managed block <<<"
+
+HOOK_EXTENSION_DIR = "lowvram-layout"
+
+
+def checkpoint_key(name: str, size: int, mtime: float) -> str:
+    """How observations name a checkpoint: file name + size + whole-second mtime.
+
+    A1111's sha256 is lazy and off with --no-hashing, so the hook and lowvram both use this.
+    """
+    return f"{name}|{size}|{int(mtime)}"
