@@ -206,6 +206,10 @@ class FileLock:
         self._fh.close()
         self._fh = None
 
+    def fileno(self) -> int | None:
+        """The held lock's descriptor (launch hands it to the UI so the lock outlives a killed lowvram)."""
+        return None if self._fh is None else int(self._fh.fileno())
+
     def __enter__(self) -> FileLock:
         self.acquire()
         return self

@@ -1,14 +1,29 @@
 """Observations: what the hook (inside the UI), `reserve --add` and `tune` recorded, one JSON line each.
 
 The file is append-only JSON lines in the WebUI's state dir. Reading skips a corrupt line with a
-warning and keeps the rest (DESIGN.md §8).
+warning and keeps the rest (DESIGN.md §8). Writers append each line with ONE `write()` on an
+`O_APPEND` descriptor, so two processes appending at once (the hook inside the UI and a
+`reserve --add` beside it) never interleave inside a line. The hook (patches/) writes the same
+format without importing this module.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from lowvram.errors import ObservationError
 
 SOURCES = ("hook", "manual", "tuning")
+ROADS = ("swap", "resident")
+SCHEMA = 1
+# Reading stops looking further back than this: the reserve uses the last 5 runs, tuning the last
+# few dozen, and a plan must stay fast however long the UI has been used.
+MAX_READ_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -38,3 +53,166 @@ class Observation:
     ok: bool = True
     reason: str = ""
     driver: str | None = None
+    # Added with the hook: how overflow was measured ("pdh" = Windows shared usage counter,
+    # "estimate" = peak reserved + non-torch use − dedicated total, "manual" = Task Manager).
+    overflow_source: str | None = None
+    layout_s: float | None = None  # how long the layout took, when it ran before this job
+    tag: str | None = None  # free text a caller put in the hook config (tune uses "tune")
+    pid: int | None = None  # the UI process that recorded it
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        if self.width is None or self.height is None:
+            return None
+        return (self.width, self.height)
+
+
+_INT_FIELDS = {"reserve_mb", "free_mb", "overflow_mb", "peak_allocated_mb", "peak_reserved_mb", "vram_total_mb",
+               "width", "height", "batch", "steps", "pid"}
+_FLOAT_FIELDS = {"sit", "layout_s"}
+_STR_FIELDS = {"checkpoint", "family", "road", "offload", "driver", "overflow_source", "tag"}
+_KNOWN = {f.name for f in fields(Observation)}
+
+
+def observation_to_dict(obs: Observation) -> dict[str, Any]:
+    """The JSON form of one line: `schema` first, then every field (None kept, so lines line up)."""
+    data = asdict(obs)
+    data["flags"] = list(obs.flags)
+    return {"schema": SCHEMA, **data}
+
+
+def _number(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{key}` should be a number, not {json.dumps(value)[:40]}")
+    if not math.isfinite(value):
+        raise ValueError(f"`{key}` should be a finite number")
+    return float(value)
+
+
+def observation_from_dict(data: Any) -> Observation:
+    """Build an Observation from one parsed line; unknown keys are ignored, wrong types raise ValueError."""
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    if "time" not in data:
+        raise ValueError("`time` is missing")
+    source = data.get("source", "hook")
+    if source not in SOURCES:
+        raise ValueError(f"`source` should be one of {', '.join(SOURCES)}, not {json.dumps(source)[:40]}")
+    kwargs: dict[str, Any] = {"time": _number(data["time"], "time"), "source": source}
+    for key, value in data.items():
+        if key not in _KNOWN or key in ("time", "source") or value is None:
+            continue
+        if key in _INT_FIELDS:
+            number = _number(value, key)
+            if number < 0 and key != "pid":
+                raise ValueError(f"`{key}` should be ≥ 0")
+            kwargs[key] = int(number)
+        elif key in _FLOAT_FIELDS:
+            number = _number(value, key)
+            if number < 0:
+                raise ValueError(f"`{key}` should be ≥ 0")
+            kwargs[key] = number
+        elif key in _STR_FIELDS or key == "reason":
+            if not isinstance(value, str):
+                raise ValueError(f"`{key}` should be a string")
+            kwargs[key] = value
+        elif key in ("layout", "ok"):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{key}` should be true or false")
+            kwargs[key] = value
+        elif key == "ooms":
+            number = _number(value, key)
+            if number < 0:
+                raise ValueError("`ooms` should be ≥ 0")
+            kwargs[key] = int(number)
+        elif key == "flags":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError("`flags` should be a list of strings")
+            kwargs[key] = tuple(value)
+    if kwargs.get("road") is not None and kwargs["road"] not in ROADS:
+        raise ValueError(f"`road` should be swap or resident, not {json.dumps(kwargs['road'])[:40]}")
+    return Observation(**kwargs)
+
+
+@dataclass(frozen=True)
+class LoadedObservations:
+    items: tuple[Observation, ...]
+    warnings: tuple[str, ...]
+
+
+def load_observations(path: Path, *, max_bytes: int = MAX_READ_BYTES) -> LoadedObservations:
+    """Read every line that parses; name each line that does not (by its number) in a warning.
+
+    A missing file is no observations. An unreadable one is a warning too: a plan must still be
+    made, it will just say it is learning.
+    """
+    path = Path(path)
+    warnings: list[str] = []
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            skipped_head = size > max_bytes
+            if skipped_head:
+                fh.seek(size - max_bytes)
+            raw = fh.read()
+    except FileNotFoundError:
+        return LoadedObservations((), ())
+    except IsADirectoryError:
+        return LoadedObservations((), (f"{path} is a directory, not an observations file; ignored",))
+    except OSError as exc:
+        return LoadedObservations((), (f"cannot read {path}: {exc.strerror or exc}; observations ignored",))
+    lines = raw.split(b"\n")
+    first_line = 1
+    if skipped_head:
+        # The first piece is the tail of a line cut by the seek: drop it, and count lines from there.
+        lines = lines[1:]
+        first_line = 0
+        warnings.append(f"{path} is over {max_bytes // (1024 * 1024)} MiB: only its most recent lines were read")
+    items: list[Observation] = []
+    for n, line in enumerate(lines, start=first_line):
+        text = line.strip()
+        if not text:
+            continue
+        where = f"{path.name} line {n}" if not skipped_head else f"{path.name} (a recent line)"
+        try:
+            data = json.loads(text.decode("utf-8"))
+        except UnicodeDecodeError:
+            warnings.append(f"{where}: not UTF-8 text; skipped")
+            continue
+        except (json.JSONDecodeError, RecursionError):
+            warnings.append(f"{where}: not valid JSON (a write cut short?); skipped")
+            continue
+        try:
+            items.append(observation_from_dict(data))
+        except (ValueError, TypeError) as exc:
+            warnings.append(f"{where}: {exc}; skipped")
+    return LoadedObservations(tuple(items), tuple(warnings))
+
+
+def encode_line(obs: Observation) -> bytes:
+    return (json.dumps(observation_to_dict(obs), separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
+
+
+def append_observation(path: Path, obs: Observation) -> None:
+    """Append one line with a single write() on an O_APPEND descriptor (creates the directories)."""
+    path = Path(path)
+    try:
+        line = encode_line(obs)
+    except ValueError as exc:  # NaN/inf in a float field
+        raise ObservationError(f"cannot record an observation: {exc}", "report this as a bug") from exc
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
+        fd = os.open(path, flags, 0o644)
+        try:
+            written = os.write(fd, line)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise ObservationError(
+            f"cannot record the observation in {path}: {exc.strerror or exc}",
+            "check that lowvram's state directory is writable (LOWVRAM_HOME moves it)",
+        ) from exc
+    if written != len(line):
+        raise ObservationError(f"the observation written to {path} was cut short ({written} of {len(line)} bytes)",
+                               "check the free disk space; the next read skips the partial line")

@@ -55,6 +55,8 @@ class ExtensionSpec:
     ref: str  # pinned commit
     dir: str  # directory name under extensions/
     reason: str = ""
+    uis: tuple[str, ...] = ()  # UIs it works on (empty: any)
+    skip: tuple[tuple[str, str], ...] = ()  # (ui, why it is skipped there)
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,118 @@
-"""`lowvram apply`: registered on the app by its owner module (being built)."""
+"""`lowvram apply` (write the plan into the WebUI) and `lowvram revert` (take it all out again)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lowvram import render
+from lowvram.cli.app import app
+from lowvram.cli.cmd_extensions import clone_progress, render_extensions, resolve_webui
+from lowvram.cli.options import (
+    FactsOpt,
+    JsonOpt,
+    LayoutOpt,
+    ModelOpt,
+    OffloadOpt,
+    ProfileOpt,
+    SysmemOpt,
+    UiOpt,
+    WebuiOpt,
+    overrides_from,
+)
+from lowvram.errors import WebuiError
+
+
+def _short(path: str, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return path
+
+
+def _print_changes(changes: list[dict[str, str]], root: Path) -> None:
+    styles = {"created": "ok", "modified": "ok", "removed": "ok", "unchanged": "dim"}
+    for change in changes:
+        action = change["action"]
+        print(f"  {render.style(action.ljust(9), styles.get(action, 'dim'))} {_short(change['path'], root)}")
+
+
+@app.command("apply")
+def apply_cmd(  # noqa: PLR0917 - one parameter per CLI option
+    profile: ProfileOpt = None,
+    webui: WebuiOpt = None,
+    ui: UiOpt = None,
+    model: ModelOpt = None,
+    facts: FactsOpt = None,
+    offload: OffloadOpt = None,
+    layout: LayoutOpt = None,
+    sysmem_fallback: SysmemOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the diff and the extensions; change nothing.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write the plan into the WebUI (managed block, hook, extensions) without starting it."""
+    from lowvram import state
+    from lowvram.apply import apply_plan
+    from lowvram.planner import make_plan
+
+    overrides = overrides_from(profile=profile, ui=ui, model=model, offload=offload, layout=layout,
+                               sysmem_fallback=sysmem_fallback)
+    ctx = make_plan(webui=webui, facts_file=facts, overrides=overrides)
+    if ctx.webui is None:
+        raise WebuiError("no WebUI found to apply the plan to",
+                         "pass --webui PATH (or run from the WebUI's folder); `lowvram plan` works without one")
+    tree = Path(ctx.webui)
+    with clone_progress(not json_out and not dry_run) as progress:
+        result = apply_plan(ctx.plan, tree, ctx.facts, dry_run=dry_run, progress=progress)
+    if not dry_run and not ctx.from_facts_file:
+        state.remember(tree, overrides.profile if overrides.profile else None)
+    if json_out:
+        render.emit_json({"schema": 1, "plan": ctx.plan.to_dict(), "webui": str(tree), **result.to_dict()})
+        raise typer.Exit(result.exit_code)
+    plan = ctx.plan
+    if dry_run:
+        print(f"apply --dry-run: {tree} ({plan.ui}, profile {plan.profile}); nothing was changed")
+        if result.diff:
+            print(result.diff.rstrip("\n"))
+        elif result.target:
+            print(f"{_short(result.target, tree)} already holds this plan")
+    else:
+        print(f"applied profile {plan.profile} to {tree} ({plan.ui}):")
+        _print_changes(result.changes, tree)
+    if result.extensions:
+        print("extensions:" if not dry_run else "extensions (what apply would do):")
+        print(render_extensions(result.extensions))
+    for note in result.notes:
+        render.note(note)
+    for warning in plan.warnings:
+        render.warn(warning)
+    if result.exit_code:
+        render.error("some extensions could not be installed (the managed block was written)",
+                     "see the note column; offline, use LOWVRAM_MIRROR=DIR or `lowvram install-extensions "
+                     "--source NAME=URL`")
+    raise typer.Exit(result.exit_code)
+
+
+@app.command("revert")
+def revert_cmd(webui: WebuiOpt = None, json_out: JsonOpt = False) -> None:
+    """Take out everything lowvram put into the WebUI (what its manifest records)."""
+    from lowvram.apply import revert
+
+    tree = resolve_webui(webui, strict=False)
+    result = revert(tree)
+    if json_out:
+        render.emit_json({"schema": 1, "webui": str(tree), **result.to_dict()})
+        raise typer.Exit(result.exit_code)
+    if not result.changes and not result.extensions:
+        print(f"nothing to revert in {tree}")
+    else:
+        print(f"reverted {tree}:")
+        _print_changes(result.changes, tree)
+    kept = [e for e in result.extensions if e["status"] == "kept"]
+    if kept:
+        print(render_extensions(kept))
+    for note in result.notes:
+        render.note(note)
+    raise typer.Exit(result.exit_code)

@@ -1,1 +1,121 @@
-"""`lowvram doctor`: registered on the app by its owner module (being built)."""
+"""`lowvram doctor`: what is here, what is wrong, how to fix it. Parses, calls, renders."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from lowvram.cli.app import app
+
+if TYPE_CHECKING:
+    from lowvram.doctor import DoctorReport
+
+HELP = """Check the GPU, driver, RAM, TCMalloc and the WebUI, and say how to fix what is wrong.
+
+Each check is ok, warn, fail or skip, with a hint. Exit code 1 when a check failed.
+
+Examples:
+
+  lowvram doctor
+
+  lowvram doctor --webui ~/stable-diffusion-webui --json > facts.json
+"""
+
+
+@app.command("doctor", help=HELP, no_args_is_help=False)
+def doctor(
+    webui: Annotated[
+        Path | None,
+        typer.Option("--webui", metavar="PATH",
+                     help="The WebUI tree (default: $LOWVRAM_WEBUI, the current directory, the last one used)."),
+    ] = None,
+    facts: Annotated[
+        Path | None,
+        typer.Option("--facts", metavar="FILE",
+                     help="Use the JSON `lowvram doctor --json` printed instead of probing (or $LOWVRAM_FACTS)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema 1).")] = False,
+) -> None:
+    import os
+
+    from lowvram import render
+    from lowvram.detect import gather_facts, resolve_webui
+    from lowvram.doctor import build_report
+
+    facts_file = facts or (Path(os.environ["LOWVRAM_FACTS"]) if os.environ.get("LOWVRAM_FACTS") else None)
+    # With a facts file only an explicit WebUI is read from disk; the file's own stands otherwise.
+    tree = (resolve_webui(webui) if webui is not None else None) if facts_file is not None else resolve_webui(webui)
+    report = build_report(gather_facts(tree, facts_file))
+    if as_json:
+        render.emit_json(report.to_dict())
+    else:
+        from lowvram.cli.app import debug_enabled
+
+        sys.stdout.write(render_human(report, debug=debug_enabled()) + "\n")
+    raise typer.Exit(report.exit_code)
+
+
+def _summary_lines(report: DoctorReport) -> list[str]:
+    from lowvram.doctor import chosen_gpu, mib_text
+
+    f = report.facts
+    s = f.system
+    os_text = {"linux": "Linux", "windows": "Windows", "darwin": "macOS"}.get(s.os, s.os)
+    version = s.os_version or ""
+    # Linux's os_version is the distribution's name; Windows/macOS give a bare number.
+    sys_line = version if s.os == "linux" and version else f"{os_text} {version}".rstrip()
+    if s.wsl:
+        sys_line += " (WSL)"
+    if s.ram_mb is not None:
+        sys_line += f", RAM {mib_text(s.ram_mb)}"
+    if s.swap_mb is not None:
+        sys_line += f", swap {mib_text(s.swap_mb)}"
+    gpu = chosen_gpu(f)
+    if gpu is not None:
+        gpu_line = f"{gpu.name or 'NVIDIA GPU'}, {gpu.vram_total_mb if gpu.vram_total_mb is not None else '?'} MiB"
+        if gpu.compute_capability:
+            gpu_line += f", sm {gpu.compute_capability}"
+        if gpu.pcie_gen and gpu.pcie_width:
+            gpu_line += f", PCIe {gpu.pcie_gen} x{gpu.pcie_width}"
+        if len(f.gpus) > 1:
+            gpu_line += f" (of {len(f.gpus)} NVIDIA GPUs)"
+    else:
+        gpu_line = f"none ({f.nvml_error or 'no usable NVIDIA GPU'})"
+    w = f.webui
+    if w is None:
+        webui_line = "none found"
+    else:
+        bits = [w.flavor, w.version or "version ?", w.path]
+        if w.torch:
+            bits.append(f"torch {w.torch}")
+        if w.xformers:
+            bits.append(f"xformers {w.xformers}")
+        if w.model_family:
+            bits.append(f"model {w.model_family}")
+        webui_line = ", ".join(bits)
+    return [f"System  {sys_line}", f"GPU     {gpu_line}", f"WebUI   {webui_line}"]
+
+
+def render_human(report: DoctorReport, debug: bool = False) -> str:
+    from lowvram import render
+
+    lines = _summary_lines(report)
+    if debug:
+        for g in report.facts.gpus:
+            for err in g.errors:
+                lines.append(render.style(f"        NVML GPU {g.index}: {err}", "dim"))
+    lines.append("")
+    width = max(len(c.id) for c in report.checks) if report.checks else 10
+    for c in report.checks:
+        status = render.style(f"{c.status:<4}", c.status)
+        lines.append(f"{status}  {c.id:<{width}}  {c.message}")
+        if c.hint and c.status != "skip":
+            lines.append(f"{'':<4}  {'':<{width}}  " + render.style("→ " + c.hint, "hint"))
+    counts = {s: sum(1 for c in report.checks if c.status == s) for s in ("fail", "warn", "ok", "skip")}
+    lines.append("")
+    summary = f"{counts['fail']} failed, {counts['warn']} warnings, {counts['ok']} ok, {counts['skip']} skipped"
+    lines.append(render.style(summary, "fail" if counts["fail"] else ("warn" if counts["warn"] else "ok")))
+    return "\n".join(lines)

@@ -1,1 +1,451 @@
-"""`lowvram estimate`: registered on the app by its owner module (being built)."""
+"""`lowvram estimate`: the peak VRAM of one generation, where it goes, and whether it fits this GPU.
+
+Reads (never writes) lowvram's state: the WebUI's observations and VRAM Estimator's stats.json
+calibrate the model when a WebUI is found (DESIGN.md §1, §5).
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from lowvram.cli.app import app
+from lowvram.cli.options import FactsOpt, JsonOpt, WebuiOpt
+from lowvram.errors import UsageError
+
+if TYPE_CHECKING:
+    from lowvram.calibration import Calibration
+    from lowvram.estimate import Estimate, EstimateRequest
+    from lowvram.facts import Facts
+
+SWEEP_SIDES = (512, 640, 768, 896, 1024, 1152, 1280, 1536, 1792, 2048)
+NATIVE_SIDE = {"sd15": 512, "sd2": 768, "sdxl": 1024, "sdxl-refiner": 1024}
+HEADROOM_FLOOR_MB = {"windows": 512}  # the desktop compositor; 256 MiB elsewhere (DESIGN.md §5)
+DEFAULT_HEADROOM_MB = 256
+MAX_STATS_BYTES = 16 * 1024 * 1024
+
+
+class FamilyChoice(str, enum.Enum):
+    sd15 = "sd15"
+    sd2 = "sd2"
+    sdxl = "sdxl"
+    sdxl_refiner = "sdxl-refiner"
+
+
+class PrecisionChoice(str, enum.Enum):
+    half = "half"
+    full = "full"
+
+
+class AttentionChoice(str, enum.Enum):
+    none = "none"
+    split_attention = "split"  # not `split`: that would shadow str.split
+    sub_quad = "sub-quad"
+    xformers = "xformers"
+    sdp = "sdp"
+
+
+class EstOffloadChoice(str, enum.Enum):
+    none = "none"
+    medvram_sdxl = "medvram-sdxl"
+    medvram = "medvram"
+    lowvram = "lowvram"
+
+
+class EstUiChoice(str, enum.Enum):
+    a1111 = "a1111"
+    forge = "forge"
+    sdnext = "sdnext"
+    comfyui = "comfyui"
+
+
+@dataclass
+class EstimateResult:
+    """Everything the command shows; `to_json()` is the `--json` contract (DESIGN.md §1)."""
+
+    request: EstimateRequest
+    estimate: Estimate
+    vram_mb: int | None
+    headroom_mb: int | None
+    margin: float
+    fits: bool | None
+    max_square_px: int | None
+    calibration: Calibration
+    gpu: str | None = None
+    vram_source: str = "unknown"
+    notes: list[str] = field(default_factory=list)
+    sweep: list[dict[str, Any]] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.request
+        out: dict[str, Any] = {
+            "schema": 1,
+            "peak_mb": self.estimate.peak_mb,
+            "torch_peak_mb": self.estimate.torch_peak_mb,
+            "parts": dict(self.estimate.parts),
+            "fits": self.fits,
+            "vram_mb": self.vram_mb,
+            "headroom_mb": self.headroom_mb,
+            "max_square_px": self.max_square_px,
+            "margin": round(self.margin, 3),
+            "phase": self.estimate.phase,
+            "phases": dict(self.estimate.phases),
+            "request": {
+                "model": r.family,
+                "width": r.width,
+                "height": r.height,
+                "batch": r.batch,
+                "precision": r.precision,
+                "vae_precision": r.vae_precision,
+                "attention": r.attention,
+                "offload": r.offload,
+                "hires_scale": r.hires_scale,
+                "ui": r.ui,
+                "batch_cond_uncond": r.batch_cond_uncond,
+                "tiled_vae": r.tiled_vae,
+            },
+            "gpu": self.gpu,
+            "vram_source": self.vram_source,
+            "calibration": self.calibration.summary(),
+            "notes": list(self.notes),
+        }
+        if self.sweep is not None:
+            out["sweep"] = self.sweep
+        return out
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _profile_values(name: str) -> dict[str, Any]:
+    from lowvram.profiles import load_profile
+
+    prof = load_profile(name).profile
+    values: dict[str, Any] = {}
+    target = prof.target
+    if target.width:
+        values["width"] = target.width
+    if target.height:
+        values["height"] = target.height
+    values["batch"] = target.batch
+    values["hires_scale"] = target.hires_scale
+    values["precision"] = "full" if prof.precision.unet == "full" else "half"
+    values["vae_precision"] = "full" if prof.precision.vae == "full" else "half"
+    attention = {"sdp-no-mem": "sdp", "auto": None}.get(prof.attention, prof.attention)
+    if attention:
+        values["attention"] = attention
+    if prof.offload in ("none", "medvram-sdxl", "medvram", "lowvram"):
+        values["offload"] = prof.offload
+    elif prof.offload in ("novram", "cpu"):
+        values["offload"] = "lowvram"
+    model = getattr(prof.match, "model", None)
+    if isinstance(model, str):
+        values["family"] = model
+    return values
+
+
+def _read_observations(webui: Path) -> tuple[list[Any], list[str]]:
+    from lowvram import paths
+    from lowvram.observations import load_observations
+
+    loaded = load_observations(paths.observations_path(webui))
+    return list(loaded.items), list(loaded.warnings)
+
+
+def _find_stats(webui: Path) -> list[Path]:
+    ext = webui / "extensions"
+    try:
+        found = sorted(ext.glob("*/stats.json"))
+    except OSError:
+        return []
+    # VRAM Estimator's clone dir is normally a1111-stable-diffusion-webui-vram-estimator.
+    return [p for p in found if "vram" in p.parent.name.lower() and "estimator" in p.parent.name.lower()] or [
+        p for p in found if "vram" in p.parent.name.lower()
+    ]
+
+
+def _calibration_for(webui: Path | None, template: EstimateRequest, notes: list[str]) -> Calibration:
+    from lowvram.calibration import DEFAULT_CALIBRATION, StatsData, calibrate, parse_stats
+
+    if webui is None:
+        return DEFAULT_CALIBRATION
+    observations, warnings = _read_observations(webui)
+    notes.extend(warnings)
+    stats: StatsData | None = None
+    for path in _find_stats(webui):
+        try:
+            if path.stat().st_size > MAX_STATS_BYTES:
+                notes.append(f"{path}: too large to be VRAM Estimator's stats.json; ignored")
+                continue
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            notes.append(f"cannot read {path}: {exc.strerror}")
+            continue
+        parsed = parse_stats(text)
+        if parsed.skipped:
+            notes.append(f"{path}: skipped {len(parsed.skipped)} part(s): {'; '.join(parsed.skipped[:3])}")
+        if parsed.records:
+            stats = parsed
+            break
+    if not observations and stats is None:
+        return DEFAULT_CALIBRATION
+    return calibrate(template, observations, stats)
+
+
+def _vram_from_facts(facts: Facts, notes: list[str]) -> tuple[int | None, int | None, str | None]:
+    """(VRAM total, measured use by others, GPU name) of the GPU the UI would run on."""
+    try:
+        from lowvram.gpuselect import select_gpu
+
+        choice = select_gpu(facts)
+        gpu = choice.gpu
+        if gpu is None:
+            notes.append(choice.reason)
+    except ImportError:  # pragma: no cover - gpuselect ships with lowvram
+        gpu = max(facts.usable_gpus, key=lambda g: g.vram_total_mb or 0, default=None)
+    if gpu is None or not gpu.vram_total_mb:
+        return None, None, None
+    used = None
+    if gpu.vram_free_mb is not None:
+        used = max(0, gpu.vram_total_mb - gpu.vram_free_mb)
+    return gpu.vram_total_mb, used, gpu.name
+
+
+def run_estimate(
+    *,
+    model: str | None,
+    width: int | None,
+    height: int | None,
+    batch: int | None,
+    precision: str | None,
+    vae_precision: str | None,
+    tiled_vae: bool,
+    ui: str | None,
+    attention: str | None,
+    offload: str | None,
+    hires_scale: float | None,
+    profile: str | None,
+    vram_mb: int | None,
+    facts_file: Path | None,
+    webui_arg: Path | None,
+    sweep: bool,
+) -> EstimateResult:
+    """Resolve the inputs (CLI > profile > WebUI facts > defaults), estimate, and test the fit."""
+    import os
+
+    from lowvram import estimate as est
+
+    notes: list[str] = []
+    prof = _profile_values(profile) if profile else {}
+
+    from lowvram.detect import gather_facts, probe_webui, resolve_webui
+
+    webui = resolve_webui(webui_arg)
+    facts: Facts | None = None
+    wf_obj = None
+    from_file = facts_file is not None or bool(os.environ.get("LOWVRAM_FACTS"))
+    if vram_mb is None or from_file:
+        facts = gather_facts(webui, facts_file)
+        wf_obj = facts.webui
+    elif webui is not None:
+        wf_obj = probe_webui(webui)
+    if webui is not None and wf_obj is not None:
+        notes.append(f"WebUI at {webui} ({wf_obj.flavor})")
+
+    family = model or prof.get("family")
+    if family is None and wf_obj is not None and wf_obj.model_family in est.FAMILIES:
+        family = wf_obj.model_family
+        notes.append(f"model family {family} from the WebUI's selected checkpoint")
+    if family is None:
+        raise UsageError("which model family? none was given and no WebUI checkpoint says",
+                         "add --model sd15, --model sd2 or --model sdxl")
+    ui_key = ui or (wf_obj.flavor if wf_obj is not None and wf_obj.flavor in est.UIS else None) or "a1111"
+    side = NATIVE_SIDE.get(family, 512)
+    bcu = wf_obj.batch_cond_uncond if wf_obj is not None and wf_obj.batch_cond_uncond is not None else True
+    req = est.EstimateRequest(
+        family=family,
+        width=width or prof.get("width") or side,
+        height=height or prof.get("height") or prof.get("width") or side,
+        batch=batch or prof.get("batch") or 1,
+        precision=precision or prof.get("precision", "half"),
+        vae_precision=vae_precision or prof.get("vae_precision") or precision or "half",
+        attention=attention or prof.get("attention", "sdp"),
+        offload=offload or prof.get("offload", "none"),
+        hires_scale=hires_scale if hires_scale is not None else float(prof.get("hires_scale", 1.0)),
+        ui=ui_key,
+        batch_cond_uncond=bcu,
+        tiled_vae=tiled_vae,
+    )
+    est.validate(req)
+
+    calibration = _calibration_for(webui, req, notes)
+    margin = calibration.error
+
+    total: int | None = vram_mb
+    used: int | None = None
+    gpu_name: str | None = None
+    vram_source = "--vram-mb" if vram_mb is not None else "unknown"
+    if total is None and facts is not None:
+        total, used, gpu_name = _vram_from_facts(facts, notes)
+        if total is not None:
+            vram_source = "facts file" if from_file else "NVML"
+    if total is not None and total <= 0:
+        raise UsageError(f"VRAM size {total} MiB is not a size", "give --vram-mb as a positive number of MiB")
+    os_name = facts.system.os if facts is not None else ("windows" if sys.platform == "win32" else "linux")
+    headroom: int | None = None
+    if total is not None:
+        floor = HEADROOM_FLOOR_MB.get(os_name, DEFAULT_HEADROOM_MB)
+        headroom = max(floor, used or 0)
+
+    result = est.estimate(req, calibration)
+    fits: bool | None = None
+    max_side: int | None = None
+    if total is not None and headroom is not None:
+        fits = est.fits(result.peak_mb, total, headroom, margin)
+        max_side = est.max_square_px(req, total, headroom, margin, calibration)
+    else:
+        notes.append("no VRAM size known (no NVIDIA GPU found, no --vram-mb): fits is unknown")
+
+    sweep_rows: list[dict[str, Any]] | None = None
+    if sweep:
+        sweep_rows = []
+        for mode in _sweep_modes(req.family):
+            for s in SWEEP_SIDES:
+                e = est.estimate(replace(req, width=s, height=s, offload=mode), calibration)
+                ok = None if total is None or headroom is None else est.fits(e.peak_mb, total, headroom, margin)
+                sweep_rows.append({"width": s, "height": s, "offload": mode, "peak_mb": e.peak_mb, "fits": ok})
+    return EstimateResult(req, result, total, headroom, margin, fits, max_side, calibration, gpu_name,
+                          vram_source, notes, sweep_rows)
+
+
+def _sweep_modes(family: str) -> tuple[str, ...]:
+    if family in ("sdxl", "sdxl-refiner"):
+        return ("none", "medvram-sdxl", "lowvram")
+    return ("none", "medvram", "lowvram")
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _gib(mb: int) -> str:
+    return f"{mb / 1024:.1f}"
+
+
+def render_text(res: EstimateResult) -> str:
+    from lowvram import render
+
+    r, e = res.request, res.estimate
+    prec = "fp16" if r.precision == "half" else "fp32"
+    vae = "fp16" if r.vae_precision == "half" else "fp32"
+    head = (f"{r.family} {r.width}x{r.height}, batch {r.batch}"
+            + (f", hires x{r.hires_scale:g}" if r.hires_scale > 1 else "")
+            + f", {prec} (VAE {vae}{', tiled' if r.tiled_vae else ''}), {r.attention} attention, offload {r.offload}, {r.ui}")
+    lines = [render.style(head, "bold")]
+    lines.append(f"peak {e.peak_mb} MiB ({_gib(e.peak_mb)} GiB) during {e.phase.replace('_', ' ')};"
+                 f" torch peak {e.torch_peak_mb} MiB")
+    width = 30
+    biggest = max(*e.parts.values(), 1)
+    for name, mb in e.parts.items():
+        if mb <= 0:
+            continue
+        bar = "█" * max(1, round(width * mb / biggest))
+        lines.append(f"  {name:<16} {mb:>7} MiB  {render.style(bar, 'dim')}")
+    cal = res.calibration
+    if cal.points:
+        lines.append(f"calibrated on {cal.points} point(s) ({cal.source}): median error "
+                     f"{(cal.median_error or 0) * 100:.0f} %, max {(cal.max_error or 0) * 100:.0f} %")
+    if res.fits is None:
+        lines.append(render.style("fits: unknown (no VRAM size; give --vram-mb)", "skip"))
+    else:
+        assert res.vram_mb is not None and res.headroom_mb is not None
+        need = round(e.peak_mb * (1 + res.margin)) + res.headroom_mb
+        verdict = render.style("fits", "ok") if res.fits else render.style("does not fit", "fail")
+        where = f" ({res.gpu})" if res.gpu else ""
+        lines.append(f"{verdict} in {res.vram_mb} MiB{where}: needs {need} MiB with {res.headroom_mb} MiB headroom"
+                     f" and a {res.margin * 100:.0f} % margin")
+        if res.max_square_px is None:
+            lines.append("largest square that fits: none (not even 64 px; try a lower offload rung)")
+        else:
+            lines.append(f"largest square that fits: {res.max_square_px} px")
+    if res.sweep is not None:
+        lines.append("")
+        lines.append(render_sweep(res))
+    return "\n".join(lines)
+
+
+def render_sweep(res: EstimateResult) -> str:
+    from lowvram import render
+
+    assert res.sweep is not None
+    modes = list(dict.fromkeys(row["offload"] for row in res.sweep))
+    sides = list(dict.fromkeys(row["width"] for row in res.sweep))
+    cell = {(row["width"], row["offload"]): row for row in res.sweep}
+    header = ["size", *modes]
+    widths = [9] + [max(14, len(m) + 2) for m in modes]
+    out = ["".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    for s in sides:
+        parts = [f"{s}²".ljust(widths[0])]
+        for m, w in zip(modes, widths[1:], strict=True):
+            row = cell[(s, m)]
+            mark = {True: "ok", False: "no", None: ""}[row["fits"]]
+            text = f"{_gib(row['peak_mb'])} GiB {mark}".strip().ljust(w)
+            name = {True: "ok", False: "fail", None: None}[row["fits"]]
+            parts.append(render.style(text, name) if name else text)
+        out.append("".join(parts).rstrip())
+    if res.vram_mb is not None:
+        out.append(render.style(f"ok = fits in {res.vram_mb} MiB with {res.headroom_mb} MiB headroom and a "
+                                f"{res.margin * 100:.0f} % margin", "dim"))
+    return "\n".join(out)
+
+
+@app.command("estimate")
+def estimate_command(  # noqa: PLR0917 - typer maps each option to a parameter
+    model: Annotated[FamilyChoice | None, typer.Option("--model", help="Model family.")] = None,
+    width: Annotated[int | None, typer.Option("--width", min=8, max=16384, help="Image width (px).")] = None,
+    height: Annotated[int | None, typer.Option("--height", min=8, max=16384, help="Image height (px).")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", min=1, max=256, help="Batch size.")] = None,
+    precision: Annotated[PrecisionChoice | None, typer.Option("--precision", help="UNet/text encoder precision.")] = None,
+    vae_precision: Annotated[
+        PrecisionChoice | None, typer.Option("--vae-precision", help="VAE precision (full where --no-half-vae).")
+    ] = None,
+    tiled_vae: Annotated[bool, typer.Option("--tiled-vae", help="Decode the VAE in tiles (Tiled VAE extension).")] = False,
+    ui: Annotated[EstUiChoice | None, typer.Option("--ui", help="The UI that runs it (default: the WebUI found, else a1111).")] = None,
+    attention: Annotated[AttentionChoice | None, typer.Option("--attention", help="Cross-attention backend (default sdp).")] = None,
+    offload: Annotated[EstOffloadChoice | None, typer.Option("--offload", help="Offload mode (default none).")] = None,
+    hires_scale: Annotated[
+        float | None, typer.Option("--hires-scale", min=1.0, max=8.0, help="Hires fix upscale factor (1 = off).")
+    ] = None,
+    profile: Annotated[str | None, typer.Option("--profile", "-p", metavar="NAME",
+                                                help="Take size, precision, attention and offload from a profile.")] = None,
+    vram_mb: Annotated[int | None, typer.Option("--vram-mb", min=1, help="VRAM size to test against (MiB).")] = None,
+    facts: FactsOpt = None,
+    webui: WebuiOpt = None,
+    sweep: Annotated[bool, typer.Option("--sweep", help="A table of sizes × offload modes: what fits.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Estimate peak VRAM of one generation, its parts, and whether it fits this GPU.
+
+    Example: lowvram estimate --model sdxl --width 1024 --height 1024 --vram-mb 8192
+    """
+    from lowvram import render
+
+    def val(choice: enum.Enum | None) -> str | None:
+        return None if choice is None else str(choice.value)
+
+    res = run_estimate(
+        model=val(model), width=width, height=height, batch=batch, precision=val(precision),
+        vae_precision=val(vae_precision), tiled_vae=tiled_vae, ui=val(ui), attention=val(attention),
+        offload=val(offload), hires_scale=hires_scale, profile=profile, vram_mb=vram_mb,
+        facts_file=facts, webui_arg=webui, sweep=sweep,
+    )
+    if json_out:
+        render.emit_json(res.to_json())
+        return
+    print(render_text(res))
+    for note in res.notes:
+        render.note(note)

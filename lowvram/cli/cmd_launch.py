@@ -1,1 +1,142 @@
-"""`lowvram launch`: registered on the app by its owner module (being built)."""
+"""`lowvram launch`: plan → apply (block, extensions, hook) → start the UI, exit with its code."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from lowvram import render
+from lowvram.cli.app import app
+from lowvram.cli.options import (
+    FactsOpt,
+    JsonOpt,
+    LayoutOpt,
+    ModelOpt,
+    OffloadOpt,
+    ProfileOpt,
+    SysmemOpt,
+    UiOpt,
+    WebuiOpt,
+    overrides_from,
+)
+
+EXAMPLES = """
+Examples:
+
+\b
+  lowvram launch --profile gtx1070-sdxl --webui ~/stable-diffusion-webui
+  lowvram launch --dry-run --json         # plan + exact command, cwd, env; changes nothing
+  lowvram launch -- --port 7861 --listen  # extra UI arguments go after --
+"""
+
+
+@app.command(
+    "launch",
+    help="Apply the plan to the WebUI and start it; exits with the UI's exit code.\n" + EXAMPLES,
+)
+def launch_cmd(  # noqa: PLR0917 - typer maps parameters to options
+    extra: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="-- EXTRA", help="Arguments for the UI itself, after `--` (validated)."),
+    ] = None,
+    profile: ProfileOpt = None,
+    webui: WebuiOpt = None,
+    ui: UiOpt = None,
+    model: ModelOpt = None,
+    facts: FactsOpt = None,
+    offload: OffloadOpt = None,
+    layout: LayoutOpt = None,
+    sysmem_fallback: SysmemOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan and the exact command; change nothing.")] = False,
+    no_hook: Annotated[bool, typer.Option("--no-hook", help="Run without the layout hook (LOWVRAM_HOOK=off).")] = False,
+    python: Annotated[
+        Path | None,
+        typer.Option("--python", metavar="PATH",
+                     help="Interpreter: ComfyUI's (e.g. the portable python_embeded), or webui.sh's python_cmd."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    from lowvram import launch as launch_mod
+    from lowvram import paths, planner, state
+    from lowvram.fsutil import FileLock
+
+    extra_args = tuple(extra or ())
+    overrides = overrides_from(profile=profile, ui=ui, model=model, offload=offload, layout=layout,
+                               sysmem_fallback=sysmem_fallback, no_hook=no_hook, extra_args=extra_args)
+    ctx = planner.make_plan(webui=webui, facts_file=facts, overrides=overrides)
+    spec = launch_mod.build_launch(ctx.plan, ctx.facts, ctx.webui, extra_args=extra_args, python=python,
+                                   no_hook=no_hook)
+    assert ctx.webui is not None  # build_launch refuses a plan without a WebUI
+    tree = Path(ctx.webui)
+
+    if dry_run:
+        if as_json:
+            render.emit_json({**ctx.plan.to_dict(), "launch": spec.to_dict()})
+        else:
+            _print_dry_run(ctx.plan, spec)
+        return
+
+    lock = FileLock(paths.lock_path(tree), what=f"the WebUI at {tree}")
+    lock.acquire()
+    try:
+        from lowvram.apply import apply_plan
+
+        result = apply_plan(ctx.plan, tree, ctx.facts, lock_held=True)
+        if not ctx.from_facts_file:
+            state.remember(tree, overrides.profile)
+        for warning in (*ctx.plan.warnings, *spec.warnings):
+            render.warn(warning)
+        for ext in result.extensions:
+            if ext.get("status") == "failed":
+                render.warn(f"extension {ext.get('name')} was not installed: {ext.get('reason', '')}")
+        render.note(f"lowvram: starting {spec.command_line()}  (in {spec.cwd})")
+        for note in spec.notes:
+            render.note(f"lowvram: {note}")
+        # With --json stdout carries one JSON document: the UI's own output goes to stderr.
+        code = launch_mod.run_launch(spec, lock, stdout=_stderr_fd() if as_json else None)
+    finally:
+        lock.release()
+    if as_json:
+        render.emit_json({"schema": 1, "plan": ctx.plan.to_dict(), "launch": spec.to_dict(),
+                          "apply": result.to_dict(), "exit_code": code})
+    else:
+        render.note(f"lowvram: the UI exited with code {code}")
+    raise typer.Exit(code)
+
+
+def _stderr_fd() -> int:
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return 2
+
+
+def _print_dry_run(plan: Any, spec: Any) -> None:
+    print(f"profile   {plan.profile}")
+    print(f"ui        {plan.ui}  ({plan.webui})")
+    print(f"flags     {' '.join(plan.args) or '(none)'}")
+    if plan.env:
+        print("block     (webui-user managed block)" if plan.ui != "comfyui" else "env")
+        for key, value in plan.env.items():
+            print(f"  {key}={value}")
+    reserve = plan.reserve
+    print(f"reserve   {reserve.mb} MiB ({'applied' if reserve.applied else 'not applied'}; {reserve.reason})")
+    for warning in plan.warnings:
+        render.warn(warning)
+    print()
+    print(f"command   {spec.command_line()}")
+    print(f"cwd       {spec.cwd}")
+    if spec.env_changes or spec.env_unset:
+        print("env")
+        for key, value in spec.env_changes.items():
+            print(f"  {key}={value}")
+        for key in spec.env_unset:
+            print(f"  unset {key}")
+    for note in spec.notes:
+        print(render.style(f"note: {note}", "dim"))
+    for warning in spec.warnings:
+        render.warn(warning)
+    print(render.style("dry run: nothing was changed", "dim"))

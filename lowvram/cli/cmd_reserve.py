@@ -1,1 +1,242 @@
-"""`lowvram reserve`: registered on the app by its owner module (being built)."""
+"""`lowvram reserve`: the layout reserve from this WebUI's observations, its formula, the tuning state.
+
+`reserve --add --free-mb N --overflow-mb M` records the Task Manager readings giant-kitten's README
+asks for (free dedicated memory after the model loaded, shared memory used by a large generation)
+where the hook cannot measure. Without `--checkpoint` the reading counts for every checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from lowvram.cli.app import app
+from lowvram.cli.options import FactsOpt, JsonOpt, WebuiOpt
+from lowvram.errors import UsageError, WebuiError
+
+if TYPE_CHECKING:
+    from lowvram.facts import Facts
+    from lowvram.observations import Observation
+    from lowvram.reserve import ReserveResult
+
+RECENT_ROWS = 8
+
+
+def _find_webui(webui: Path | None) -> Path:
+    from lowvram.detect import resolve_webui
+
+    found = resolve_webui(webui)
+    if found is None:
+        raise WebuiError("no WebUI found: observations are kept per WebUI",
+                         "pass --webui PATH, set LOWVRAM_WEBUI, or run this inside the WebUI folder")
+    return found
+
+
+def _gather(webui: Path, facts_file: Path | None) -> Facts:
+    from lowvram.detect import gather_facts
+
+    return gather_facts(webui, facts_file)
+
+
+def _gpu(facts: Facts) -> tuple[int | None, str | None]:
+    try:
+        from lowvram.gpuselect import select_gpu
+
+        gpu = select_gpu(facts).gpu
+    except ImportError:
+        gpu = max(facts.usable_gpus, key=lambda g: g.vram_total_mb or 0, default=None)
+    if gpu is None:
+        return None, None
+    return gpu.vram_total_mb, gpu.driver
+
+
+def _ckpt_name(key: str) -> str:
+    return key.split("|", 1)[0]
+
+
+def resolve_checkpoint(name: str, webui: Path, facts: Facts, observations: list[Observation]) -> str | None:
+    """A checkpoint file name → its observation key (name|size|mtime); None when nothing knows it."""
+    from lowvram.markers import checkpoint_key
+
+    if "|" in name:
+        return name
+    dirs = [webui / "models" / "Stable-diffusion"]
+    if facts.webui is not None and facts.webui.checkpoint_path:
+        dirs.insert(0, Path(facts.webui.checkpoint_path).parent)
+    for d in dirs:
+        candidate = d / name
+        if candidate.is_file():
+            st = candidate.stat()
+            return checkpoint_key(candidate.name, st.st_size, st.st_mtime)
+    base = Path(name.replace("\\", "/")).name
+    known = sorted((o for o in observations if o.checkpoint and _ckpt_name(o.checkpoint) == base), key=lambda o: o.time)
+    return known[-1].checkpoint if known else None
+
+
+def _cuda_context_mb() -> int | None:
+    try:
+        from lowvram.estimate import CUDA_CONTEXT_MB
+    except ImportError:
+        return None
+    return int(CUDA_CONTEXT_MB)
+
+
+def reserve_report(webui: Path, checkpoint: str | None, facts: Facts, observations: list[Observation],
+                   warnings: list[str]) -> dict[str, Any]:
+    from lowvram.observations import observation_to_dict
+    from lowvram.reserve import compute_reserve
+
+    vram_total, driver = _gpu(facts)
+    result: ReserveResult = compute_reserve(observations, checkpoint=checkpoint, vram_total_mb=vram_total,
+                                            cuda_context_mb=_cuda_context_mb(), driver=driver)
+    from lowvram.reserve import formula_inputs
+
+    inputs = formula_inputs(observations, checkpoint)
+    return {
+        "schema": 1,
+        "reserve_mb": result.reserve_mb,
+        "free_dedicated_mb": result.free_dedicated_mb,
+        "overflow_mb": result.overflow_mb,
+        "source": result.source,
+        "observations": result.observations_used,
+        "clamped_by": result.clamped_by,
+        "tuning": result.tuning.to_dict() if result.tuning is not None else None,
+        "reason": result.reason,
+        "formula_mb": result.formula_mb,
+        "webui": str(webui),
+        "checkpoint": checkpoint,
+        "vram_total_mb": vram_total,
+        "cuda_context_mb": _cuda_context_mb(),
+        "driver": driver,
+        "recorded": len(observations),
+        "used": [observation_to_dict(o) for o in inputs.runs],
+        "warnings": warnings,
+    }
+
+
+def _mb(value: Any) -> str:
+    return "-" if value is None else f"{value} MiB"
+
+
+def render_report(report: dict[str, Any]) -> str:
+    from lowvram import render
+
+    lines = [render.style(f"Layout reserve for {report['webui']}", "bold")]
+    ck = report["checkpoint"]
+    lines.append(f"checkpoint: {_ckpt_name(ck) if ck else 'unknown (only WebUI-wide readings count)'}")
+    lines.append("")
+    lines.append(f"reserve       {report['reserve_mb']} MiB  (source: {report['source']})")
+    lines.append(f"why           {report['reason']}")
+    if report["free_dedicated_mb"] is not None or report["overflow_mb"] is not None:
+        free = report["free_dedicated_mb"] or 0
+        over = report["overflow_mb"] or 0
+        lines.append(f"formula       free {free} MiB + overflow {over} MiB = {free + over} MiB"
+                     f" → {report['formula_mb']} MiB (clamped to [0, card − CUDA context], down to 64 MiB)")
+    bound = report["vram_total_mb"]
+    if bound is not None:
+        lines.append(f"card          {bound} MiB, CUDA context {report['cuda_context_mb']} MiB"
+                     + (f", clamped by {report['clamped_by']}" if report["clamped_by"] else ""))
+    lines.append(f"observations  {report['observations']} used of {report['recorded']} recorded")
+    tuning = report.get("tuning")
+    if tuning:
+        best = tuning.get("best")
+        state = "closed" if tuning["closed"] else "open"
+        text = f"tuning        {state}: {tuning['reason']}"
+        if best:
+            text += f"; best {best['road']} road, {best['reserve_mb']} MiB at {best['sit']:.3f} s/it"
+        lines.append(text)
+        probes = tuning.get("probes") or []
+        if probes:
+            lines.append("")
+            rows = [(p["road"], p["reserve_mb"], "-" if p["sit"] is None else f"{p['sit']:.3f}", p["runs"],
+                     "ok" if p["ok"] else p["reason"], "swings" if p["unstable"] else "")
+                    for p in probes]
+            lines.append(render.table(("road", "reserve MiB", "s/it", "runs", "result", ""), rows))
+    used = report["used"][-RECENT_ROWS:]
+    if used:
+        lines.append("")
+        rows = [(time.strftime("%Y-%m-%d %H:%M", time.localtime(o["time"])), o["source"],
+                 _ckpt_name(o["checkpoint"]) if o["checkpoint"] else "(WebUI-wide)", _mb(o["free_mb"]),
+                 _mb(o["overflow_mb"]), _mb(o["reserve_mb"])) for o in used]
+        lines.append(render.table(("when", "source", "checkpoint", "free", "overflow", "reserve"), rows))
+    return "\n".join(lines)
+
+
+@app.command("reserve")
+def reserve_cmd(  # noqa: PLR0917 - one parameter per CLI option
+    webui: WebuiOpt = None,
+    checkpoint: Annotated[str | None, typer.Option(
+        "--checkpoint", metavar="NAME",
+        help="A checkpoint file name (default: the WebUI's selected one; with --add: WebUI-wide).")] = None,
+    add: Annotated[bool, typer.Option("--add", help="Record a manual reading (Task Manager) instead.")] = False,
+    free_mb: Annotated[int | None, typer.Option(
+        "--free-mb", min=0, metavar="N", help="With --add: free dedicated VRAM after the model loaded (MiB).")] = None,
+    overflow_mb: Annotated[int | None, typer.Option(
+        "--overflow-mb", min=0, metavar="M", help="With --add: shared GPU memory a large generation used (MiB).")] = None,
+    sit: Annotated[float | None, typer.Option(
+        "--sit", min=0.0, metavar="S", help="With --add: seconds per iteration you measured.")] = None,
+    facts_file: FactsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the layout reserve lowvram computes from this WebUI's observations, or record a reading.
+
+    Examples:  lowvram reserve --webui ~/stable-diffusion-webui
+               lowvram reserve --add --free-mb 600 --overflow-mb 1000
+    """
+    from lowvram import paths, render
+    from lowvram.observations import Observation, append_observation, load_observations, observation_to_dict
+
+    if not add and (free_mb is not None or overflow_mb is not None or sit is not None):
+        raise UsageError("--free-mb, --overflow-mb and --sit go with --add",
+                         "lowvram reserve --add --free-mb N --overflow-mb M")
+    if add and (free_mb is None or overflow_mb is None):
+        raise UsageError("--add needs both --free-mb and --overflow-mb",
+                         "read them in Task Manager (Performance → GPU): dedicated free after the model loaded, "
+                         "shared used during a large generation")
+    root = _find_webui(webui)
+    facts = _gather(root, facts_file)
+    obs_path = paths.observations_path(root)
+    loaded = load_observations(obs_path)
+    observations = list(loaded.items)
+    warnings = list(loaded.warnings)
+
+    added: Observation | None = None
+    if add:
+        key: str | None = None
+        if checkpoint:
+            key = resolve_checkpoint(checkpoint, root, facts, observations)
+            if key is None:
+                raise WebuiError(f"checkpoint {checkpoint} is not under {root / 'models' / 'Stable-diffusion'}",
+                                 "give the checkpoint's file name as the UI lists it, or leave --checkpoint out "
+                                 "for a WebUI-wide reading")
+        vram_total, driver = _gpu(facts)
+        added = Observation(time=time.time(), source="manual", checkpoint=key, free_mb=free_mb,
+                            overflow_mb=overflow_mb, overflow_source="manual", sit=sit, vram_total_mb=vram_total,
+                            driver=driver, family=facts.webui.model_family if facts.webui else None)
+        append_observation(obs_path, added)
+        observations.append(added)
+        selected = key or (facts.webui.checkpoint_key if facts.webui else None)
+    elif checkpoint:
+        selected = resolve_checkpoint(checkpoint, root, facts, observations)
+        if selected is None:
+            warnings.append(f"no observations of {checkpoint} yet and no such file under models/Stable-diffusion")
+    else:
+        selected = facts.webui.checkpoint_key if facts.webui else None
+
+    report = reserve_report(root, selected, facts, observations, warnings)
+    if added is not None:
+        report["added"] = observation_to_dict(added)
+    if as_json:
+        render.emit_json(report)
+        return
+    for w in warnings:
+        render.warn(w)
+    if added is not None:
+        scope = f"for {_ckpt_name(added.checkpoint)}" if added.checkpoint else "WebUI-wide (every checkpoint)"
+        print(f"recorded {scope}: free {free_mb} MiB, overflow {overflow_mb} MiB"
+              + (f", {sit} s/it" if sit is not None else ""))
+        print()
+    print(render_report(report))

@@ -1,0 +1,472 @@
+"""`lowvram doctor`: a list of checks over the facts, each ok/warn/fail/skip with a hint.
+
+`run_checks` is pure (facts in, checks out) so every card and OS can be tested without the
+hardware; the two data tables (CUDA runtime → driver, xformers → torch) are read from
+lowvram/data with their sources. Any `fail` makes the report's exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from packaging.version import InvalidVersion, Version
+
+from lowvram.facts import FALLBACK_CHOOSABLE_DRIVER, FALLBACK_FIRST_DRIVER, Facts, GpuFacts, parse_driver
+from lowvram.gpuselect import select_gpu
+
+STATUSES = ("ok", "warn", "fail", "skip")
+# Printed as NVIDIA writes them (str(Version("546.01")) would say 546.1).
+FALLBACK_FIRST_TEXT = "536.40"
+FALLBACK_CHOOSABLE_TEXT = "546.01"
+CONTROL_PANEL_PATH = (
+    "NVIDIA Control Panel → Manage 3D settings → Program Settings → add the WebUI's python.exe → "
+    "CUDA - Sysmem Fallback Policy"
+)
+# The UI flag that picks the CUDA device, per flavor (DESIGN.md §3).
+DEVICE_FLAGS = {"a1111": "--device-id", "sdnext": "--device-id", "forge": "--gpu-device-id", "comfyui": "--cuda-device"}
+INSTALL_COMMANDS = {
+    "libtcmalloc-minimal4": "sudo apt install libtcmalloc-minimal4",
+    "libgoogle-perftools4": "sudo apt install libgoogle-perftools4",
+    "gperftools-libs": "sudo dnf install gperftools-libs",
+    "gperftools": "sudo pacman -S gperftools",
+}
+OS_NAMES = {"linux": "Linux", "windows": "Windows", "darwin": "macOS"}
+FLAVOR_NAMES = {"a1111": "AUTOMATIC1111", "forge": "Forge", "sdnext": "SD.Next", "comfyui": "ComfyUI"}
+FAMILY_NAMES = {"sd15": "SD 1.5", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl-refiner": "SDXL refiner"}
+
+
+@dataclass(frozen=True)
+class Check:
+    id: str
+    status: str  # ok | warn | fail | skip
+    message: str
+    hint: str = ""
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    facts: Facts
+    checks: tuple[Check, ...] = field(default_factory=tuple)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if any(c.status == "fail" for c in self.checks) else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": 1, **self.facts.to_dict(), "checks": [asdict(c) for c in self.checks]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data tables
+
+
+def _data_path(name: str) -> Path:
+    return Path(__file__).resolve().parent / "data" / name
+
+
+@cache
+def load_table(name: str) -> dict[str, Any]:
+    data = json.loads(_data_path(name).read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"{name}: not an object")
+    return data
+
+
+def _version(text: str | None) -> Version | None:
+    if not text:
+        return None
+    m = re.match(r"^\s*v?(\d+(?:\.\d+)*(?:\.?post\d+)?)", text)
+    if not m:
+        return None
+    try:
+        return Version(m.group(1))
+    except InvalidVersion:
+        return None
+
+
+def _major_minor(text: str | None) -> tuple[int, int] | None:
+    m = re.match(r"^\s*(\d+)\.(\d+)", text or "")
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _os_key(facts: Facts) -> str:
+    return "windows" if facts.system.os == "windows" else "linux"
+
+
+def min_driver_for_cuda(cuda: str, os_key: str) -> tuple[str | None, str | None]:
+    """(full-support minimum, minor-version-compatibility minimum) driver for a CUDA runtime."""
+    table = load_table("cuda_driver.json")
+    mm = _major_minor(cuda)
+    if mm is None:
+        return None, None
+    full = None
+    rows = sorted((_major_minor(k), v) for k, v in table["toolkit"].items())
+    for key, row in rows:
+        if key is not None and key[0] == mm[0] and key <= mm:
+            full = row.get(os_key)
+    compat = table["minor_compat"].get(str(mm[0]), {}).get(os_key)
+    exact = table["toolkit"].get(f"{mm[0]}.{mm[1]}")
+    if exact is not None:
+        full = exact.get(os_key)
+    return full, compat
+
+
+def xformers_torch(xformers: str) -> str | None:
+    builds: dict[str, str] = load_table("xformers_torch.json")["builds"]
+    plain = xformers.split("+", 1)[0]
+    return builds.get(plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def mib_text(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 1024:.1f} GiB" if n >= 1024 else f"{n} MiB"
+
+
+def device_flag(facts: Facts) -> str | None:
+    w = facts.webui
+    if w is None or not w.user_args:
+        return None
+    flag = DEVICE_FLAGS.get(w.flavor)
+    if flag is None:
+        return None
+    value = None
+    args = list(w.user_args)
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def chosen_gpu(facts: Facts) -> GpuFacts | None:
+    return select_gpu(facts, device_flag(facts)).gpu
+
+
+def _vendor_list(facts: Facts) -> str:
+    names = [o.name or o.vendor for o in facts.other_gpus]
+    return ", ".join(names)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks
+
+
+def check_gpu(facts: Facts) -> Check:
+    if not facts.gpus:
+        why = facts.nvml_error or "NVML found no GPU"
+        if facts.other_gpus:
+            return Check("gpu.nvidia", "fail", f"no NVIDIA GPU ({why}); found {_vendor_list(facts)}",
+                         "lowvram is built for NVIDIA GPUs; on this machine keep the UI's own setup "
+                         "(ROCm / DirectML / Metal) — lowvram adds no device or offload flags for it")
+        hint = ("install the NVIDIA driver until `nvidia-smi` works"
+                + (" (under WSL: the Windows driver, not a Linux one)" if facts.system.wsl else "")
+                + "; with no NVIDIA GPU at all the UI can only run on the CPU (very slow)")
+        return Check("gpu.nvidia", "fail", f"no NVIDIA GPU: {why}", hint)
+    choice = select_gpu(facts, device_flag(facts))
+    lost = [g for g in facts.gpus if g.lost]
+    if choice.gpu is None:
+        return Check("gpu.nvidia", "fail", choice.reason,
+                     "check CUDA_VISIBLE_DEVICES and the UI's device flag; a lost GPU needs a reboot "
+                     "(and often a look at power and the PCIe seating)")
+    g = choice.gpu
+    parts = [g.name or "unknown NVIDIA GPU", mib_text(g.vram_total_mb)]
+    if g.vram_free_mb is not None:
+        parts[-1] += f" ({mib_text(g.vram_free_mb)} free)"
+    if g.driver:
+        parts.append(f"driver {g.driver}")
+    if g.cuda_driver:
+        parts.append(f"CUDA {g.cuda_driver}")
+    message = ", ".join(parts)
+    if len(facts.gpus) > 1:
+        message += f"; {choice.reason}"
+    if lost:
+        return Check("gpu.nvidia", "warn", message + f"; {len(lost)} GPU(s) lost (fell off the bus)",
+                     "reboot to get the lost GPU back; lowvram plans for the one that works")
+    if g.errors:
+        return Check("gpu.nvidia", "ok", message + f" (NVML could not read: {', '.join(e.split(':')[0] for e in g.errors)})",
+                     "an older driver lacks some NVML calls; `lowvram --debug doctor --json` lists them")
+    return Check("gpu.nvidia", "ok", message)
+
+
+def check_vram_class(facts: Facts) -> Check:
+    g = chosen_gpu(facts)
+    if g is None:
+        return Check("gpu.vram_class", "skip", "no NVIDIA GPU to size")
+    mb = g.vram_total_mb
+    if mb is None:
+        return Check("gpu.vram_class", "warn", "VRAM size unknown (NVML could not read the memory)",
+                     "plan with `--facts` holding vram_total_mb, or trust the profile's VRAM class")
+    if mb < 3500:
+        return Check("gpu.vram_class", "warn",
+                     f"{mib_text(mb)}: SD 1.5 only with --lowvram (slow); SDXL is not practical",
+                     "use SD 1.5 models at 512 px; lowvram plans --lowvram")
+    if mb < 5000:
+        return Check("gpu.vram_class", "ok",
+                     f"{mib_text(mb)} (4 GB class): SD 1.5 with --medvram at 512 px; SDXL only with --lowvram (slow)",
+                     "prefer SD 1.5 models; for SDXL expect minutes per image")
+    if mb < 7000:
+        return Check("gpu.vram_class", "ok",
+                     f"{mib_text(mb)} (6 GB class): SD 1.5 fits whole; SDXL at 1024 px needs --medvram-sdxl")
+    if mb < 9000:
+        return Check("gpu.vram_class", "ok",
+                     f"{mib_text(mb)} (8 GB class): SD 1.5 fits whole; SDXL at 1024 px is tight (--medvram-sdxl, or the layout)")
+    if mb < 14000:
+        return Check("gpu.vram_class", "ok", f"{mib_text(mb)} (10–12 GB class): SD 1.5 and SDXL fit without offloading")
+    return Check("gpu.vram_class", "ok", f"{mib_text(mb)}: SD 1.5 and SDXL fit with room for hires passes")
+
+
+def check_ram(facts: Facts) -> Check:
+    ram = facts.system.ram_mb
+    if ram is None:
+        return Check("system.ram", "skip", "RAM size unknown")
+    swap = facts.system.swap_mb
+    base = f"RAM {mib_text(ram)}" + (f", swap {mib_text(swap)}" if swap is not None else "")
+    g = chosen_gpu(facts)
+    if g is None or g.vram_total_mb is None:
+        return Check("system.ram", "ok", base)
+    need = 2 * g.vram_total_mb
+    if ram > need:
+        return Check("system.ram", "ok", f"{base}: more than 2 × VRAM ({mib_text(need)}), enough for the layout hook")
+    return Check("system.ram", "warn",
+                 f"{base}: not more than 2 × VRAM ({mib_text(need)}); the layout hook needs that, so lowvram keeps the swap road",
+                 "more RAM (or closing other programs) lets lowvram use the faster resident road; "
+                 "SDXL checkpoints also need ~8 GB of RAM just to load")
+
+
+def check_driver(facts: Facts) -> Check:
+    g = chosen_gpu(facts) or (facts.gpus[0] if facts.gpus else None)
+    if g is None:
+        return Check("gpu.driver", "skip", "no NVIDIA driver")
+    version = parse_driver(g.driver)
+    if version is None:
+        return Check("gpu.driver", "warn", "driver version unknown", "update the NVIDIA driver")
+    os_key = _os_key(facts)
+    # Current WebUI torch builds are cu121 (A1111 1.8–1.10) or newer: the CUDA 12 floor.
+    floor_text = min_driver_for_cuda("12.1", os_key)[1]
+    floor = parse_driver(floor_text)
+    where = "Windows" if os_key == "windows" else "Linux"
+    if floor is not None and version < floor:
+        return Check("gpu.driver", "warn",
+                     f"driver {g.driver} is old: torch CUDA 12 builds (A1111 1.8+) need ≥ {floor_text} on {where}",
+                     f"update the NVIDIA driver to {floor_text} or newer (a current one is best)")
+    return Check("gpu.driver", "ok", f"driver {g.driver}" + (f" (CUDA {g.cuda_driver})" if g.cuda_driver else ""))
+
+
+def check_sysmem_fallback(facts: Facts) -> Check:
+    s = facts.system
+    g = chosen_gpu(facts) or (facts.gpus[0] if facts.gpus else None)
+    driver = g.driver if g else None
+    if s.wsl:
+        return Check("gpu.sysmem_fallback", "ok",
+                     "WSL2: out-of-VRAM spills into shared memory (slow, not an OOM), whatever the Control Panel says "
+                     "(microsoft/WSL #11050)",
+                     "lowvram treats memory as able to spill here and measures the overflow")
+    if s.os != "windows":
+        return Check("gpu.sysmem_fallback", "ok",
+                     f"{OS_NAMES.get(s.os, s.os)}: no sysmem fallback; running out of VRAM is an out-of-memory error")
+    version = parse_driver(driver)
+    if version is None:
+        return Check("gpu.sysmem_fallback", "skip", "driver version unknown: cannot tell whether VRAM spills")
+    if version < FALLBACK_FIRST_DRIVER:
+        return Check("gpu.sysmem_fallback", "ok",
+                     f"driver {driver} predates sysmem fallback ({FALLBACK_FIRST_TEXT}): out of VRAM is an OOM")
+    if version < FALLBACK_CHOOSABLE_DRIVER:
+        return Check("gpu.sysmem_fallback", "warn",
+                     f"driver {driver} always spills into shared memory when VRAM runs out (536.40–546.00): "
+                     "generation slows down instead of failing",
+                     f"update to ≥ {FALLBACK_CHOOSABLE_TEXT} to choose it per program: {CONTROL_PANEL_PATH}")
+    return Check("gpu.sysmem_fallback", "ok",
+                 f"driver {driver}: sysmem fallback is a per-program choice (default: spill); lowvram treats it as on",
+                 f"to make out-of-VRAM an error instead: {CONTROL_PANEL_PATH} = Prefer No Sysmem Fallback, "
+                 "then plan with `--sysmem-fallback off`")
+
+
+def check_tcmalloc(facts: Facts) -> Check:
+    t = facts.tcmalloc
+    if facts.system.os != "linux":
+        return Check("tcmalloc", "skip", t.reason or f"TCMalloc is not used on {facts.system.os}")
+    if facts.webui is not None and facts.webui.flavor == "comfyui":
+        pass  # ComfyUI does not preload it itself, but lowvram can.
+    if t.usable and t.library:
+        return Check("tcmalloc", "ok", f"{t.library} ({t.reason})" if t.reason else t.library)
+    command = INSTALL_COMMANDS.get(t.package or "")
+    hint = command or "install your distribution's gperftools / TCMalloc package"
+    return Check("tcmalloc", "warn",
+                 f"TCMalloc not usable: {t.reason or 'not found'} (it keeps RAM from bloating as checkpoints switch)",
+                 hint)
+
+
+def check_webui(facts: Facts) -> Check:
+    w = facts.webui
+    if w is None:
+        return Check("webui.found", "warn", "no WebUI found (plans will target A1111)",
+                     "pass --webui PATH, run lowvram inside the WebUI folder, set LOWVRAM_WEBUI, or install one "
+                     "with `lowvram setup`")
+    name = FLAVOR_NAMES.get(w.flavor, w.flavor)
+    version = w.version or "version unknown"
+    extra = []
+    if w.python is None:
+        extra.append("no venv yet (the UI creates it on first start)")
+    message = f"{name} {version} at {w.path}" + (f"; {', '.join(extra)}" if extra else "")
+    return Check("webui.found", "ok", message)
+
+
+def check_torch_driver(facts: Facts) -> Check:
+    w = facts.webui
+    if w is None:
+        return Check("webui.torch_driver", "skip", "no WebUI")
+    if w.torch is None:
+        return Check("webui.torch_driver", "skip", "no torch in the WebUI's venv yet (the UI installs its own on first start)")
+    g = chosen_gpu(facts) or (facts.gpus[0] if facts.gpus else None)
+    if w.torch_cuda is None:
+        if g is None:
+            return Check("webui.torch_driver", "ok", f"torch {w.torch} is a CPU build (no NVIDIA GPU here either)")
+        return Check("webui.torch_driver", "fail", f"torch {w.torch} is a CPU build: the UI will not use the GPU",
+                     "reinstall torch with CUDA: delete the venv folder (the UI reinstalls), or start once with "
+                     "--reinstall-torch")
+    if g is None:
+        return Check("webui.torch_driver", "skip", f"torch {w.torch} (CUDA {w.torch_cuda}); no NVIDIA driver to compare")
+    os_key = _os_key(facts)
+    where = "Windows" if os_key == "windows" else "Linux"
+    full, compat = min_driver_for_cuda(w.torch_cuda, os_key)
+    have = parse_driver(g.driver)
+    want = _major_minor(w.torch_cuda)
+    driver_cuda = _major_minor(g.cuda_driver)
+    label = f"torch {w.torch} (CUDA {w.torch_cuda}) on driver {g.driver or '?'}"
+    source = "see NVIDIA's CUDA Toolkit Release Notes, driver table"
+    if want is not None and driver_cuda is not None and driver_cuda >= want:
+        return Check("webui.torch_driver", "ok", f"{label} (driver supports CUDA {g.cuda_driver})")
+    if have is not None and full is not None and have >= Version(full):
+        return Check("webui.torch_driver", "ok", label)
+    same_major = want is not None and (driver_cuda is None or driver_cuda[0] == want[0])
+    if have is not None and compat is not None and same_major and have >= Version(compat):
+        return Check("webui.torch_driver", "ok",
+                     f"{label}: runs through CUDA minor-version compatibility (full support from {full})",
+                     f"a driver ≥ {full} on {where} removes the caveat (PTX JIT)" if full else "")
+    if have is None and full is None:
+        return Check("webui.torch_driver", "warn", f"{label}: cannot tell whether the driver is new enough",
+                     f"update the NVIDIA driver ({source})")
+    need = full or compat or "a newer one"
+    return Check("webui.torch_driver", "fail", f"{label}: the driver is too old for this torch build",
+                 f"update the NVIDIA driver to ≥ {need} on {where} ({source}), or install a torch built for an older CUDA")
+
+
+def check_xformers(facts: Facts) -> Check:
+    w = facts.webui
+    if w is None:
+        return Check("webui.xformers", "skip", "no WebUI")
+    if w.xformers is None:
+        if w.flavor == "a1111" and w.torch is not None:
+            built_for = xformers_torch("0.0.23.post1")
+            tv = _version(w.torch)
+            if built_for and tv is not None and tv != Version(built_for):
+                return Check("webui.xformers", "ok",
+                             f"xformers not installed; A1111's --xformers would install 0.0.23.post1, built for torch "
+                             f"{built_for}, not this venv's {w.torch}", "lowvram plans SDP attention instead")
+        return Check("webui.xformers", "ok", "xformers not installed (SDP attention is used)")
+    if w.torch is None:
+        return Check("webui.xformers", "warn", f"xformers {w.xformers} installed but no torch in the venv")
+    built_for = xformers_torch(w.xformers)
+    if built_for is None:
+        return Check("webui.xformers", "warn",
+                     f"xformers {w.xformers}: not in lowvram's table, cannot check it against torch {w.torch}",
+                     "if the UI logs 'xFormers was built for …', drop --xformers (SDP is close) or reinstall a match")
+    tv = _version(w.torch)
+    if tv is not None and tv == Version(built_for):
+        return Check("webui.xformers", "ok", f"xformers {w.xformers} matches torch {w.torch}")
+    return Check("webui.xformers", "warn",
+                 f"xformers {w.xformers} was built for torch {built_for}, the venv has torch {w.torch}: it will not load",
+                 "drop --xformers (lowvram then plans SDP attention), or start once with --reinstall-xformers "
+                 "after setting XFORMERS_PACKAGE to a build for your torch")
+
+
+def check_quirks(facts: Facts) -> Check:
+    g = chosen_gpu(facts)
+    if g is None:
+        return Check("gpu.quirks", "skip", "no NVIDIA GPU")
+    name = g.name or ""
+    cc = g.cc_tuple
+    if re.search(r"GTX 16\d\d", name):
+        return Check("gpu.quirks", "warn",
+                     f"{name}: fp16 gives NaN / black images on GTX 16xx cards",
+                     "run with --upcast-sampling (lowvram's GTX 16xx profile does; if images stay black: --no-half)")
+    if cc is not None and cc[0] == 6 and cc[1] in (1, 2):
+        return Check("gpu.quirks", "warn",
+                     f"{name or 'this GPU'} (Pascal, sm {g.compute_capability}): fp16 math is very slow on this card",
+                     "--upcast-sampling keeps fp16 weights (memory) with fp32 math; lowvram's Pascal profiles use it")
+    if cc is not None and cc < (6, 0):
+        return Check("gpu.quirks", "warn",
+                     f"{name or 'this GPU'} (sm {g.compute_capability}) predates Pascal: no xformers, slow fp16",
+                     "expect SDP/split attention and --no-half; recent torch builds may drop this card")
+    return Check("gpu.quirks", "ok", f"no known quirk for {name or 'this GPU'}")
+
+
+def check_other_gpus(facts: Facts) -> Check:
+    if not facts.other_gpus:
+        return Check("gpu.other", "skip", "no AMD, Intel or Apple GPU")
+    found = _vendor_list(facts)
+    if facts.gpus:
+        return Check("gpu.other", "warn", f"also found {found}; lowvram plans for the NVIDIA GPU",
+                     "make sure the monitor is on the integrated GPU to free VRAM on the NVIDIA one")
+    return Check("gpu.other", "warn", f"found {found}: lowvram is built for NVIDIA GPUs",
+                 "lowvram adds no device or offload flags here; the UI's own setup (ROCm, DirectML, "
+                 "webui-macos-env.sh) stands")
+
+
+def check_checkpoint(facts: Facts) -> Check:
+    w = facts.webui
+    if w is None:
+        return Check("webui.checkpoint", "skip", "no WebUI")
+    if w.flavor == "comfyui":
+        return Check("webui.checkpoint", "skip", "ComfyUI has no selected checkpoint",
+                     "tell lowvram the model family with --model sd15|sd2|sdxl")
+    if w.checkpoint is None:
+        return Check("webui.checkpoint", "warn", "no checkpoint found in models/Stable-diffusion",
+                     "download one (the UI fetches SD 1.5 on first start), or give --model sd15|sd2|sdxl")
+    if w.checkpoint_path is None:
+        return Check("webui.checkpoint", "warn", f"selected checkpoint {w.checkpoint} is not on disk",
+                     "select another in the UI, or give --model sd15|sd2|sdxl")
+    family = w.model_family
+    if family is None or family == "unknown":
+        why = "a pickle (.ckpt), never opened" if not w.checkpoint.lower().endswith(".safetensors") else \
+            "not SD 1.5 / SD 2 / SDXL keys (SD3, Flux, …)"
+        return Check("webui.checkpoint", "warn", f"{w.checkpoint}: model family unknown ({why})",
+                     "say it with --model sd15|sd2|sdxl")
+    return Check("webui.checkpoint", "ok", f"{w.checkpoint}: {FAMILY_NAMES.get(family, family)}")
+
+
+CHECKS = (
+    check_gpu,
+    check_vram_class,
+    check_quirks,
+    check_driver,
+    check_sysmem_fallback,
+    check_other_gpus,
+    check_ram,
+    check_tcmalloc,
+    check_webui,
+    check_torch_driver,
+    check_xformers,
+    check_checkpoint,
+)
+
+
+def run_checks(facts: Facts, extra_checks: Sequence[Check] = ()) -> tuple[Check, ...]:
+    """Every check over `facts`, then `extra_checks` (e.g. lowvram's own block still applied)."""
+    return tuple(fn(facts) for fn in CHECKS) + tuple(extra_checks)
+
+
+def build_report(facts: Facts, extra_checks: Sequence[Check] = ()) -> DoctorReport:
+    return DoctorReport(facts, run_checks(facts, extra_checks))

@@ -1,0 +1,365 @@
+"""The one git edge: validating sources, cloning at a pinned commit, reading a checkout's state.
+
+Used by `install-extensions`/`apply` (extensions) and `setup` (the UIs themselves). A clone goes
+into a temp dir beside its destination (named with fsutil.TEMP_MARK, so the next run removes what
+a killed run left), is checked out at the pinned commit, verified, and only then renamed into
+place: an interrupted or failed clone leaves nothing half-made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lowvram import fsutil
+from lowvram.errors import ExtensionError
+
+# progress(stage, current, total): stage is git's own label ("Receiving objects", ...).
+Progress = Callable[[str, float, float | None], None]
+
+_NETWORK_SCHEMES = ("https", "http", "git", "ssh", "git+ssh", "ssh+git")
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_TRANSPORT_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*::")  # git's `<transport>::<address>` (ext::, fd::)
+_SCP_RE = re.compile(r"^(?:(?P<user>[^@/\s]+)@)?(?P<host>[A-Za-z0-9.-]+):(?P<path>(?!//).*)$")
+_DRIVE_RE = re.compile(r"^[A-Za-z]:[\\/]")
+_SHA_RE = re.compile(r"^[0-9a-fA-F]{7,40}$")
+
+
+class CloneError(ExtensionError):
+    """A clone that could not be made (unreachable source, missing commit, bad URL)."""
+
+
+@dataclass(frozen=True)
+class RepoState:
+    remote_url: str | None
+    head: str | None
+    dirty: bool  # tracked files changed (staged or not)
+    untracked: bool  # files git does not track, ignored ones included (VRAM Estimator's stats.json)
+    ignored: bool = False  # of those, files matched by .gitignore
+    untracked_paths: tuple[str, ...] = ()  # ignored ones included, as git lists them
+
+    @property
+    def changed(self) -> bool:
+        return self.dirty or self.untracked
+
+    @property
+    def user_files(self) -> tuple[str, ...]:
+        """Untracked/ignored paths that are the user's, not Python's bytecode cache."""
+        return tuple(p for p in self.untracked_paths
+                     if "__pycache__" not in p.rstrip("/").split("/") and not p.endswith((".pyc", ".pyo")))
+
+
+def _bad_url(url: str, why: str) -> CloneError:
+    return CloneError(
+        f"refusing git source {url!r}: {why}",
+        "use an https://, ssh://, git://, file:// URL, user@host:path, or a local folder",
+    )
+
+
+def validate_source_url(url: str) -> str:
+    """Accept the git sources lowvram clones from; refuse `ext::` and other transports.
+
+    Returns the URL unchanged except for surrounding whitespace (a local path is made absolute).
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise _bad_url(str(url), "it is empty")
+    url = url.strip()
+    if any(ord(c) < 32 for c in url):
+        raise _bad_url(url, "it contains control characters")
+    if url.startswith("-"):
+        raise _bad_url(url, "it starts with '-' and would be read as a git option")
+    if _TRANSPORT_RE.match(url):
+        raise _bad_url(url, "git remote helpers (`ext::`, `fd::` ...) can run commands")
+    m = _SCHEME_RE.match(url)
+    if m:
+        scheme = m.group(1).lower()
+        if scheme == "file":
+            if len(url) <= len("file://"):
+                raise _bad_url(url, "it names no folder")
+            return url
+        if scheme not in _NETWORK_SCHEMES:
+            raise _bad_url(url, f"the {scheme}:// transport is not one lowvram clones from")
+        rest = url[m.end():]
+        host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+        if not host:
+            raise _bad_url(url, "it names no host")
+        return url
+    if _DRIVE_RE.match(url):  # C:\models or C:/models: a Windows path, not scp-like host:path
+        return url
+    if "://" in url:
+        raise _bad_url(url, "its scheme is not recognised")
+    scp = _SCP_RE.match(url)
+    if scp and "/" not in url.split(":", 1)[0]:
+        if not scp.group("path"):
+            raise _bad_url(url, "it names no repository path")
+        return url
+    # A local path (absolute or relative to the current directory).
+    return str(Path(url).expanduser().absolute())
+
+
+def _split_url(url: str) -> tuple[str, str, str]:
+    """(kind, host, path) where kind is "net" or "local"."""
+    url = url.strip()
+    m = _SCHEME_RE.match(url)
+    if m:
+        scheme = m.group(1).lower()
+        rest = url[m.end():]
+        if scheme == "file":
+            path = rest[rest.index("/"):] if "/" in rest else rest
+            return "local", "", path
+        hostport, _, path = rest.partition("/")
+        host = hostport.rsplit("@", 1)[-1].lower()
+        default_ports = {"https": ":443", "http": ":80", "ssh": ":22", "git": ":9418"}
+        for scheme_name, port in default_ports.items():
+            if scheme.endswith(scheme_name) and host.endswith(port):
+                host = host[: -len(port)]
+        return "net", host, path
+    if not _DRIVE_RE.match(url):
+        scp = _SCP_RE.match(url)
+        if scp and "/" not in url.split(":", 1)[0]:
+            return "net", scp.group("host").lower(), scp.group("path").lstrip("/")
+    return "local", "", url
+
+
+def normalise_url(url: str) -> str:
+    """A form in which two spellings of one repository compare equal.
+
+    Drops the scheme, `user@`, default ports, a trailing `/` and `.git`; lowercases the host;
+    `git@github.com:a/b.git` and `https://github.com/a/b` both become `github.com/a/b`.
+    A local path becomes its absolute, resolved form.
+    """
+    kind, host, path = _split_url(url)
+    path = path.replace("\\", "/") if kind == "local" and os.name == "nt" else path
+    path = path.rstrip("/")
+    if path.endswith(".git"):
+        path = path[: -len(".git")]
+    path = path.rstrip("/")
+    if kind == "local":
+        with contextlib.suppress(OSError, RuntimeError):
+            path = str(Path(path).expanduser().resolve())
+        return "file://" + path
+    return f"{host}/{path.lstrip('/')}"
+
+
+def source_for(key: str, registry_url: str, sources: Mapping[str, str] | None = None) -> str:
+    """Where to clone `key` from: `--source NAME=URL` > `$LOWVRAM_MIRROR/<key>` > the registry URL."""
+    if sources and key in sources:
+        return validate_source_url(sources[key])
+    mirror = os.environ.get("LOWVRAM_MIRROR")
+    if mirror:
+        return str(Path(mirror).expanduser().absolute() / key)
+    return validate_source_url(registry_url)
+
+
+def _git_env() -> dict[str, str]:
+    """Never let git stop to ask for a password: an offline or private URL fails at once."""
+    env = {"GIT_TERMINAL_PROMPT": "0"}
+    if "GIT_SSH_COMMAND" not in os.environ:
+        env["GIT_SSH_COMMAND"] = "ssh -o BatchMode=yes"
+    return env
+
+
+class _ProgressAdapter:
+    def __init__(self, callback: Progress) -> None:
+        self.callback = callback
+
+    def __call__(self, op_code: int, cur_count: Any, max_count: Any = None, message: str = "") -> None:
+        import git
+
+        stage_bits = op_code & git.RemoteProgress.OP_MASK
+        names = {
+            git.RemoteProgress.COUNTING: "Counting objects",
+            git.RemoteProgress.COMPRESSING: "Compressing objects",
+            git.RemoteProgress.RECEIVING: "Receiving objects",
+            git.RemoteProgress.RESOLVING: "Resolving deltas",
+            git.RemoteProgress.CHECKING_OUT: "Checking out files",
+        }
+        total = float(max_count) if max_count not in (None, "") else None
+        with contextlib.suppress(Exception):  # a broken progress display must not break a clone
+            self.callback(names.get(stage_bits, "Cloning"), float(cur_count or 0), total)
+
+
+def _git_error_text(exc: Exception) -> str:
+    stderr = getattr(exc, "stderr", "") or ""
+    lines = [ln.strip() for ln in str(stderr).splitlines() if ln.strip()]
+    lines = [ln.removeprefix("stderr:").strip().strip("'").strip() for ln in lines]
+    text = next((ln for ln in lines if ln.lower().startswith(("fatal:", "error:"))), lines[-1] if lines else str(exc))
+    return text[:300]
+
+
+def resolve_commit(repo: Any, ref: str) -> str | None:
+    """The full commit id `ref` names in `repo` (a commit id, tag or branch), or None."""
+    try:
+        return str(repo.git.rev_parse("--verify", "--quiet", f"{ref}^{{commit}}")).strip() or None
+    except Exception:
+        return None
+
+
+def _matches(head: str, ref: str) -> bool:
+    return head.lower().startswith(ref.lower()) if _SHA_RE.match(ref) else True
+
+
+def clone_pinned(
+    url: str,
+    ref: str,
+    dest: Path,
+    *,
+    origin_url: str | None = None,
+    progress: Progress | None = None,
+    before_rename: Callable[[str], None] | None = None,
+) -> str:
+    """Clone `url` at `ref` (a commit id; a tag or branch name also works) into `dest`.
+
+    Returns the commit checked out. `origin_url`, when given, becomes the clone's `origin` (a
+    clone from a mirror or --source then looks like any other install). `before_rename(commit)`
+    runs after the clone is verified and before it appears at `dest` (the manifest is written
+    there). On failure nothing is left behind and CloneError says why.
+    """
+    import git
+
+    url = validate_source_url(url)
+    dest = Path(dest)
+    if dest.exists() or dest.is_symlink():
+        raise CloneError(f"{dest} already exists", "move it away, or remove it, and run again")
+    if not ref or not ref.strip() or ref.startswith("-"):
+        raise CloneError(f"bad git ref {ref!r} for {url}", "the registry entry needs a commit id")
+    ref = ref.strip()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fsutil.temp_name(dest)
+    try:
+        try:
+            repo = git.Repo.clone_from(
+                url,
+                tmp,
+                progress=_ProgressAdapter(progress) if progress else None,  # type: ignore[arg-type]
+                env=_git_env(),
+                no_checkout=True,
+            )
+        except git.GitCommandError as exc:
+            raise CloneError(
+                f"cannot clone {url}: {_git_error_text(exc)}",
+                "check the URL and your network; offline, use --source NAME=<local clone> or LOWVRAM_MIRROR=DIR",
+            ) from exc
+        fsutil.kill_point("gitops:clone:after-fetch")
+        commit = resolve_commit(repo, ref)
+        if commit is None or not _matches(commit, ref):
+            raise CloneError(
+                f"{url} has no commit {ref}",
+                "the source is older than lowvram's pin (update the mirror/--source clone), or the pin is wrong",
+            )
+        try:
+            repo.git.checkout("--detach", "--quiet", commit)
+        except git.GitCommandError as exc:
+            raise CloneError(f"cannot check out {ref} from {url}: {_git_error_text(exc)}", "run again") from exc
+        head = repo.head.commit.hexsha
+        if head != commit:
+            raise CloneError(f"{url}: HEAD is {head} after checking out {commit}", "run again")
+        if origin_url and origin_url != url:
+            repo.remote("origin").set_url(origin_url)
+        repo.close()
+        fsutil.kill_point("gitops:clone:before-rename")
+        if before_rename is not None:
+            before_rename(head)
+        try:
+            os.rename(tmp, dest)
+        except OSError as exc:
+            raise CloneError(f"cannot move the clone into {dest}: {exc.strerror}",
+                             "check that the folder is writable and run again") from exc
+        fsutil.kill_point("gitops:clone:after-rename")
+        return head
+    except BaseException:
+        if tmp.exists():
+            fsutil.remove_tree(tmp)
+        raise
+
+
+def is_git_repo(path: Path) -> bool:
+    return (Path(path) / ".git").exists()
+
+
+def repo_state(path: Path) -> RepoState:
+    """Origin URL, HEAD and whether anything in the checkout is not as git would check it out."""
+    import git
+
+    try:
+        repo = git.Repo(path)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError) as exc:
+        raise ExtensionError(f"{path} is not a git checkout", "move it away or remove it") from exc
+    try:
+        try:
+            remote_url: str | None = repo.remote("origin").url
+        except (ValueError, git.GitCommandError):
+            remote_url = None
+        try:
+            head: str | None = repo.head.commit.hexsha
+        except ValueError:
+            head = None
+        status = repo.git.status("--porcelain=v1", "-z", "--ignored", "--untracked-files=all")
+        dirty = untracked = ignored = False
+        listed: list[str] = []
+        entries = iter(status.split("\0"))
+        for entry in entries:
+            if len(entry) < 4:
+                continue
+            code = entry[:2]
+            if code == "??":
+                untracked = True
+                listed.append(entry[3:])
+            elif code == "!!":
+                untracked = ignored = True
+                listed.append(entry[3:])
+            else:
+                dirty = True
+                if "R" in code or "C" in code:
+                    next(entries, None)  # a rename's source path follows as its own entry
+        return RepoState(remote_url=remote_url, head=head, dirty=dirty, untracked=untracked, ignored=ignored,
+                         untracked_paths=tuple(listed))
+    finally:
+        repo.close()
+
+
+def fetch_commit(path: Path, url: str, ref: str) -> str:
+    """Make `ref` available in the checkout at `path`, fetching it from `url` when missing."""
+    import git
+
+    repo = git.Repo(path)
+    try:
+        commit = resolve_commit(repo, ref)
+        if commit is None:
+            source = validate_source_url(url)
+            try:
+                repo.git.fetch("--quiet", source, ref, env=_git_env())
+            except git.GitCommandError:
+                # Servers that refuse a bare commit id: take every branch and tag (into FETCH_HEAD
+                # only, so the user's refs stay as they are).
+                try:
+                    repo.git.fetch("--quiet", source, "refs/heads/*", "refs/tags/*", env=_git_env())
+                except git.GitCommandError as exc:
+                    raise CloneError(f"cannot fetch from {url}: {_git_error_text(exc)}",
+                                     "check the URL and your network, or use --source NAME=<local clone>") from exc
+            commit = resolve_commit(repo, ref)
+        if commit is None or not _matches(commit, ref):
+            raise CloneError(f"{url} has no commit {ref}", "update the source, or check the pin")
+        return commit
+    finally:
+        repo.close()
+
+
+def checkout_detached(path: Path, commit: str) -> str:
+    import git
+
+    repo = git.Repo(path)
+    try:
+        try:
+            repo.git.checkout("--detach", "--quiet", commit)
+        except git.GitCommandError as exc:
+            raise ExtensionError(f"cannot check out {commit[:12]} in {path}: {_git_error_text(exc)}",
+                                 "look at the checkout with `git status`") from exc
+        return str(repo.head.commit.hexsha)
+    finally:
+        repo.close()

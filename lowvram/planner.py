@@ -1,0 +1,121 @@
+"""Edge glue for plan/apply/launch/tune/setup: find the WebUI, the facts, the profile, the family,
+the observations and the extension registry, then call the pure policy. It never writes state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from lowvram import paths, policy, state
+from lowvram.facts import Facts
+from lowvram.observations import Observation
+from lowvram.plan import ExtensionSpec, Overrides, Plan
+from lowvram.profiles import ResolvedProfile, Selection, load_profile, select_profile
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    plan: Plan
+    facts: Facts
+    webui: Path | None
+    from_facts_file: bool
+    profile: ResolvedProfile | None = None
+    selection: Selection | None = None
+    observations: tuple[Observation, ...] = ()
+
+
+def _facts_file(facts_file: Path | None) -> Path | None:
+    if facts_file is not None:
+        return Path(facts_file)
+    env = os.environ.get("LOWVRAM_FACTS")
+    return Path(env) if env else None
+
+
+def _resolve_webui(webui: Path | None) -> Path | None:
+    from lowvram.detect import resolve_webui
+
+    return resolve_webui(webui)
+
+
+def _gather(webui: Path | None, facts_file: Path | None) -> Facts:
+    from lowvram.detect import gather_facts
+
+    return gather_facts(webui=webui, facts_file=facts_file)
+
+
+def load_registry(path: Path | None = None) -> dict[str, ExtensionSpec]:
+    """lowvram/data/extensions.json as name → ExtensionSpec (empty when missing or unreadable)."""
+    path = path or paths.data_file("extensions.json")
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    raw = data.get("extensions") if isinstance(data, dict) else None
+    if not isinstance(raw, dict):
+        return {}
+    out: dict[str, ExtensionSpec] = {}
+    for name, e in raw.items():
+        if not isinstance(e, dict) or not isinstance(e.get("url"), str) or not isinstance(e.get("ref"), str):
+            continue
+        url = e["url"]
+        last = url.rstrip("/").rsplit("/", 1)[-1]
+        skip: Mapping[str, Any] = e.get("skip") if isinstance(e.get("skip"), dict) else {}  # type: ignore[assignment]
+        out[name] = ExtensionSpec(
+            name=name,
+            url=url,
+            ref=e["ref"],
+            dir=str(e.get("dir") or (last[:-4] if last.endswith(".git") else last)),
+            reason=str(e.get("why") or ""),
+            uis=tuple(str(u) for u in e.get("uis") or ()),
+            skip=tuple((str(k), str(v)) for k, v in skip.items()),
+        )
+    return out
+
+
+def make_plan(*, webui: Path | None, facts_file: Path | None, overrides: Overrides) -> PlanContext:
+    """Everything `lowvram plan` does short of printing; apply/launch/tune/setup reuse it."""
+    facts_path = _facts_file(facts_file)
+    webui_path = _resolve_webui(webui)
+    facts = _gather(webui_path, facts_path)
+
+    if overrides.profile is None and webui_path is not None:
+        remembered = state.remembered_profile(webui_path)
+        if remembered:
+            overrides = replace(overrides, profile=remembered, profile_source="remembered")
+
+    resolved = load_profile(overrides.profile) if overrides.explicit_profile and overrides.profile else None
+    family = policy.resolve_family(facts, overrides, resolved)
+    selection = None
+    if resolved is None:
+        fam = policy.require_family(family, facts)
+        selection = select_profile(facts, fam, gpu=policy.gpu_for(facts, overrides), use_largest_gpu=False)
+        resolved = load_profile(selection.name)
+
+    observations: tuple[Observation, ...] = ()
+    obs_warnings: tuple[str, ...] = ()
+    if webui_path is not None:
+        from lowvram.observations import load_observations
+
+        loaded = load_observations(paths.observations_path(webui_path))
+        observations = tuple(loaded.items)
+        obs_warnings = tuple(loaded.warnings)
+
+    the_plan = policy.plan(
+        facts,
+        resolved,
+        observations,
+        overrides,
+        hook_config_path=str(paths.hook_config_path(webui_path)) if webui_path is not None else None,
+        webui_path=str(webui_path) if webui_path is not None else None,
+        registry=load_registry(),
+        family=family,
+        selection=selection,
+    )
+    if obs_warnings:
+        the_plan = replace(the_plan, warnings=the_plan.warnings + obs_warnings)
+    return PlanContext(the_plan, facts, webui_path, facts_path is not None, resolved, selection, observations)

@@ -1,0 +1,768 @@
+"""The policy engine: facts + profile + observations + overrides → Plan. Pure: no I/O, no probing.
+
+Every setting is a Decision with its value, where it came from (cli, profile, auto, user,
+remembered, observations, tuning) and why, so `lowvram plan` can explain itself and the whole
+policy can be tested for every card in the matrix on a machine without a GPU (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import importlib
+import shlex
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lowvram import estimate as est
+from lowvram.errors import ProfileError
+from lowvram.facts import Facts, GpuFacts
+from lowvram.observations import Observation
+from lowvram.plan import (
+    Decision,
+    EstimateSummary,
+    ExtensionSpec,
+    HookPlan,
+    Overrides,
+    Plan,
+    ReservePlan,
+    TcmallocPlan,
+)
+from lowvram.profiles import ResolvedProfile, Selection, match_failure
+from lowvram.ui import UiSettings, adapter, parse_args
+from lowvram.ui.base import UiAdapter
+
+MIN_HEADROOM_LINUX_MB = 256
+MIN_HEADROOM_WINDOWS_MB = 512
+SPILL_MISS_MB = 256  # overflow into shared memory that counts as a miss (DESIGN §5 ladder)
+COMFORT_RUNS = 3  # runs with room to spare before trying one rung up
+COMFORT_SHARE = 0.70  # "room to spare": peak reserved + headroom ≤ 70 % of the card
+RECENT_RUNS = 10
+DEFAULT_TARGET = {"sd15": 512, "sd2": 768, "sdxl": 1024, "sdxl-refiner": 1024}
+ESTIMATE_FAMILIES = ("sd15", "sd2", "sdxl", "sdxl-refiner")
+ALLOC_LAYOUT_CONFLICTS = {
+    "max_split_size_mb": "stops the freed reserve block from serving smaller requests",
+    "backend": "cudaMallocAsync bypasses PyTorch's block cache, which the layout relies on",
+    "expandable_segments": "changes how segments map physical pages; untested with the layout",
+    "garbage_collection_threshold": "acts only after set_per_process_memory_fraction, which A1111 never calls",
+}
+
+
+@dataclass(frozen=True)
+class FamilyChoice:
+    family: str | None
+    source: str
+    reason: str
+
+
+def resolve_family(facts: Facts, overrides: Overrides, profile: ResolvedProfile | None) -> FamilyChoice:
+    """The model family: the WebUI's checkpoint > --model > an explicit profile's match.model."""
+    webui_family = facts.webui.model_family if facts.webui else None
+    if webui_family and webui_family != "unknown":
+        reason = f"the selected checkpoint {facts.webui.checkpoint!r} is {webui_family}" if facts.webui else ""
+        if overrides.model and overrides.model != _base_family(webui_family):
+            reason += f" (--model {overrides.model} ignored: the checkpoint says otherwise)"
+        return FamilyChoice(webui_family, "auto", reason)
+    if overrides.model:
+        return FamilyChoice(overrides.model, "cli", f"--model {overrides.model}")
+    if profile is not None and overrides.explicit_profile and len(profile.profile.match.model) >= 1:
+        fam = profile.profile.match.model[0]
+        return FamilyChoice(fam, "profile", f"profile {profile.name} is for {fam}")
+    return FamilyChoice(None, "auto", "unknown: no checkpoint selected and no --model")
+
+
+def require_family(choice: FamilyChoice, facts: Facts) -> str:
+    if choice.family:
+        return choice.family
+    if facts.webui and facts.webui.model_family == "unknown":
+        raise ProfileError(
+            f"cannot tell the model family of {facts.webui.checkpoint or 'the selected checkpoint'}",
+            "give --model sd15, sd2 or sdxl",
+        )
+    raise ProfileError("the model family is unknown (no checkpoint selected)", "give --model sd15, sd2 or sdxl")
+
+
+def _base_family(family: str | None) -> str | None:
+    return "sdxl" if family == "sdxl-refiner" else family
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU choice (lowvram.gpuselect, written beside this module; a plain fallback until it lands)
+
+
+@dataclass(frozen=True)
+class _GpuChoice:
+    gpu: GpuFacts | None
+    reason: str
+    pin_uuid: str | None = None
+
+
+def choose_gpu(facts: Facts, device_flag_value: str | None) -> _GpuChoice:
+    try:
+        module: Any = importlib.import_module("lowvram.gpuselect")
+    except ImportError:
+        module = None
+    if module is not None and hasattr(module, "select_gpu"):
+        choice = module.select_gpu(facts, device_flag_value)
+        return _GpuChoice(choice.gpu, choice.reason, getattr(choice, "pin_uuid", None))
+    gpus = facts.usable_gpus
+    if not gpus:
+        return _GpuChoice(None, facts.nvml_error or "no NVIDIA GPU")
+    best = max(gpus, key=lambda g: (g.vram_total_mb or 0, g.cc_tuple or (0, 0)))
+    pin = best.uuid if len(gpus) > 1 else None
+    return _GpuChoice(best, f"the largest NVIDIA GPU: {best.name}", pin)
+
+
+def target_ui(facts: Facts, overrides: Overrides) -> str:
+    """--ui > the WebUI tree's flavor > A1111."""
+    if overrides.ui:
+        return overrides.ui
+    if facts.webui is not None and facts.webui.flavor:
+        return facts.webui.flavor
+    return "a1111"
+
+
+def user_device_flag(facts: Facts, ui_key: str) -> str | None:
+    """The value of the UI's device flag in the user's literal COMMANDLINE_ARGS, if any."""
+    if facts.webui is None or facts.webui.flavor != ui_key or not facts.webui.user_args_literal:
+        return None
+    ui = adapter(ui_key)
+    parsed = parse_args(tuple(facts.webui.user_args or ()), ui.flagset(facts.webui.version), strict=False)
+    return next((p.value for p in parsed if p.name == ui.device_flag and p.value), None)
+
+
+def gpu_for(facts: Facts, overrides: Overrides) -> GpuFacts | None:
+    """The GPU the plan targets (what auto-selection matches profiles against)."""
+    ui_key = target_ui(facts, overrides)
+    return choose_gpu(facts, user_device_flag(facts, ui_key)).gpu
+
+
+def headroom_mb(facts: Facts, gpu: GpuFacts | None) -> int:
+    """What other programs hold (measured total − free), at least 256 MiB Linux / 512 MiB Windows."""
+    windows = facts.system.os == "windows" or facts.system.wsl
+    floor = MIN_HEADROOM_WINDOWS_MB if windows else MIN_HEADROOM_LINUX_MB
+    if gpu is None or gpu.vram_total_mb is None or gpu.vram_free_mb is None:
+        return floor
+    return max(floor, gpu.vram_total_mb - gpu.vram_free_mb)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class _Builder:
+    decisions: list[Decision] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def add(self, setting: str, value: Any, source: str, reason: str) -> None:
+        self.decisions.append(Decision(setting, value, source, reason))
+
+    def warn(self, text: str) -> None:
+        if text not in self.warnings:
+            self.warnings.append(text)
+
+
+def _torch_base(version: str | None) -> str | None:
+    return version.split("+", 1)[0].strip() if version else None
+
+
+def xformers_usable(ui: UiAdapter, gpu: GpuFacts | None, facts: Facts, *,
+                    assume_gpu: bool = False) -> tuple[bool, str]:
+    """DESIGN §5: sm 6.0–9.0, and the xformers the UI installs matches the venv's torch (or no torch yet).
+
+    assume_gpu: no GPU is visible but an explicit profile is planned as written for one.
+    """
+    sm = "the profile's GPU"
+    if gpu is None and not assume_gpu:
+        return False, "no NVIDIA GPU"
+    if gpu is not None:
+        cc = gpu.cc_tuple
+        if cc is None:
+            return False, "the GPU's compute capability is unknown"
+        if not (6, 0) <= cc <= (9, 0):
+            return False, f"xformers needs compute capability 6.0–9.0 (this GPU is {gpu.compute_capability})"
+        sm = f"sm {gpu.compute_capability}"
+    if ui.pinned_xformers is None:
+        return False, f"{ui.title} does not install xformers through a flag"
+    xf, torch_for = ui.pinned_xformers
+    torch_now = _torch_base(facts.webui.torch) if facts.webui else None
+    if torch_now is None:
+        return True, f"{sm}; the UI installs its pinned torch {torch_for} + xformers {xf}"
+    if torch_now == torch_for:
+        return True, f"{sm}; xformers {xf} (what {ui.title} installs) is built for torch {torch_now}"
+    return False, f"{ui.title} installs xformers {xf}, built for torch {torch_for}, but the venv has torch {torch_now}"
+
+
+def _recent(observations: Sequence[Observation], checkpoint: str | None) -> list[Observation]:
+    runs = [o for o in observations if o.source in ("hook", "tuning")
+            and (checkpoint is None or o.checkpoint in (None, checkpoint))]
+    return sorted(runs, key=lambda o: o.time)[-RECENT_RUNS:]
+
+
+def _tuned_road(observations: Sequence[Observation], checkpoint: str | None, gpu: GpuFacts | None,
+                size: tuple[int, int]) -> tuple[str, str, str] | None:
+    """`lowvram tune` measured both roads at the target size: its winner stands (DESIGN.md §9).
+
+    Only tune's own probes count here; the hook's runs keep the median comparison below.
+    """
+    from lowvram import tuning
+
+    probes = [o for o in observations if o.source == "tuning"]
+    if not probes:
+        return None
+    state = tuning.tuning_state(probes, checkpoint, gpu.driver if gpu else None, size)
+    measured = {p.road for p in state.probes if p.sit is not None}
+    if state.best is None or measured != {"swap", "resident"}:
+        return None
+    return (state.best.road, "tuning",
+            f"tuned: the {state.best.road} road was faster ({state.best.sit:.3f} s/it at {size[0]}×{size[1]}; "
+            "`lowvram tune` measured both roads)")
+
+
+def _missed(o: Observation, spill_possible: bool) -> bool:
+    if o.ooms > 0 or (not o.ok and "oom" in o.reason.lower()):
+        return True
+    return bool(spill_possible and not o.layout and (o.overflow_mb or 0) > SPILL_MISS_MB)
+
+
+def _estimate(family: str, *, width: int, height: int, target_batch: int, hires: float, precision: str,
+              vae: str, attention: str, rung: str, ui_key: str, bcu: bool) -> est.Estimate:
+    att = {"sdp-no-mem": "sdp", "auto": "sdp"}.get(attention, attention)
+    off = {"novram": "lowvram", "cpu": "none"}.get(rung, rung)
+    req = est.EstimateRequest(family=family, width=width, height=height, batch=target_batch,
+                              precision="full" if precision == "full" else "half",
+                              vae_precision="full" if vae == "full" else "half", attention=att,
+                              offload=off, hires_scale=hires, ui=ui_key, batch_cond_uncond=bcu)
+    return est.estimate(req)
+
+
+def plan(
+    facts: Facts,
+    resolved: ResolvedProfile,
+    observations: Sequence[Observation],
+    overrides: Overrides,
+    *,
+    hook_config_path: str | None,
+    webui_path: str | None,
+    registry: Mapping[str, ExtensionSpec],
+    family: FamilyChoice | None = None,
+    selection: Selection | None = None,
+) -> Plan:
+    """Decide everything for one WebUI; see DESIGN.md §5 for each rule."""
+    b = _Builder()
+    prof = resolved.profile
+
+    # -- profile ---------------------------------------------------------------------------
+    if selection is not None and not overrides.explicit_profile:
+        b.add("profile", prof.name, "auto", selection.reason)
+    else:
+        src = "remembered" if overrides.profile_source == "remembered" else "cli"
+        why = "remembered for this WebUI from an earlier apply/launch" if src == "remembered" else f"--profile {prof.name}"
+        b.add("profile", prof.name, src, why)
+
+    # -- UI --------------------------------------------------------------------------------
+    flavor = facts.webui.flavor if facts.webui else None
+    if overrides.ui:
+        ui_key = overrides.ui
+        b.add("ui", ui_key, "cli", f"--ui {ui_key}")
+        if flavor and flavor != ui_key:
+            b.warn(f"--ui {ui_key} given, but the WebUI at {webui_path} is {flavor}: its flags are planned for {ui_key}")
+    elif flavor:
+        ui_key = flavor
+        b.add("ui", ui_key, "auto", f"the WebUI tree is {flavor}")
+    else:
+        ui_key = "a1111"
+        b.add("ui", ui_key, "auto", "no WebUI found and no --ui: planning for A1111")
+    ui = adapter(ui_key)
+    version = facts.webui.version if facts.webui and facts.webui.flavor == ui_key else None
+
+    # -- model family ----------------------------------------------------------------------
+    fam_choice = family or resolve_family(facts, overrides, resolved)
+    fam = require_family(fam_choice, facts)
+    b.add("model", fam, fam_choice.source, fam_choice.reason)
+
+    # -- the user's own flags (literal COMMANDLINE_ARGS) --------------------------------------
+    flagset = ui.flagset(version)
+    user_tokens: tuple[str, ...] = ()
+    user_literal = True
+    if facts.webui is not None and facts.webui.flavor == ui_key:
+        user_literal = facts.webui.user_args_literal
+        user_tokens = tuple(facts.webui.user_args or ())
+    user_parsed = parse_args(user_tokens, flagset, strict=False) if user_literal else []
+    user_device = next((p.value for p in user_parsed if p.name == ui.device_flag and p.value), None)
+
+    # -- GPU -------------------------------------------------------------------------------
+    choice = choose_gpu(facts, user_device)
+    gpu = choice.gpu
+    foreign = gpu is None and bool(facts.other_gpus)
+    # An explicit profile applies as written even where no GPU is visible (planning for another
+    # machine); CPU mode is for auto-selection on a machine with no GPU at all, or the cpu profile.
+    cpu_mode = not foreign and (prof.offload == "cpu" or (gpu is None and not overrides.explicit_profile))
+    as_written = gpu is None and not foreign and not cpu_mode
+    if gpu is not None:
+        b.add("gpu", f"{gpu.name} ({gpu.vram_total_mb} MiB)" if gpu.vram_total_mb else gpu.name, "auto", choice.reason)
+    elif foreign:
+        names = ", ".join(f"{o.vendor} {o.name or ''}".strip() for o in facts.other_gpus)
+        b.add("gpu", None, "auto", f"no NVIDIA GPU ({names}): lowvram is built for NVIDIA and adds no device "
+                                   "or offload flags; the UI's own setup (ROCm, webui-macos-env.sh) stands")
+        b.warn(f"lowvram is built for NVIDIA GPUs; this machine has {names}: no device or offload flags planned")
+    elif as_written:
+        b.add("gpu", None, "auto", f"no usable GPU here ({facts.nvml_error or 'NVML found none'}): planning "
+                                   f"profile {prof.name} as written")
+    else:
+        b.add("gpu", None, "auto", f"no usable GPU ({facts.nvml_error or 'NVML found none'}): CPU mode")
+
+    if overrides.explicit_profile:
+        why_not = match_failure(prof, facts, fam, gpu)
+        if why_not:
+            b.warn(f"profile {prof.name} does not match this machine ({why_not}); applied as written")
+
+    room = headroom_mb(facts, gpu)
+    vram_total = gpu.vram_total_mb if gpu else None
+
+    # -- sysmem fallback / roads -------------------------------------------------------------
+    if overrides.sysmem_fallback in ("on", "off"):
+        fallback, fb_src, fb_why = overrides.sysmem_fallback, "cli", f"--sysmem-fallback {overrides.sysmem_fallback}"
+    elif prof.sysmem_fallback in ("on", "off"):
+        fallback, fb_src, fb_why = prof.sysmem_fallback, "profile", f"profile {prof.name} says {prof.sysmem_fallback}"
+    else:
+        detected = facts.system.sysmem_fallback
+        fallback = "on" if detected in ("on", "unknown") else "off"
+        fb_src = "auto"
+        fb_why = {
+            "on": "the driver spills into shared memory (Windows 536.40–546.00, or WSL2)",
+            "unknown": "driver ≥ 546.01: the Control Panel choice cannot be read; the default is on",
+            "unsupported": "this platform never spills into shared memory (native Linux/macOS or an older driver)",
+            "off": "the driver does not spill",
+        }.get(detected, detected)
+    b.add("sysmem_fallback", fallback, fb_src, fb_why)
+    spill_possible = fallback == "on"
+
+    # -- attention ---------------------------------------------------------------------------
+    attention = "auto"
+    if cpu_mode or foreign:
+        b.add("attention", "auto", "auto", "no NVIDIA GPU: the UI's default")
+    else:
+        ok, why = xformers_usable(ui, gpu, facts, assume_gpu=as_written)
+        wanted = prof.attention
+        if wanted == "auto":
+            if ui_key == "forge":
+                attention, src, why2 = "auto", "auto", "Forge picks by itself (xformers when it imports, else PyTorch SDP)"
+            elif ok and ui_key == "a1111":
+                attention, src, why2 = "xformers", "auto", why
+            else:
+                attention, src, why2 = "sdp", "auto", f"PyTorch SDP ({why})" if not ok else "PyTorch SDP: torch ≥ 2 has it built in"
+        elif wanted == "xformers" and not ok:
+            attention, src, why2 = "sdp", "auto", f"profile asks for xformers, but {why}: PyTorch SDP instead"
+            b.warn(f"xformers is not usable here ({why}); planned SDP attention instead")
+        else:
+            attention, src, why2 = wanted, "profile", f"profile {prof.name}" + (f": {why}" if wanted == "xformers" else "")
+        b.add("attention", attention, src, why2)
+
+    # -- precision ---------------------------------------------------------------------------
+    unet_prec, vae_prec = prof.precision.unet, prof.precision.vae
+    if cpu_mode:
+        unet_prec, vae_prec = "full", "full"
+        b.add("precision.unet", "full", "auto", "CPU mode runs in fp32 (no fp16 on the CPU)")
+    elif gpu is not None and unet_prec == "half" and "GTX 16" in (gpu.name or "") and gpu.cc_tuple == (7, 5):
+        unet_prec = "upcast"
+        b.add("precision.unet", "upcast", "auto",
+              "GTX 16xx produces NaN (black) images in fp16: --upcast-sampling (--no-half is the fallback)")
+    else:
+        prec_src = "profile" if resolved.origins.get("precision.unet", "default") != "default" else "auto"
+        b.add("precision.unet", unet_prec, prec_src,
+              f"profile {prof.name}" if unet_prec != "half" else "fp16 weights (the default)")
+    if not cpu_mode:
+        b.add("precision.vae", vae_prec, "profile" if vae_prec != "half" else "auto",
+              "VAE in fp32 (avoids NaN/black images at decode)" if vae_prec == "full" else "VAE in fp16 (the default)")
+
+    # -- target ------------------------------------------------------------------------------
+    side = DEFAULT_TARGET.get(fam, 512)
+    width = prof.target.width or side
+    height = prof.target.height or side
+    batch = prof.target.batch
+    hires = prof.target.hires_scale
+    bcu = facts.webui.batch_cond_uncond if facts.webui and facts.webui.batch_cond_uncond is not None else True
+
+    # -- offload ladder -----------------------------------------------------------------------
+    rungs = ui.rungs(fam, version)
+    checkpoint = facts.webui.checkpoint_key if facts.webui else None
+    recent = _recent(observations, checkpoint)
+    estimates: dict[str, est.Estimate] = {}
+    can_estimate = fam in ESTIMATE_FAMILIES and not cpu_mode and not foreign
+
+    def fits(rung: str) -> bool | None:
+        if not can_estimate or vram_total is None:
+            return None
+        if rung not in estimates:
+            estimates[rung] = _estimate(fam, width=width, height=height, target_batch=batch, hires=hires,
+                                        precision=unet_prec, vae=vae_prec, attention=attention, rung=rung,
+                                        ui_key=ui_key, bcu=bcu)
+        return est.fits(estimates[rung].peak_mb, vram_total, room)
+
+    offload_src = "auto"
+    if cpu_mode:
+        offload, offload_why = "cpu", "no usable GPU: the UI runs on the CPU"
+        if prof.offload != "cpu":
+            b.warn("no usable GPU was found: planning CPU mode (slow)")
+    elif foreign:
+        offload, offload_why = "none", "no NVIDIA GPU: no offload flags"
+    elif overrides.offload and overrides.offload != "auto":
+        offload, offload_src, offload_why = overrides.offload, "cli", f"--offload {overrides.offload}"
+    elif prof.offload != "auto" and overrides.offload != "auto":
+        offload, offload_src = prof.offload, "profile"
+        offload_why = f"pinned by profile {prof.name}: the margin is too thin to trust an estimate"
+        for o in recent:
+            if o.offload == offload and _missed(o, spill_possible):
+                b.warn(f"a recent run on the pinned rung {offload} ran out of memory or spilled: "
+                       "try --offload with a lower rung")
+                break
+    else:
+        offload, offload_why = _ladder(rungs, fits, estimates, vram_total, room)
+        offload_src = "cli" if overrides.offload == "auto" else "auto"
+        idx = rungs.index(offload) if offload in rungs else 0
+        # Observations: a miss pushes one rung down; comfortable runs let it try one up.
+        missed_here = [o for o in recent if o.offload == offload and _missed(o, spill_possible)]
+        if missed_here and idx + 1 < len(rungs):
+            lower = rungs[idx + 1]
+            last = missed_here[-1]
+            what = "ran out of memory" if last.ooms else f"spilled {last.overflow_mb} MiB into shared memory"
+            offload_why = f"a run on {offload} {what}: one rung down"
+            offload, offload_src = lower, "observations"
+        elif idx > 0:
+            here = [o for o in recent if o.offload == offload and o.peak_reserved_mb is not None]
+            upper = rungs[idx - 1]
+            missed_upper = any(o.offload == upper and _missed(o, spill_possible) for o in recent)
+            if (len(here) >= COMFORT_RUNS and vram_total and not missed_upper
+                    and all(not _missed(o, spill_possible) for o in here)
+                    and all((o.peak_reserved_mb or 0) + room <= COMFORT_SHARE * vram_total for o in here)):
+                offload_why = f"{len(here)} runs on {offload} had room to spare: trying one rung up"
+                offload, offload_src = upper, "observations"
+    mapped = _map_rung(offload, rungs)
+    if offload not in ("cpu", "none") and offload not in rungs and not foreign and mapped != offload:
+        offload_why += f" ({ui.title} has no {offload} rung: {mapped})"
+        offload = mapped
+
+    # -- road, layout, reserve ------------------------------------------------------------------
+    ram_ok = bool(facts.system.ram_mb and vram_total and facts.system.ram_mb >= 2 * vram_total)
+    resident_possible = ui_key == "a1111" and spill_possible and ram_ok and gpu is not None and not cpu_mode
+    why_no_resident = (
+        "only A1111 runs the layout hook" if ui_key != "a1111" else
+        "memory cannot spill here (sysmem fallback off), so only the swap road exists" if not spill_possible else
+        "no NVIDIA GPU" if gpu is None else
+        f"RAM {facts.system.ram_mb} MiB is under 2 × VRAM" if not ram_ok else ""
+    )
+    layout_mode = overrides.layout or prof.layout.mode
+    layout_src = "cli" if overrides.layout else "profile"
+    swap_runs = [o for o in recent if o.road == "swap" and o.sit]
+    res_runs = [o for o in recent if o.road == "resident" and o.sit]
+    if layout_mode == "off" or cpu_mode or foreign:
+        road, road_src, road_why = "swap", layout_src, "--layout off / profile: the swap road" if layout_mode == "off" else "no NVIDIA GPU"
+    elif not resident_possible:
+        road, road_src, road_why = "swap", "auto", f"swap road: {why_no_resident}"
+        if layout_mode == "on":
+            b.warn(f"--layout on asked for the resident road, but {why_no_resident}")
+    elif layout_mode == "on":
+        road, road_src, road_why = "resident", layout_src, "--layout on: the resident road (model on the GPU, layout + reserve)"
+    elif (tuned := _tuned_road(observations, checkpoint, gpu, (width, height))) is not None:
+        road, road_src, road_why = tuned
+    elif not swap_runs:
+        road, road_src, road_why = "swap", "auto", "exploring: the profile's road (swap) first, measured before the other"
+    elif not res_runs:
+        road, road_src, road_why = "resident", "auto", ("exploring: the resident road once, reserve 0 first so "
+                                                        "free and overflow get measured")
+    else:
+        swap_sit = statistics.median(o.sit for o in swap_runs if o.sit)
+        res_sit = statistics.median(o.sit for o in res_runs if o.sit)
+        road = "resident" if res_sit < swap_sit else "swap"
+        road_src = "observations"
+        road_why = f"measured: swap {swap_sit:.2f} s/it vs resident {res_sit:.2f} s/it (median): {road} is faster"
+    if road == "resident" and offload != "none":
+        offload_why = f"resident road: whole model on the GPU (was {offload}; giant-kitten's premise)"
+        offload, offload_src = "none", road_src
+    b.add("offload", offload, offload_src, offload_why)
+    b.add("road", road, road_src, road_why)
+
+    if road == "resident":
+        if isinstance(prof.layout.reserve, int):
+            reserve = ReservePlan("fixed", prof.layout.reserve, True, source="profile",
+                                  reason=f"fixed by profile {prof.name}")
+        else:
+            reserve = _reserve(observations, checkpoint, vram_total, gpu, (width, height))
+    else:
+        reserve = ReservePlan("off", 0, False, source="none", reason="swap road: nothing should spill, no reserve")
+    b.add("reserve", reserve.mb, reserve.source if reserve.source != "none" else "auto", reserve.reason)
+
+    # -- hook ----------------------------------------------------------------------------------
+    if ui_key != "a1111":
+        hook = HookPlan(False, f"the layout hook runs on A1111 only ({ui.title} moves weights itself)")
+    elif overrides.no_hook:
+        hook = HookPlan(False, "--no-hook")
+    else:
+        hook = HookPlan(True, "observes every generation (the ladder and the reserve learn from it)"
+                        + ("; lays out the reserve" if reserve.applied else "; no layout on the swap road"))
+    b.add("hook", hook.enabled, "cli" if overrides.no_hook else "auto", hook.reason)
+
+    # -- allocator -----------------------------------------------------------------------------
+    alloc = dict(prof.alloc_conf)
+    if reserve.applied:
+        for key in list(alloc):
+            if key in ALLOC_LAYOUT_CONFLICTS and (key != "backend" or "cudaMallocAsync" in alloc[key]):
+                b.add(f"alloc_conf.{key}", None, "auto", f"dropped with the layout on: {ALLOC_LAYOUT_CONFLICTS[key]}")
+                del alloc[key]
+    for key, value in alloc.items():
+        b.add(f"alloc_conf.{key}", value, "profile", f"profile {prof.name}")
+    alloc_conf = ",".join(f"{k}:{v}" for k, v in alloc.items())
+
+    # -- TCMalloc ------------------------------------------------------------------------------
+    tc, tc_env = _tcmalloc(facts, ui, prof.tcmalloc)
+    b.add("tcmalloc", tc.enabled, "profile" if prof.tcmalloc != "auto" else "auto", tc.reason)
+
+    # -- render the flags --------------------------------------------------------------------------
+    device_index: int | None = None
+    if choice.pin_uuid and user_device is not None:
+        device_index = 0  # the pinned GPU is the only one visible
+    settings = UiSettings(
+        offload="none" if foreign else offload,
+        attention=attention,
+        unet_precision="half" if foreign else unet_prec,
+        vae_precision="half" if foreign else vae_prec,
+        device_index=device_index,
+        headroom_mb=room if (ui_key == "comfyui" and gpu is not None) else None,
+        family=fam,
+    )
+    rendered = ui.render(settings, version)
+    for note in rendered.notes:
+        b.add("flags", None, "auto", note)
+    plan_args = list(rendered.args) + [a for a in prof.args if a not in rendered.args]
+    if prof.args:
+        b.add("args", list(prof.args), "profile", f"extra flags from profile {prof.name}")
+    ui.validate(plan_args, version)
+
+    # -- merge with the user's flags (DESIGN §6) -----------------------------------------------------
+    merge = "append"
+    user_dropped: list[str] = []
+    user_kept: list[str] = list(user_tokens)
+    plan_dropped: list[str] = []
+    if not user_literal:
+        b.warn("your COMMANDLINE_ARGS is not a literal value ($VAR or $(...)): lowvram appends its flags "
+               "and cannot check them against yours")
+    elif user_parsed:
+        plan_parsed = parse_args(plan_args, flagset, strict=True)
+        conflicts = ui.cross_contradictions(user_parsed, plan_parsed, flagset)
+        drop_user: set[tuple[str, ...]] = set()
+        drop_plan: set[tuple[str, ...]] = set()
+        for c in conflicts:
+            if c.first and c.first[0].split("=")[0] == ui.device_flag and device_index is not None:
+                drop_user.add(c.first)
+                b.warn(f"your {' '.join(c.first)} is replaced by {' '.join(c.second)}: the chosen GPU is pinned "
+                       "with CUDA_VISIBLE_DEVICES, so it is device 0")
+            elif overrides.explicit_profile:
+                drop_user.add(c.first)
+                b.warn(f"your {' '.join(c.first)} contradicts the plan's {' '.join(c.second)}: profile "
+                       f"{prof.name} was given explicitly, so the plan's flag replaces yours")
+            else:
+                drop_plan.add(c.second)
+                b.warn(f"your {' '.join(c.first)} contradicts the plan's {' '.join(c.second)}: kept yours and "
+                       "left the plan's out (give --profile to override yours)")
+        if drop_user:
+            merge = "assign"
+            user_dropped = [t for p in user_parsed if p.tokens in drop_user for t in p.tokens]
+            user_kept = [t for p in user_parsed if p.tokens not in drop_user for t in p.tokens]
+        if drop_plan:
+            plan_dropped = [t for p in plan_parsed if p.tokens in drop_plan for t in p.tokens]
+            plan_args = [t for p in plan_parsed if p.tokens not in drop_plan for t in p.tokens]
+        b.add("merge", merge, "user" if conflicts else "auto",
+              "assign the merged value (your flags minus the overridden ones, plus the plan's)" if merge == "assign"
+              else "append the plan's flags to your COMMANDLINE_ARGS at run time")
+
+    # -- extensions ----------------------------------------------------------------------------------
+    exts: list[ExtensionSpec] = []
+    for name in prof.extensions:
+        spec = registry.get(name)
+        if spec is None:
+            b.warn(f"profile {prof.name} lists extension {name!r}, which is not in lowvram's registry: skipped")
+            continue
+        uis = getattr(spec, "uis", ()) or ()
+        if uis and ui_key not in uis:
+            skip = dict(getattr(spec, "skip", ()) or ())
+            b.add(f"extension.{name}", "skipped", "auto", skip.get(ui_key) or f"{name} does not work on {ui.title}")
+            continue
+        if cpu_mode and name == "vram-estimator":
+            b.add(f"extension.{name}", "skipped", "auto", "VRAM Estimator benchmarks CUDA memory; there is no GPU")
+            continue
+        exts.append(spec)
+        b.add(f"extension.{name}", "install", "profile", spec.reason or f"listed by profile {prof.name}")
+
+    # -- estimate summary and warnings ------------------------------------------------------------------
+    fit = fits(offload) if not cpu_mode else None
+    peak = estimates[offload].peak_mb if offload in estimates else None
+    if peak is not None:
+        b.add("estimate", peak, "auto",
+              f"{fam} {width}×{height} batch {batch} on {offload}: peak {peak} MiB vs {vram_total} MiB − "
+              f"{room} MiB headroom ({'fits' if fit else 'does not fit'} with a {int(est.DEFAULT_MARGIN * 100)} % margin)")
+    elif can_estimate:
+        b.add("estimate", None, "auto", "the GPU's VRAM size is unknown: no estimate")
+    if fit is False and road == "swap":
+        b.warn(_wont_fit(fam, width=width, height=height, offload=offload, rungs=rungs, vram_total=vram_total,
+                         room=room, unet=unet_prec, vae=vae_prec, attention=attention, ui_key=ui_key, bcu=bcu,
+                         batch=batch, hires=hires))
+    b.add("headroom_mb", room, "auto", "VRAM other programs hold (measured total − free), with the "
+          f"{'Windows' if facts.system.os == 'windows' or facts.system.wsl else 'Linux'} minimum")
+
+    # -- env -------------------------------------------------------------------------------------------
+    env: dict[str, str] = {}
+    if ui.has_webui_user:
+        merged_args = [*user_kept, *plan_args] if merge == "assign" else plan_args
+        env["COMMANDLINE_ARGS"] = join_args(merged_args)
+    env.update(tc_env)
+    if alloc_conf:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = alloc_conf
+    if choice.pin_uuid:
+        env["CUDA_VISIBLE_DEVICES"] = choice.pin_uuid
+        b.add("cuda_visible_devices", choice.pin_uuid, "auto",
+              "several NVIDIA GPUs: the chosen one is pinned by UUID, so it is CUDA device 0 whatever the order")
+    if hook.enabled and hook_config_path:
+        env["LOWVRAM_CONFIG"] = hook_config_path
+
+    extra: dict[str, Any] = {
+        "target": {"width": width, "height": height, "batch": batch, "hires_scale": hires},
+        "profile_chain": list(resolved.chain),
+        "ui_version": version,
+        "flags_checked_against": ui.describe(version),
+        "sysmem_fallback": fallback,
+    }
+    if selection is not None:
+        extra["selection"] = {"name": selection.name, "reason": selection.reason,
+                              "others_matched": list(selection.others_matched)}
+    return Plan(
+        profile=prof.name,
+        ui=ui_key,
+        webui=webui_path,
+        args=tuple(plan_args),
+        env=env,
+        tcmalloc=tc,
+        extensions=tuple(exts),
+        road=road,
+        reserve=reserve,
+        headroom_mb=room,
+        hook=hook,
+        estimate=EstimateSummary(peak, fit),
+        decisions=tuple(b.decisions),
+        warnings=tuple(b.warnings),
+        model_family=fam,
+        offload=offload,
+        attention=attention,
+        merge=merge,
+        user_args_dropped=tuple(user_dropped),
+        user_args_kept=tuple(user_kept) if merge == "assign" else (),
+        plan_args_dropped=tuple(plan_dropped),
+        gpu_index=gpu.index if gpu else None,
+        gpu_uuid=gpu.uuid if gpu else None,
+        extra=extra,
+    )
+
+
+def join_args(args: Sequence[str]) -> str:
+    """One string A1111's shlex.split reads back as `args` (single quotes where needed)."""
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _map_rung(rung: str, rungs: Sequence[str]) -> str:
+    if rung in rungs:
+        return rung
+    if rung in ("medvram", "medvram-sdxl"):
+        for r in ("medvram-sdxl", "medvram"):
+            if r in rungs:
+                return r
+        return "none"  # Forge/ComfyUI swap by themselves
+    if rung == "novram":
+        return "lowvram"
+    return rung
+
+
+def _ladder(rungs: Sequence[str], fits: Any, estimates: Mapping[str, est.Estimate],
+            vram_total: int | None, room: int) -> tuple[str, str]:
+    if vram_total is None:
+        mid = rungs[1] if len(rungs) > 1 else rungs[0]
+        return mid, "the GPU's VRAM size is unknown, so no estimate: the middle rung is the safe choice"
+    for rung in rungs:
+        ok = fits(rung)
+        if ok is None:
+            mid = rungs[1] if len(rungs) > 1 else rungs[0]
+            return mid, "no estimate for this model family: the middle rung is the safe choice"
+        if ok:
+            tried = list(rungs[: rungs.index(rung)])
+            skipped = "; ".join(f"{r} needs {estimates[r].peak_mb} MiB" for r in tried)
+            return rung, (f"first rung whose estimate fits: {estimates[rung].peak_mb} MiB of "
+                          f"{vram_total - room} MiB usable" + (f" ({skipped})" if skipped else ""))
+    last = rungs[-1]
+    return last, f"no rung fits (even {last} needs {estimates[last].peak_mb} MiB): the lowest rung"
+
+
+def _wont_fit(fam: str, *, width: int, height: int, offload: str, rungs: Sequence[str], vram_total: int | None,
+              room: int, unet: str, vae: str, attention: str, ui_key: str, bcu: bool, batch: int,
+              hires: float) -> str:
+    text = f"{fam} at {width}×{height} is estimated not to fit {vram_total} MiB on {offload}"
+    parts: list[str] = []
+    if vram_total:
+        att = {"sdp-no-mem": "sdp", "auto": "sdp"}.get(attention, attention)
+        off = {"novram": "lowvram", "cpu": "none"}.get(offload, offload)
+        req = est.EstimateRequest(family=fam, width=width, height=height, batch=batch,
+                                  precision="full" if unet == "full" else "half",
+                                  vae_precision="full" if vae == "full" else "half", attention=att, offload=off,
+                                  hires_scale=hires, ui=ui_key, batch_cond_uncond=bcu)
+        side = est.max_square_px(req, vram_total, room)
+        if side:
+            parts.append(f"a smaller size (up to about {side}×{side})")
+        tiled = est.estimate(est.EstimateRequest(**{**req.__dict__, "tiled_vae": True}))
+        if est.fits(tiled.peak_mb, vram_total, room):
+            parts.append("tiled VAE decoding")
+    lower = [r for r in rungs if rungs.index(r) > rungs.index(offload)] if offload in rungs else []
+    if lower:
+        parts.append(f"--offload {lower[0]}")
+    if batch > 1:
+        parts.append("batch 1")
+    return text + (": try " + ", ".join(parts) if parts else "")
+
+
+def _reserve(observations: Sequence[Observation], checkpoint: str | None, vram_total: int | None,
+             gpu: GpuFacts | None, size: tuple[int, int]) -> ReservePlan:
+    try:
+        module: Any = importlib.import_module("lowvram.reserve")
+    except ImportError:
+        module = None
+    if module is None or not hasattr(module, "compute_reserve"):
+        return ReservePlan("auto", 0, True, source="none", reason="learning: no observations yet (reserve 0)")
+    result = module.compute_reserve(observations, checkpoint=checkpoint, vram_total_mb=vram_total,
+                                    cuda_context_mb=est.CUDA_CONTEXT_MB, driver=gpu.driver if gpu else None,
+                                    size=size)
+    return ReservePlan(
+        mode="auto",
+        mb=int(result.reserve_mb),
+        applied=True,
+        free_dedicated_mb=result.free_dedicated_mb,
+        overflow_mb=result.overflow_mb,
+        clamped_by=result.clamped_by,
+        source=result.source,
+        reason=result.reason,
+    )
+
+
+def _tcmalloc(facts: Facts, ui: UiAdapter, wanted: str) -> tuple[TcmallocPlan, dict[str, str]]:
+    tc = facts.tcmalloc
+    if facts.system.os != "linux":
+        return TcmallocPlan(False, None, f"TCMalloc is preloaded only on Linux ({facts.system.os} here)"), {}
+    if not ui.supports_tcmalloc:
+        return TcmallocPlan(False, None, f"{ui.title}'s launcher does not preload TCMalloc"), {}
+    if wanted == "off":
+        return TcmallocPlan(False, None, "profile turns TCMalloc off"), {"NO_TCMALLOC": "1"}
+    if tc.usable and tc.library:
+        return (TcmallocPlan(True, tc.library, f"preloading {tc.library} (less RAM bloat when swapping checkpoints)"),
+                {"LD_PRELOAD": tc.library})
+    if tc.library:
+        return (TcmallocPlan(False, tc.library, f"{tc.library} is not usable ({tc.reason}): NO_TCMALLOC keeps "
+                             "webui.sh from preloading it"), {"NO_TCMALLOC": "1"})
+    hint = f" (install {tc.package})" if tc.package else ""
+    return TcmallocPlan(False, None, f"no TCMalloc library found{hint}"), {}

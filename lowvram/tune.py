@@ -1,0 +1,852 @@
+"""`lowvram tune`: the reserve search giant-kitten's users do by hand, done by measuring (DESIGN.md §9).
+
+The UI is started as `launch` starts it (the managed block, the hook, `webui.sh`), with its API only,
+on a free loopback port. Each candidate reserve is written into the hook config (the hook re-reads
+it at the next job), then one warm-up txt2img and K measured ones are sent; s/it is the median wall
+time over the steps, or the hook's own per-step timing of those jobs when it recorded one. What to
+try next comes from the pure search in `lowvram.tuning`. Whatever happens (done, Ctrl-C, SIGTERM, a
+time limit, an error) the UI's process group is stopped, the plan's block and hook config come
+back, and every probe is kept as an observation with source `tuning`, which the next plan uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lowvram import paths
+from lowvram.errors import LowvramError, UsageError
+from lowvram.fsutil import FileLock, atomic_write_bytes
+from lowvram.observations import Observation, append_observation, load_observations
+
+if TYPE_CHECKING:
+    from lowvram.facts import Facts
+    from lowvram.launch import LaunchSpec, RunningUI
+    from lowvram.plan import Overrides, Plan
+
+PROMPT = "a lighthouse on a rocky coast at dusk, detailed, photograph"
+NEGATIVE = "blurry"
+SEED = 1234567
+SAMPLER = "Euler a"
+LOOPBACK = "127.0.0.1"
+MAX_PER_ROAD = 12  # DESIGN.md §9: tune may probe up to 12 reserves per road
+FAMILY_SIZES = {"sd15": 512, "sd2": 768, "sdxl": 1024, "sdxl-refiner": 1024}
+UI_RESTARTS = 2  # per road, after a probe that killed or wedged the UI
+
+
+class TuneError(LowvramError):
+    """Tuning could not run or could not go on (the UI never answered, a lock, a bad option)."""
+
+
+class TuneInterruptedError(LowvramError):
+    """Ctrl-C or SIGTERM: everything was put back, the probes so far were kept."""
+
+    exit_code = 130
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    width: int | None = None  # None = the profile's target size
+    height: int | None = None
+    steps: int = 4
+    repeats: int = 2
+    roads: str = "auto"  # auto | swap | resident
+    max_minutes: float = 15.0
+    ready_timeout_s: float = 600.0  # A1111's first start installs and loads for minutes
+    request_timeout_s: float = 600.0  # one txt2img; also capped by what is left of max_minutes
+    stop_timeout_s: float = 10.0  # SIGTERM, then SIGKILL for the whole process group
+
+    def check(self) -> None:
+        if self.roads not in ("auto", "swap", "resident"):
+            raise UsageError(f"--roads must be auto, swap or resident, not {self.roads!r}", "e.g. --roads auto")
+        for name, value, low in (("--steps", self.steps, 1), ("--repeats", self.repeats, 1)):
+            if value < low:
+                raise UsageError(f"{name} must be at least {low}, not {value}", f"e.g. {name} 4")
+        for name, size in (("--width", self.width), ("--height", self.height)):
+            if size is not None and (size < 64 or size % 8):
+                raise UsageError(f"{name} must be a multiple of 8 of at least 64, not {size}", f"e.g. {name} 1024")
+        if (self.width is None) != (self.height is None):
+            raise UsageError("give --width and --height together", "e.g. --width 1024 --height 1024")
+        if not self.max_minutes > 0:
+            raise UsageError(f"--max-minutes must be more than 0, not {self.max_minutes}", "e.g. --max-minutes 15")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One measured candidate: a road and a reserve, its s/it, or why it failed."""
+
+    road: str
+    reserve_mb: int
+    sit: float | None
+    ok: bool
+    reason: str = ""
+    walls: tuple[float, ...] = ()  # seconds per measured request
+    sit_source: str = "wall"  # wall | hook
+    free_mb: int | None = None
+    overflow_mb: int | None = None
+    ooms: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"road": self.road, "reserve_mb": self.reserve_mb, "sit": self.sit, "ok": self.ok,
+                "reason": self.reason, "walls": [round(w, 4) for w in self.walls], "sit_source": self.sit_source,
+                "free_mb": self.free_mb, "overflow_mb": self.overflow_mb, "ooms": self.ooms}
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    best: Probe | None
+    start: Probe | None  # the profile's starting point (its road and reserve), as measured
+    probes: tuple[Probe, ...]
+    closed: bool  # the search finished (rather than running out of time or candidates)
+    reason: str
+    width: int
+    height: int
+    steps: int
+    repeats: int
+    roads: tuple[str, ...]
+    webui: str
+    saved: int  # observations written
+    start_plan: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gain_pct(self) -> float | None:
+        if self.best is None or self.start is None or not self.start.sit or self.best.sit is None:
+            return None
+        return round((self.start.sit - self.best.sit) / self.start.sit * 100.0, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        def point(p: Probe | None) -> dict[str, Any] | None:
+            return None if p is None else {"road": p.road, "reserve_mb": p.reserve_mb, "sit": p.sit}
+
+        return {
+            "schema": 1,
+            "best": point(self.best),
+            "start": point(self.start),
+            "gain_pct": self.gain_pct,
+            "probes": [p.to_dict() for p in self.probes],
+            "closed": self.closed,
+            "reason": self.reason,
+            "size": {"width": self.width, "height": self.height},
+            "steps": self.steps,
+            "repeats": self.repeats,
+            "roads": list(self.roads),
+            "webui": self.webui,
+            "observations_saved": self.saved,
+        }
+
+
+@dataclass(frozen=True)
+class TuneEvent:
+    """What the CLI shows while tune runs: `waiting` (fraction of the start timeout), `probe`, notes."""
+
+    kind: str  # plan | starting | waiting | ready | probing | probe | stopping | note
+    message: str = ""
+    fraction: float | None = None
+    probe: Probe | None = None
+
+
+Reporter = Callable[[TuneEvent], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# The UI as a child process group, and its API over loopback HTTP (stdlib only)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+class ApiClient:
+    """A1111's API on a loopback port; no proxy (an http_proxy must never see these requests)."""
+
+    def __init__(self, port: int, host: str = LOOPBACK) -> None:
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            raise TuneError(f"tune talks to the UI only over loopback, not {host}", "this is a bug in lowvram")
+        self.base = f"http://{host}:{port}"
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def get(self, path: str, timeout: float) -> tuple[int, Any]:
+        return self._call(urllib.request.Request(self.base + path, method="GET"), timeout)
+
+    def post(self, path: str, body: dict[str, Any], timeout: float) -> tuple[int, Any]:
+        data = json.dumps(body).encode("utf-8")
+        req = urllib.request.Request(self.base + path, data=data, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        return self._call(req, timeout)
+
+    def _call(self, req: urllib.request.Request, timeout: float) -> tuple[int, Any]:
+        """(status, parsed JSON or text). Raises OSError (incl. timeouts) when nothing came back."""
+        try:
+            with self._opener.open(req, timeout=max(0.05, timeout)) as resp:
+                return int(resp.status), _parse(resp.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                body = _parse(exc.read())
+            finally:
+                exc.close()
+            return int(exc.code), body
+        except urllib.error.URLError as exc:
+            reason = exc.reason
+            if isinstance(reason, OSError):
+                raise reason from exc
+            raise ConnectionError(str(reason)) from exc
+
+
+def _parse(raw: bytes) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return raw.decode("utf-8", "replace")
+
+
+def failure_reason(status: int, body: Any) -> str:
+    """One short line for a failed txt2img: A1111 answers 500 with {error, detail, body, errors}."""
+    text = json.dumps(body) if not isinstance(body, str) else body
+    if "out of memory" in text.lower() or "outofmemory" in text.lower():
+        return f"out of memory (HTTP {status})"
+    detail = ""
+    if isinstance(body, dict):
+        parts = [str(body.get(k)) for k in ("error", "errors", "detail") if body.get(k)]
+        detail = ": " + " ".join(parts) if parts else ""
+    elif text:
+        detail = ": " + text.strip().splitlines()[0]
+    return f"HTTP {status}{detail}"[:160]
+
+
+class UiProcess:
+    """The UI started as `launch` starts it (lowvram.launch.start_ui), its output going to a log file.
+
+    `launch` waits for its UI; tune needs it in the background and must be sure that nothing of it
+    is left afterwards, so the stop here signals the whole process group and checks every member.
+    """
+
+    def __init__(self, spec: LaunchSpec, log_path: Path, lock: FileLock | None) -> None:
+        self.spec = spec
+        self.log_path = log_path
+        self.lock = lock
+        self.running_ui: RunningUI | None = None
+
+    def start(self) -> None:
+        from lowvram.launch import start_ui
+
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.running_ui = start_ui(self.spec, self.lock, stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.running_ui is None else self.running_ui.pid
+
+    def exit_code(self) -> int | None:
+        """None while the UI runs; its exit code once it has ended."""
+        from lowvram.launch import exit_code_from, read_status
+
+        if self.running_ui is None:
+            return None
+        rc = self.running_ui.proc.poll()
+        if rc is None:
+            return None
+        return exit_code_from(rc, read_status(self.spec.status_path))
+
+    def running(self) -> bool:
+        return self.running_ui is not None and self.running_ui.proc.poll() is None
+
+    def last_line(self) -> str:
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(max(0, os.fstat(fh.fileno()).st_size - 4096))
+                lines = [ln.strip() for ln in fh.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return lines[-1][:200] if lines else ""
+
+    def stop(self, timeout: float) -> None:
+        """SIGTERM to the whole group, SIGKILL to whatever is left after `timeout`; reap the child."""
+        if self.running_ui is None:
+            return
+        proc = self.running_ui.proc
+        if os.name == "nt":  # pragma: no cover - Windows only
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)], capture_output=True,
+                           timeout=timeout + 5, check=False)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout)
+            return
+        pgid = proc.pid  # start_new_session: the launcher leads its own group
+        _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _group_alive(pgid, proc):
+            time.sleep(0.05)
+        if _group_alive(pgid, proc):
+            _signal_group(pgid, signal.SIGKILL)
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline and _group_alive(pgid, proc):
+                time.sleep(0.05)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(1.0)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _group_alive(pgid: int, proc: subprocess.Popen[bytes]) -> bool:
+    """Any member of the group still running? Zombies (already dead, not yet reaped) do not count."""
+    proc.poll()  # reap our own child as soon as it exits
+    proc_dir = Path("/proc")
+    if proc_dir.is_dir():
+        for entry in proc_dir.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                text = (entry / "stat").read_text()
+            except OSError:
+                continue
+            rest = text[text.rindex(")") + 2:].split()
+            if len(rest) > 2 and rest[2] == str(pgid) and rest[0] not in ("Z", "X"):
+                return True
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wait_ready(ui: UiProcess, client: ApiClient, timeout: float, report: Reporter,
+               interval: float = 0.25) -> float:
+    """Poll GET /sdapi/v1/progress until it answers 200; return the seconds it took."""
+    start = time.monotonic()
+    deadline = start + timeout
+    while True:
+        code = ui.exit_code()
+        if code is not None:
+            last = ui.last_line()
+            raise TuneError(f"the UI exited with code {code} before its API answered" + (f": {last}" if last else ""),
+                            f"its output is in {ui.log_path}; `lowvram launch` shows the same start-up")
+        now = time.monotonic()
+        if now >= deadline:
+            raise TuneError(f"the UI did not answer on {client.base}/sdapi/v1/progress within {timeout:.0f} s",
+                            f"its output is in {ui.log_path}; a first start can take minutes "
+                            "(installs, model load): run `lowvram launch` once, then tune")
+        report(TuneEvent("waiting", fraction=min(1.0, (now - start) / timeout)))
+        try:
+            status, _body = client.get("/sdapi/v1/progress", timeout=min(2.0, max(0.1, deadline - now)))
+            if status == 200:
+                return time.monotonic() - start
+        except OSError:
+            pass
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+
+def txt2img_payload(width: int, height: int, steps: int) -> dict[str, Any]:
+    """Fixed prompt and seed, batch 1, nothing saved or sent back: only the time matters."""
+    return {"prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": SEED, "subseed": -1, "width": width,
+            "height": height, "steps": steps, "batch_size": 1, "n_iter": 1, "cfg_scale": 7.0,
+            "sampler_name": SAMPLER, "enable_hr": False, "restore_faces": False, "tiling": False,
+            "save_images": False, "send_images": False, "do_not_save_samples": True, "do_not_save_grid": True}
+
+
+# ---------------------------------------------------------------------------------------------
+# The session: plans per road, the UI, the probes, and putting everything back
+
+
+@dataclass
+class _Road:
+    name: str
+    plan: Plan
+
+
+class _Session:
+    def __init__(self, *, ctx: Any, facts_file: Path | None, overrides: Overrides, settings: TuneSettings,
+                 report: Reporter, lock: FileLock) -> None:
+        self.lock = lock
+        self.settings = settings
+        self.report = report
+        self.overrides = overrides
+        self.facts_file = facts_file
+        self.webui = Path(ctx.webui)
+        self.base_plan = ctx.plan
+        if self.base_plan.ui != "a1111":
+            raise TuneError(f"tune drives A1111's API and the layout hook; this WebUI is {self.base_plan.ui}",
+                            "use `lowvram launch` there; the reserve search needs A1111")
+        # --facts stands for the GPU only: the UI started (and the webui-user file written) is this machine's.
+        self.facts = _local_facts(ctx.facts) if ctx.from_facts_file else ctx.facts
+        webui_facts = self.facts.webui
+        self.checkpoint = webui_facts.checkpoint_key if webui_facts is not None else None
+        gpu = _gpu(self.facts, self.base_plan)
+        self.driver = gpu.driver if gpu is not None else None
+        self.vram_total_mb = gpu.vram_total_mb if gpu is not None else None
+        self.width, self.height = _target_size(self.base_plan, settings)
+        self.obs_path = paths.observations_path(self.webui)
+        self.hook_path = paths.hook_config_path(self.webui)
+        self.log_path = paths.webui_state_dir(self.webui) / "tune-ui.log"
+        self.hook_before: bytes | None = None
+        self.applied_any = False
+        self.ui: UiProcess | None = None
+        self.client: ApiClient | None = None
+        self.probes: list[Probe] = []
+        self.saved = 0
+        self.run_tag = f"tune-{int(time.time())}-{os.getpid()}"
+        self.deadline = time.monotonic() + settings.max_minutes * 60.0
+        self.start_probe: Probe | None = None
+        self.restarts = 0
+        self._pending_restart = ""
+        self.failed_extensions: set[str] = set()
+
+    # -- roads ---------------------------------------------------------------------------------
+
+    def roads(self) -> list[_Road]:
+        from lowvram.planner import make_plan
+
+        def road_plan(layout: str) -> Plan:
+            return make_plan(webui=self.webui, facts_file=self.facts_file,
+                             overrides=replace(self.overrides, layout=layout)).plan
+
+        wanted = self.settings.roads
+        resident: Plan | None = None
+        if wanted in ("auto", "resident"):
+            candidate = self.base_plan if self.base_plan.road == "resident" else road_plan("on")
+            if candidate.road == "resident" and candidate.reserve.applied:
+                resident = candidate
+            elif wanted == "resident":
+                raise TuneError("only the swap road exists here: memory cannot spill into shared memory "
+                                "(native Linux, or sysmem fallback off), so there is no reserve to tune",
+                                "run `lowvram tune --roads swap`, or `--sysmem-fallback on` if the driver does spill")
+        swap: Plan | None = None
+        if wanted in ("auto", "swap"):
+            swap = self.base_plan if self.base_plan.road == "swap" else road_plan("off")
+            if swap.road != "swap":
+                swap = None
+        out: list[_Road] = []
+        if resident is not None:
+            out.append(_Road("resident", resident))
+        if swap is not None:
+            out.append(_Road("swap", swap))
+        if not out:
+            raise TuneError("no road to tune for this plan", "check `lowvram plan` for its road")
+        out.sort(key=lambda r: r.name != self.base_plan.road)  # the profile's road first (DESIGN §5)
+        return out
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self) -> TuneResult:
+        self.hook_before = _read_bytes(self.hook_path)
+        self.report(TuneEvent("plan", f"tuning {self.webui} at {self.width}×{self.height}, {self.settings.steps} "
+                                      f"steps, {self.settings.repeats} measured runs per candidate"))
+        roads = self.roads()
+        closed = True
+        reasons: list[str] = []
+        for road in roads:
+            if self._time_left() <= 0:
+                closed = False
+                reasons.append(f"{road.name} road not measured: out of time")
+                continue
+            done, why = self._run_road(road)
+            closed = closed and done
+            reasons.append(why)
+        return self._result(closed, "; ".join(reasons), [r.name for r in roads])
+
+    def _run_road(self, road: _Road) -> tuple[bool, str]:
+        self.restarts = 0
+        self._apply(road.plan)
+        self._start_ui(road.plan)
+        try:
+            if road.name == "swap":
+                self._probe(road, 0)
+                return True, "swap road measured"
+            return self._search_resident(road)
+        finally:
+            self._stop_ui()
+
+    def _search_resident(self, road: _Road) -> tuple[bool, str]:
+        """Reserve 0 first, the profile's starting reserve next, then what the pure search proposes."""
+        from lowvram import tuning
+        from lowvram.estimate import CUDA_CONTEXT_MB
+
+        start_reserve = self.base_plan.reserve.mb if self.base_plan.road == "resident" else None
+        measured: list[int] = []
+        while True:
+            if len(measured) >= MAX_PER_ROAD:
+                return True, f"resident road: closed after {len(measured)} candidates"
+            if self._time_left() <= 0:
+                return False, f"resident road: out of time after {len(measured)} candidates"
+            if not measured:
+                nxt = 0
+            elif start_reserve is not None and start_reserve not in measured:
+                nxt = start_reserve
+            else:
+                observations = load_observations(self.obs_path).items
+                state = tuning.tuning_state(observations, self.checkpoint, self.driver, (self.width, self.height),
+                                            max_candidates=MAX_PER_ROAD, vram_total_mb=self.vram_total_mb,
+                                            cuda_context_mb=CUDA_CONTEXT_MB)
+                if state.closed:
+                    return True, f"resident road: {state.reason}"
+                candidate = state.next_candidate
+                if candidate is None:
+                    return False, ("resident road: no free/overflow measurement to bound the search "
+                                   "(is the layout hook installed? `lowvram reserve --add` records a reading)")
+                nxt = candidate
+                if nxt in measured:
+                    return True, f"resident road: converged ({state.reason})"
+            measured.append(nxt)
+            self._probe(road, nxt)
+
+    def _probe(self, road: _Road, reserve: int) -> Probe:
+        from lowvram.hookconfig import with_reserve, write_hook_config
+
+        self._ensure_ui(road.plan)
+        assert self.client is not None
+        tag = f"{self.run_tag}-{len(self.probes) + 1}"
+        layout = road.name == "resident"
+        cfg = _read_json(self.hook_path) or {}
+        write_hook_config(self.hook_path, with_reserve(cfg, reserve, layout=layout, tag=tag))
+        self.report(TuneEvent("probing", f"{road.name} road, reserve {reserve} MiB"))
+        payload = txt2img_payload(self.width, self.height, self.settings.steps)
+        walls: list[float] = []
+        failure = ""
+        measure_from = 0.0
+        for n in range(1 + self.settings.repeats):
+            if n == 1:
+                measure_from = time.time()
+            timeout = min(self.settings.request_timeout_s, max(30.0, self._time_left() + 30.0))
+            t0 = time.monotonic()
+            try:
+                status, body = self.client.post("/sdapi/v1/txt2img", payload, timeout=timeout)
+            except TimeoutError:
+                failure = f"no answer within {timeout:.0f} s"
+                self._restart_needed(road.plan, failure)
+                break
+            except OSError as exc:
+                code = self._exited_within(2.0)
+                failure = (f"the UI exited with code {code}" if code is not None
+                           else f"connection failed: {exc.strerror or exc}")
+                self._restart_needed(road.plan, failure)
+                break
+            wall = time.monotonic() - t0
+            if status != 200:
+                failure = failure_reason(status, body)
+                break
+            if n > 0:
+                walls.append(wall)
+        probe = self._finish_probe(road.name, reserve, walls, failure, tag=tag, measure_from=measure_from)
+        self.probes.append(probe)
+        self._save(road.plan, probe)
+        if (self.start_probe is None and road.name == self.base_plan.road
+                and (road.name == "swap" or reserve == self.base_plan.reserve.mb)):
+            self.start_probe = probe
+        self.report(TuneEvent("probe", probe=probe))
+        return probe
+
+    def _finish_probe(self, road: str, reserve: int, walls: list[float], failure: str, *, tag: str,
+                      measure_from: float) -> Probe:
+        hook = [o for o in load_observations(self.obs_path).items
+                if o.source == "hook" and o.tag == tag]
+        measured = [o for o in hook if o.time >= measure_from] if measure_from else []
+        ooms = sum(o.ooms for o in hook)
+        free = _median_int([o.free_mb for o in hook])
+        overflow = max((o.overflow_mb for o in hook if o.overflow_mb is not None), default=None)
+        if failure:
+            return Probe(road, reserve, None, False, failure, tuple(walls), "wall", free, overflow, ooms)
+        if ooms and not [o for o in measured if o.ooms == 0 and o.ok]:
+            return Probe(road, reserve, None, False, f"out of memory (the hook counted {ooms})", tuple(walls),
+                         "hook", free, overflow, ooms)
+        hook_sits = [o.sit for o in measured if o.sit is not None and o.ok]
+        if hook_sits:
+            return Probe(road, reserve, round(statistics.median(hook_sits), 6), True, "", tuple(walls), "hook",
+                         free, overflow, ooms)
+        sit = statistics.median(walls) / self.settings.steps
+        return Probe(road, reserve, round(sit, 6), True, "", tuple(walls), "wall", free, overflow, ooms)
+
+    def _observation(self, plan: Plan | None, probe: Probe) -> Observation:
+        return Observation(
+            time=time.time(), source="tuning", checkpoint=self.checkpoint,
+            family=plan.model_family if plan is not None else None,
+            flags=tuple(plan.args) if plan is not None else (), road=probe.road,
+            offload=plan.offload if plan is not None else None, layout=probe.road == "resident",
+            reserve_mb=probe.reserve_mb if probe.road == "resident" else None,
+            free_mb=probe.free_mb, overflow_mb=probe.overflow_mb, vram_total_mb=self.vram_total_mb,
+            sit=probe.sit, width=self.width, height=self.height, batch=1, steps=self.settings.steps,
+            ooms=probe.ooms, ok=probe.ok, reason=probe.reason, driver=self.driver, tag="tune")
+
+    def _save(self, plan: Plan, probe: Probe) -> None:
+        """Kept as it is measured, so a tune killed outright still leaves what it learnt."""
+        append_observation(self.obs_path, self._observation(plan, probe))
+        self.saved += 1
+
+    # -- the UI --------------------------------------------------------------------------------
+
+    def _apply(self, plan: Plan) -> None:
+        from lowvram.apply import apply_plan
+
+        self.applied_any = True
+        result = apply_plan(plan, self.webui, self.facts, lock_held=True)
+        for ext in getattr(result, "extensions", []):
+            if _status(ext) == "failed" and _name(ext) not in self.failed_extensions:
+                self.failed_extensions.add(_name(ext))
+                self.report(TuneEvent("note", f"extension {_name(ext)} could not be installed; tuning goes on"))
+
+    def _start_ui(self, plan: Plan) -> None:
+        from lowvram.launch import build_launch
+
+        port = free_port()
+        spec = build_launch(plan, self.facts, self.webui, extra_args=("--api", "--nowebui", "--port", str(port)),
+                            python=None, no_hook=False)
+        self.ui = UiProcess(spec, self.log_path, self.lock)
+        self.client = ApiClient(port)
+        self.report(TuneEvent("starting", f"starting the UI (API only, {self.client.base})"))
+        self.ui.start()
+        took = min(self.settings.ready_timeout_s, max(1.0, self._time_left()))
+        seconds = wait_ready(self.ui, self.client, took, self.report)
+        self.report(TuneEvent("ready", f"the UI answered after {seconds:.1f} s"))
+
+    def _exited_within(self, seconds: float) -> int | None:
+        """A refused or reset connection usually means the UI is on its way out: give it a moment to say so."""
+        deadline = time.monotonic() + seconds
+        while self.ui is not None:
+            code = self.ui.exit_code()
+            if code is not None or time.monotonic() >= deadline:
+                return code
+            time.sleep(0.05)
+        return None
+
+    def _restart_needed(self, plan: Plan, why: str) -> None:
+        """A wedged UI (a job that never ends holds A1111's queue) or a dead one is restarted before the next probe."""
+        self._pending_restart = why
+
+    def _ensure_ui(self, plan: Plan) -> None:
+        why = self._pending_restart
+        if self.ui is not None and self.ui.running() and not why:
+            return
+        self._pending_restart = ""
+        if self.restarts >= UI_RESTARTS:
+            raise TuneError(f"the UI had to be restarted {self.restarts} times ({why or 'it exited'})",
+                            f"its output is in {self.log_path}")
+        restarts = self.restarts + 1
+        self.report(TuneEvent("note", f"restarting the UI ({why or 'it exited'})"))
+        self._stop_ui()
+        self._start_ui(plan)
+        self.restarts = restarts
+
+    def _stop_ui(self) -> None:
+        if self.ui is not None:
+            self.report(TuneEvent("stopping", "stopping the UI"))
+            self.ui.stop(self.settings.stop_timeout_s)
+            self.ui = None
+
+    # -- putting things back -------------------------------------------------------------------
+
+    def restore(self) -> list[str]:
+        """Stop the UI, put the plan's block and the hook config back. Returns what failed."""
+        problems: list[str] = []
+        try:
+            self._stop_ui()
+        except Exception as exc:
+            problems.append(f"stopping the UI: {exc}")
+        if self.applied_any:
+            try:
+                from lowvram.apply import apply_plan
+
+                apply_plan(self.base_plan, self.webui, self.facts, lock_held=True)
+            except Exception as exc:
+                problems.append(f"re-applying the plan's block: {exc}")
+        try:
+            if self.hook_before is not None:
+                atomic_write_bytes(self.hook_path, self.hook_before)
+        except Exception as exc:
+            problems.append(f"restoring the hook config: {exc}")
+        return problems
+
+    def _time_left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def _result(self, closed: bool, reason: str, roads: list[str]) -> TuneResult:
+        return TuneResult(best=self._best(), start=self.start_probe, probes=tuple(self.probes), closed=closed,
+                          reason=reason, width=self.width, height=self.height, steps=self.settings.steps,
+                          repeats=self.settings.repeats, roads=tuple(roads), webui=str(self.webui),
+                          saved=self.saved,
+                          start_plan={"road": self.base_plan.road, "reserve_mb": self.base_plan.reserve.mb})
+
+    def _best(self) -> Probe | None:
+        """The winner as the pure search judges it: the fastest value whose neighbours do not swing.
+
+        The next plan reads the same probes through `lowvram.tuning`, so tune names the same winner.
+        """
+        from lowvram import tuning
+
+        ok = [p for p in self.probes if p.ok and p.sit is not None]
+        if not ok:
+            return None
+        judged = tuning.best_probe(tuning.make_probes([self._observation(None, p) for p in ok]))
+        if judged is None:
+            return min(ok, key=lambda p: (p.sit or 0.0, p.reserve_mb))
+        same = [p for p in ok if p.road == judged.road and (p.road == "swap" or p.reserve_mb == judged.reserve_mb)]
+        return min(same, key=lambda p: p.sit or 0.0) if same else None
+
+    def partial(self) -> TuneResult:
+        return self._result(False, "interrupted", [])
+
+
+def run_tune(*, webui: Path | None, facts_file: Path | None, overrides: Overrides, settings: TuneSettings,
+             report: Reporter | None = None) -> TuneResult:
+    """Measure the candidates and return what was found; everything is put back before returning."""
+    settings.check()
+    emit: Reporter = report or (lambda _e: None)
+    from lowvram.detect import detect_flavor, resolve_webui
+    from lowvram.planner import make_plan
+
+    # The WebUI first (tune needs a local one to start), then the plan for it.
+    found = resolve_webui(webui)
+    if found is None:
+        raise TuneError("no WebUI found to tune: tune starts a local A1111 and measures it",
+                        "point at one with --webui PATH (or LOWVRAM_WEBUI), or install one with `lowvram setup`")
+    flavor = detect_flavor(found)
+    if flavor != "a1111":
+        raise TuneError(f"tune drives A1111's API and the layout hook; {found} is {flavor}",
+                        "use `lowvram launch` there; the reserve search needs A1111")
+    ctx = make_plan(webui=found, facts_file=facts_file, overrides=overrides)
+    target = Path(ctx.webui or found)
+    lock = FileLock(paths.lock_path(target), what=f"the WebUI at {target}")
+    lock.acquire()
+    try:
+        with _sigterm_as_interrupt():
+            session = _Session(ctx=ctx, facts_file=facts_file, overrides=overrides, settings=settings, report=emit,
+                               lock=lock)
+            try:
+                result = session.run()
+            except KeyboardInterrupt:
+                problems = _quietly(session.restore)
+                raise TuneInterruptedError(
+                    f"interrupted: {len(session.probes)} probes kept as observations; the UI was stopped"
+                    + (" and the plan's block and hook config restored" if not problems
+                       else f", but {'; '.join(problems)}"),
+                    "run `lowvram tune` again to finish the search (`lowvram reserve` shows where it stands)",
+                ) from None
+            except BaseException:
+                _quietly(session.restore)
+                raise
+            problems = _quietly(session.restore)
+            if problems:
+                raise TuneError(f"tuning finished but {'; '.join(problems)}",
+                                "run `lowvram apply` to put the plan's block back")
+            return result
+    finally:
+        lock.release()
+
+
+def _quietly(restore: Callable[[], list[str]]) -> list[str]:
+    """Run the restore with Ctrl-C held off: a second Ctrl-C must not leave the UI running."""
+    if os.name == "nt" or not _main_thread():
+        return restore()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return restore()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends a tune the way Ctrl-C does (the UI stopped, everything put back)."""
+    if os.name == "nt" or not _main_thread():
+        yield
+        return
+
+    def handler(_sig: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _local_facts(facts: Facts) -> Facts:
+    """Facts from a file stand for the GPU; the OS that runs the UI and reads webui-user is this one."""
+    here = {"win32": "windows", "darwin": "darwin"}.get(sys.platform, "linux")
+    if facts.system.os == here:
+        return facts
+    return replace(facts, system=replace(facts.system, os=here))
+
+
+def _gpu(facts: Facts, plan: Plan) -> Any:
+    gpus = facts.usable_gpus
+    if not gpus:
+        return None
+    if plan.gpu_index is not None:
+        for gpu in gpus:
+            if gpu.index == plan.gpu_index:
+                return gpu
+    return max(gpus, key=lambda g: g.vram_total_mb or 0)
+
+
+def _target_size(plan: Plan, settings: TuneSettings) -> tuple[int, int]:
+    if settings.width is not None and settings.height is not None:
+        return settings.width, settings.height
+    extra = plan.extra if isinstance(plan.extra, dict) else {}
+    target = extra.get("target")
+    if isinstance(target, dict):
+        width, height = target.get("width"), target.get("height")
+        if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0:
+            return width, height
+    side = FAMILY_SIZES.get(plan.model_family or "", 512)
+    return side, side
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    raw = _read_bytes(path)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _median_int(values: list[int | None]) -> int | None:
+    present = [v for v in values if v is not None]
+    return int(statistics.median(present)) if present else None
+
+
+def _status(ext: Any) -> str:
+    return str(ext.get("status") if isinstance(ext, dict) else getattr(ext, "status", ""))
+
+
+def _name(ext: Any) -> str:
+    return str(ext.get("name") if isinstance(ext, dict) else getattr(ext, "name", "?"))

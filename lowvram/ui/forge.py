@@ -1,0 +1,64 @@
+"""Stable Diffusion WebUI Forge: no `--medvram*` (accepted and ignored), `--always-*-vram` instead.
+
+Facts: reference/a1111_integration.md §7, peers.md (Forge). Forge swaps by itself; only the
+lowvram rung and below need a flag, and at most one flag per exclusive group may be given
+(backend/args.py exits 2 otherwise, before anything installs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+from lowvram.ui.base import FlagSet, Rendered, UiAdapter, UiSettings, load_flagset
+
+FORGE_ATTENTION = {"sdp": "--attention-pytorch", "sub-quad": "--attention-quad", "split": "--attention-split"}
+
+
+class Forge(UiAdapter):
+    key = "forge"
+    title = "Forge"
+    device_flag = "--gpu-device-id"
+    supports_tcmalloc = True  # same webui.sh as A1111 1.10
+    pinned_xformers = ("0.0.27", "2.3.1")
+    categories: ClassVar[Mapping[str, Mapping[str, str]]] = {
+        # xformers is used whenever it imports, unless disabled; a chosen backend contradicts it.
+        "attention": {
+            "--attention-split": "split",
+            "--attention-quad": "sub-quad",
+            "--attention-pytorch": "sdp",
+        },
+    }
+
+    def flagset(self, version: str | None) -> FlagSet:
+        return load_flagset("forge.txt", "Forge")
+
+    def rungs(self, family: str | None, version: str | None) -> tuple[str, ...]:
+        return ("none", "lowvram", "novram")
+
+    def render(self, settings: UiSettings, version: str | None) -> Rendered:
+        args: list[str] = []
+        notes: list[str] = []
+        if settings.offload == "cpu":
+            return Rendered(("--always-cpu", "--skip-torch-cuda-test"), ("CPU mode: --always-cpu",))
+        if settings.offload in ("medvram", "medvram-sdxl"):
+            notes.append("Forge swaps models by itself (its GPU Weights slider follows the headroom): no flag")
+        elif settings.offload == "lowvram":
+            args.append("--always-low-vram")
+        elif settings.offload == "novram":
+            args.append("--always-no-vram")
+        if settings.attention == "xformers":
+            args.append("--xformers")  # installs Forge's pinned xformers; the backend uses it once it imports
+        elif settings.attention in FORGE_ATTENTION:
+            args += ["--disable-xformers", FORGE_ATTENTION[settings.attention]]
+        elif settings.attention in ("sdp-no-mem",):
+            args += ["--disable-xformers", "--attention-pytorch"]
+        if settings.unet_precision == "full":
+            args.append("--all-in-fp32")
+        elif settings.unet_precision == "upcast":
+            notes.append("Forge keeps GTX 16xx out of fp16 by itself: no flag")
+        if settings.vae_precision == "full" and settings.unet_precision != "full":
+            args.append("--vae-in-fp32")
+        if settings.device_index is not None:
+            args += ["--gpu-device-id", str(settings.device_index)]
+        return Rendered(tuple(args), tuple(notes))

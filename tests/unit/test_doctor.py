@@ -1,0 +1,265 @@
+"""doctor's checks over facts (pure): what each card, driver, OS and WebUI state says, and the hints."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from lowvram.doctor import STATUSES, Check, DoctorReport, build_report, min_driver_for_cuda, run_checks, xformers_torch
+from lowvram.facts import Facts, GpuFacts, OtherGpu, SystemFacts, TcmallocFacts, WebuiFacts
+
+LINUX = SystemFacts(os="linux", os_version="Debian 12", arch="x86_64", ram_mb=32000, swap_mb=2048, glibc="2.36")
+TCM_OK = TcmallocFacts(library="/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", usable=True, reason="ok")
+
+
+def gpu(name: str, mb: int | None, cc: str, driver: str = "550.54.14", cuda: str | None = "12.4", **kw: object) -> GpuFacts:
+    return GpuFacts(index=0, uuid="GPU-1", name=name, vram_total_mb=mb, vram_free_mb=(mb - 300) if mb else None,
+                    driver=driver, cuda_driver=cuda, compute_capability=cc, pcie_gen=3, pcie_width=16, **kw)  # type: ignore[arg-type]
+
+
+GTX1050TI = gpu("NVIDIA GeForce GTX 1050 Ti", 4096, "6.1")
+GTX1070 = gpu("NVIDIA GeForce GTX 1070", 8192, "6.1")
+GTX1660 = gpu("NVIDIA GeForce GTX 1660", 6144, "7.5")
+RTX3060 = gpu("NVIDIA GeForce RTX 3060", 12288, "8.6")
+
+
+def webui(**kw: object) -> WebuiFacts:
+    base: dict[str, object] = {"path": "/sd", "flavor": "a1111", "version": "1.8.0", "python": "/sd/venv/bin/python",
+                                   "torch": "2.1.2+cu121", "torch_cuda": "12.1", "xformers": "0.0.23.post1",
+                                   "checkpoint": "sd_xl_base_1.0.safetensors", "checkpoint_path": "/sd/m/sd_xl.safetensors",
+                                   "model_family": "sdxl", "batch_cond_uncond": True}
+    base.update(kw)
+    return WebuiFacts(**base)  # type: ignore[arg-type]
+
+
+def make(*gpus: GpuFacts, system: SystemFacts = LINUX, tcm: TcmallocFacts = TCM_OK, web: WebuiFacts | None = None,
+         others: tuple[OtherGpu, ...] = (), err: str | None = None) -> Facts:
+    return Facts(system=system, gpus=gpus, other_gpus=others, tcmalloc=tcm, webui=web, nvml_error=err)
+
+
+def by_id(facts: Facts) -> dict[str, Check]:
+    return {c.id: c for c in run_checks(facts)}
+
+
+SCENARIOS = {
+    "no_gpu": make(err="NVIDIA driver not found (NVML library missing)"),
+    "gtx1050ti": make(GTX1050TI, web=webui()),
+    "gtx1070": make(GTX1070, web=webui()),
+    "gtx1660": make(GTX1660, web=webui(model_family="sd15")),
+    "rtx3060": make(RTX3060),
+    "two_gpus": make(GTX1050TI, replace(RTX3060, index=1, uuid="GPU-2")),
+    "memory_unknown": make(gpu("NVIDIA GeForce GTX 1070", None, "6.1", errors=("memory: NotSupported",))),
+    "lost": make(GTX1070, replace(RTX3060, index=1, uuid="GPU-2", lost=True)),
+    "amd_only": make(others=(OtherGpu("amd", "Radeon RX 6600"),), err="NVIDIA driver not found (NVML library missing)"),
+    "windows": make(GTX1070, system=SystemFacts(os="windows", ram_mb=16000), tcm=TcmallocFacts()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_every_scenario_gives_a_well_formed_report(name: str) -> None:
+    checks = run_checks(SCENARIOS[name])
+    ids = [c.id for c in checks]
+    assert len(ids) == len(set(ids))
+    for c in checks:
+        assert c.status in STATUSES
+        assert c.message and "\n" not in c.message
+        if c.status in ("warn", "fail"):
+            assert c.hint, f"{c.id} has no hint"
+    assert {"gpu.nvidia", "gpu.vram_class", "system.ram", "gpu.driver", "tcmalloc", "webui.found",
+            "webui.torch_driver", "webui.xformers", "gpu.quirks", "gpu.other", "webui.checkpoint"} <= set(ids)
+
+
+def test_no_gpu_fails_and_exits_1() -> None:
+    report = build_report(SCENARIOS["no_gpu"])
+    gpu_check = by_id(SCENARIOS["no_gpu"])["gpu.nvidia"]
+    assert gpu_check.status == "fail" and "NVML library missing" in gpu_check.message
+    assert "nvidia-smi" in gpu_check.hint
+    assert report.exit_code == 1
+
+
+def test_amd_only_says_built_for_nvidia() -> None:
+    checks = by_id(SCENARIOS["amd_only"])
+    assert checks["gpu.nvidia"].status == "fail"
+    assert checks["gpu.other"].status == "warn" and "built for NVIDIA" in checks["gpu.other"].message
+
+
+def test_igpu_beside_nvidia_is_a_warning_not_a_failure() -> None:
+    facts = make(RTX3060, others=(OtherGpu("intel", "Intel UHD 770"),))
+    checks = by_id(facts)
+    assert checks["gpu.other"].status == "warn" and "plans for the NVIDIA GPU" in checks["gpu.other"].message
+    assert build_report(facts).exit_code == 0
+
+
+def test_healthy_rtx3060_exits_0() -> None:
+    checks = by_id(SCENARIOS["rtx3060"])
+    assert checks["gpu.nvidia"].status == "ok" and "RTX 3060" in checks["gpu.nvidia"].message
+    assert checks["gpu.quirks"].status == "ok"
+    assert "SDXL fit without offloading" in checks["gpu.vram_class"].message
+    assert build_report(SCENARIOS["rtx3060"]).exit_code == 0
+
+
+@pytest.mark.parametrize(("card", "words"), [
+    (GTX1050TI, ["4 GB class", "--medvram", "SDXL only with --lowvram"]),
+    (GTX1660, ["6 GB class", "--medvram-sdxl"]),
+    (GTX1070, ["8 GB class", "tight"]),
+    (gpu("NVIDIA GeForce GT 1030", 2048, "6.1"), ["--lowvram", "not practical"]),
+])
+def test_vram_class_says_what_it_means(card: GpuFacts, words: list[str]) -> None:
+    message = by_id(make(card))["gpu.vram_class"].message
+    for w in words:
+        assert w in message
+
+
+def test_gtx16_fp16_quirk_points_to_upcast_sampling() -> None:
+    q = by_id(SCENARIOS["gtx1660"])["gpu.quirks"]
+    assert q.status == "warn" and "NaN" in q.message and "--upcast-sampling" in q.hint
+
+
+def test_pascal_slow_fp16() -> None:
+    q = by_id(SCENARIOS["gtx1070"])["gpu.quirks"]
+    assert q.status == "warn" and "Pascal" in q.message
+
+
+def test_ram_must_exceed_twice_vram_for_the_layout() -> None:
+    small = replace(LINUX, ram_mb=16000)
+    check = by_id(make(GTX1070, system=small))["system.ram"]
+    assert check.status == "warn" and "2 × VRAM" in check.message
+    assert by_id(make(GTX1070))["system.ram"].status == "ok"
+
+
+def test_windows_sysmem_fallback_by_driver() -> None:
+    win = SystemFacts(os="windows", ram_mb=32000)
+    always = by_id(make(replace(GTX1070, driver="537.58"), system=win, tcm=TcmallocFacts()))["gpu.sysmem_fallback"]
+    assert always.status == "warn" and "546.01" in always.hint
+    assert "CUDA - Sysmem Fallback Policy" in always.hint and "Manage 3D settings" in always.hint
+    choosable = by_id(make(replace(GTX1070, driver="551.86"), system=win, tcm=TcmallocFacts()))["gpu.sysmem_fallback"]
+    assert choosable.status == "ok" and "Prefer No Sysmem Fallback" in choosable.hint
+    old = by_id(make(replace(GTX1070, driver="531.79"), system=win, tcm=TcmallocFacts()))["gpu.sysmem_fallback"]
+    assert "predates" in old.message
+
+
+def test_wsl_spills_whatever_the_control_panel_says() -> None:
+    wsl = replace(LINUX, wsl=True, sysmem_fallback="on")
+    assert "11050" in by_id(make(GTX1070, system=wsl))["gpu.sysmem_fallback"].message
+
+
+def test_old_driver_and_torch_build_too_new_for_it() -> None:
+    old = replace(GTX1070, driver="470.256.02", cuda_driver="11.4")
+    checks = by_id(make(old, web=webui()))
+    assert checks["gpu.driver"].status == "warn" and "525.60.13" in checks["gpu.driver"].message
+    td = checks["webui.torch_driver"]
+    assert td.status == "fail" and "530.30.02" in td.hint and "Linux" in td.hint
+    assert build_report(make(old, web=webui())).exit_code == 1
+
+
+def test_windows_torch_driver_minimum_is_the_windows_one() -> None:
+    old = replace(GTX1070, driver="511.79", cuda_driver="11.6")
+    td = by_id(make(old, system=SystemFacts(os="windows"), tcm=TcmallocFacts(), web=webui()))["webui.torch_driver"]
+    assert td.status == "fail" and "531.14" in td.hint and "Windows" in td.hint
+
+
+def test_minor_version_compatibility_is_ok() -> None:
+    r525 = replace(GTX1070, driver="525.60.13", cuda_driver="12.0")
+    td = by_id(make(r525, web=webui()))["webui.torch_driver"]
+    assert td.status == "ok" and "minor-version compatibility" in td.message
+
+
+def test_driver_newer_than_torch_cuda_is_ok() -> None:
+    td = by_id(make(GTX1070, web=webui()))["webui.torch_driver"]
+    assert td.status == "ok" and "supports CUDA 12.4" in td.message
+
+
+def test_cpu_torch_with_an_nvidia_gpu_fails() -> None:
+    td = by_id(make(GTX1070, web=webui(torch="2.1.2", torch_cuda=None)))["webui.torch_driver"]
+    assert td.status == "fail" and "CPU build" in td.message
+
+
+def test_no_torch_yet_is_skipped() -> None:
+    assert by_id(make(GTX1070, web=webui(torch=None, torch_cuda=None, xformers=None)))["webui.torch_driver"].status == "skip"
+
+
+def test_xformers_against_torch() -> None:
+    ok = by_id(make(GTX1070, web=webui()))["webui.xformers"]
+    assert ok.status == "ok"
+    bad = by_id(make(GTX1070, web=webui(torch="2.3.1+cu121")))["webui.xformers"]
+    assert bad.status == "warn" and "built for torch 2.1.2" in bad.message and "--xformers" in bad.hint
+    unknown = by_id(make(GTX1070, web=webui(xformers="0.0.99")))["webui.xformers"]
+    assert unknown.status == "warn" and "not in lowvram's table" in unknown.message
+    none = by_id(make(GTX1070, web=webui(torch="2.3.1+cu121", xformers=None)))["webui.xformers"]
+    assert none.status == "ok" and "0.0.23.post1" in none.message
+
+
+def test_tcmalloc_missing_names_the_package() -> None:
+    missing = TcmallocFacts(usable=False, reason="not in ldconfig", package="libtcmalloc-minimal4")
+    check = by_id(make(GTX1070, tcm=missing))["tcmalloc"]
+    assert check.status == "warn" and check.hint == "sudo apt install libtcmalloc-minimal4"
+    fedora = TcmallocFacts(usable=False, reason="x", package="gperftools-libs")
+    assert by_id(make(GTX1070, tcm=fedora))["tcmalloc"].hint == "sudo dnf install gperftools-libs"
+    assert by_id(SCENARIOS["windows"])["tcmalloc"].status == "skip"
+
+
+def test_webui_found_names_flavor_and_version() -> None:
+    check = by_id(make(GTX1070, web=webui(flavor="forge", version="f2.0.1")))["webui.found"]
+    assert check.status == "ok" and "Forge f2.0.1" in check.message
+    missing = by_id(make(GTX1070))["webui.found"]
+    assert missing.status == "warn" and "--webui" in missing.hint
+
+
+def test_checkpoint_family() -> None:
+    assert by_id(make(GTX1070, web=webui()))["webui.checkpoint"].message.endswith("SDXL")
+    unknown = by_id(make(GTX1070, web=webui(checkpoint="flux.safetensors", model_family="unknown")))["webui.checkpoint"]
+    assert unknown.status == "warn" and "--model" in unknown.hint
+    pickle = by_id(make(GTX1070, web=webui(checkpoint="old.ckpt", model_family="unknown")))["webui.checkpoint"]
+    assert ".ckpt" in pickle.message
+    comfy = by_id(make(GTX1070, web=webui(flavor="comfyui", checkpoint=None, model_family=None)))["webui.checkpoint"]
+    assert comfy.status == "skip" and "--model" in comfy.hint
+
+
+def test_lost_gpu_warns_and_the_other_is_used() -> None:
+    check = by_id(SCENARIOS["lost"])["gpu.nvidia"]
+    assert check.status == "warn" and "GTX 1070" in check.message and "lost" in check.message
+
+
+def test_two_gpus_say_which_one_and_why() -> None:
+    check = by_id(SCENARIOS["two_gpus"])["gpu.nvidia"]
+    assert "RTX 3060" in check.message and "largest of 2" in check.message
+
+
+def test_device_flag_in_user_args_is_honoured() -> None:
+    facts = make(GTX1050TI, replace(RTX3060, index=1, uuid="GPU-2"), web=webui(user_args=("--device-id", "1")))
+    assert "GTX 1050 Ti" in by_id(facts)["gpu.nvidia"].message
+
+
+def test_memory_unknown() -> None:
+    check = by_id(SCENARIOS["memory_unknown"])["gpu.vram_class"]
+    assert check.status == "warn" and "unknown" in check.message
+
+
+def test_extra_checks_are_appended_and_count() -> None:
+    extra = Check("lowvram.block", "fail", "lowvram's block was removed from webui-user.sh", "run `lowvram apply`")
+    checks = run_checks(SCENARIOS["rtx3060"], extra_checks=[extra])
+    assert checks[-1] == extra
+    assert DoctorReport(SCENARIOS["rtx3060"], checks).exit_code == 1
+
+
+def test_json_contract_keys() -> None:
+    data = build_report(make(GTX1070, web=webui(), others=(OtherGpu("intel", "UHD"),))).to_dict()
+    assert next(iter(data)) == "schema" and data["schema"] == 1
+    assert {"system", "gpus", "other_gpus", "tcmalloc", "webui", "checks"} <= set(data)
+    assert {"os", "os_version", "ram_mb", "swap_mb", "glibc", "wsl", "sysmem_fallback"} <= set(data["system"])
+    assert {"index", "uuid", "name", "vram_total_mb", "vram_free_mb", "driver", "cuda_driver", "compute_capability",
+            "pcie_gen", "pcie_width"} <= set(data["gpus"][0])
+    assert set(data["other_gpus"][0]) >= {"vendor", "name"}
+    assert {"library", "usable", "reason"} <= set(data["tcmalloc"])
+    assert {"path", "flavor", "version", "python", "torch", "torch_cuda", "xformers", "checkpoint", "model_family",
+            "batch_cond_uncond"} <= set(data["webui"])
+    assert set(data["checks"][0]) == {"id", "status", "message", "hint"}
+
+
+def test_tables_answer_known_rows() -> None:
+    assert min_driver_for_cuda("12.1", "linux") == ("530.30.02", "525.60.13")
+    assert min_driver_for_cuda("11.8", "windows") == ("520.06", "452.39")
+    assert xformers_torch("0.0.23.post1") == "2.1.2"
+    assert xformers_torch("0.0.27.post2+cu118") == "2.4.0"
+    assert xformers_torch("9.9.9") is None

@@ -1,0 +1,340 @@
+"""The hook inside a stand-in A1111: registration, when it lays out, what it records, how it fails."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowvram.markers import checkpoint_key
+from lowvram.observations import load_observations
+from tests.fixtures.a1111_modules import (
+    VERSIONS,
+    FakeP,
+    SimDevice,
+    hook_path,
+    install_modules,
+    load_hook_script,
+    make_model,
+)
+
+PATCHES = hook_path()
+SCRIPT = PATCHES / "scripts" / "lowvram_layout.py"
+
+from lowvram_hook import host  # noqa: E402
+from lowvram_hook.layout import is_ours  # noqa: E402
+from lowvram_hook.observe import StepTimer, overflow_estimate  # noqa: E402
+from lowvram_hook.observe import checkpoint_key as hook_checkpoint_key  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_hook():
+    host.reset_for_tests()
+    yield
+    host.reset_for_tests()
+
+
+def write_config(path: Path, obs: Path, **over) -> Path:
+    cfg = {"schema": 1, "enabled": True, "layout": True, "reserve_mb": 512, "observations": str(obs),
+           "road": "resident", "offload": "none", "family": "sd15", "flags": ["--xformers"], "order": "ascending",
+           "driver": "546.01", "tag": None}
+    cfg.update(over)
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture
+def ui(tmp_path, monkeypatch):
+    """Stand-in A1111 1.8 modules, a checkpoint file, a model, a config and the env pointing at it."""
+    mods = install_modules(monkeypatch, "1.8")
+    ckpt = tmp_path / "models" / "v1-5.safetensors"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x" * 1000)
+    model = make_model(ckpt)
+    mods.shared.sd_model = model
+    obs = tmp_path / "state" / "observations.jsonl"
+    cfg = write_config(tmp_path / "hook.json", obs)
+    monkeypatch.setenv("LOWVRAM_CONFIG", str(cfg))
+    return types.SimpleNamespace(mods=mods, model=model, ckpt=ckpt, obs=obs, cfg=cfg, tmp=tmp_path)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def sim_hook(ui, dev: SimDevice | None = None, clock: Clock | None = None) -> tuple[host.Hook, SimDevice, types.SimpleNamespace]:
+    dev = dev or SimDevice()
+    dev.put_module(ui.model)
+    cuda = types.SimpleNamespace(empty_cache=lambda: None, ipc_collect=lambda: None)
+    hook = host.Hook(torch_module=torch, shared=ui.mods.shared, devices=ui.mods.devices, cuda_namespace=cuda,
+                     mover=dev, clock=clock or Clock(), wall=lambda: 1700000000.0,
+                     scan=False)  # the gc scan is test_layout.py's subject; the model is all there is here
+    return hook, dev, cuda
+
+
+def generate(hook: host.Hook, p: FakeP, clock: Clock | None = None, step_s: float = 0.5, postprocess: bool = True) -> None:
+    """One job the way A1111 runs it: process, the denoiser per step (twice per step), postprocess."""
+    from modules import script_callbacks
+
+    hook.process(p)
+    for step in range(p.steps):
+        for _ in range(2):
+            if clock is not None:
+                clock.t += step_s / 2
+            hook.on_cfg_denoiser(script_callbacks.CFGDenoiserParams(None, None, None, step, p.steps, None, None))
+    if postprocess:
+        hook.postprocess(p, None)
+
+
+# -- registration -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_script_registers_with_both_callback_signatures(version, tmp_path, monkeypatch) -> None:
+    mods = install_modules(monkeypatch, version)
+    monkeypatch.setenv("LOWVRAM_CONFIG", str(write_config(tmp_path / "hook.json", tmp_path / "obs.jsonl")))
+    module = load_hook_script(SCRIPT)
+    cbs = mods.script_callbacks.callback_map
+    assert len(cbs["callbacks_model_loaded"]) == 1
+    assert len(cbs["callbacks_cfg_denoiser"]) == 1
+    if version == "1.10":
+        assert cbs["callbacks_model_loaded"][0].name == "lowvram_layout_model_loaded"
+    assert issubclass(module.LowvramLayout, mods.scripts.Script)
+    assert module.LowvramLayout().show(False) is mods.scripts.AlwaysVisible
+
+
+def test_accepts_name_reads_the_signature() -> None:
+    def v18(callback):
+        return None
+
+    def v110(callback, *, name=None):
+        return None
+
+    assert not host.accepts_name(v18)
+    assert host.accepts_name(v110)
+
+
+@pytest.mark.parametrize("env", [{}, {"LOWVRAM_HOOK": "off"}])
+def test_without_config_or_with_hook_off_nothing_is_registered(env, tmp_path, monkeypatch, capsys) -> None:
+    mods = install_modules(monkeypatch, "1.10")
+    if env:
+        monkeypatch.setenv("LOWVRAM_CONFIG", str(write_config(tmp_path / "hook.json", tmp_path / "o.jsonl")))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    module = load_hook_script(SCRIPT)
+    assert module.HOOK is None and not hasattr(module, "LowvramLayout")
+    assert all(not v for v in mods.script_callbacks.callback_map.values())
+    assert "hook off" in capsys.readouterr().err
+
+
+def test_a_host_without_a1111_modules_disables_the_hook_with_one_line(tmp_path, monkeypatch, capsys) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "modules", None)  # `import modules.x` now fails
+    monkeypatch.setenv("LOWVRAM_CONFIG", str(write_config(tmp_path / "hook.json", tmp_path / "o.jsonl")))
+    module = load_hook_script(SCRIPT)
+    assert module.HOOK is None
+    err = capsys.readouterr().err
+    assert "hook off" in err and "Traceback" not in err
+
+
+# -- the hook in a UI without CUDA (this machine) ------------------------------------------------
+
+
+def test_the_hook_survives_a_whole_session_without_cuda(ui, capsys) -> None:
+    module = load_hook_script(SCRIPT)
+    sc, scripts = ui.mods.script_callbacks, ui.mods.scripts
+    scripts.alwayson_scripts[:] = [module.LowvramLayout()]
+    sc.model_loaded_callback(ui.model)
+    for _ in range(2):
+        p = FakeP(sd_model=ui.model)
+        scripts.process(p)
+        for step in range(p.steps):
+            sc.cfg_denoiser_callback(sc.CFGDenoiserParams(None, None, None, step, p.steps, None, None))
+        scripts.postprocess(p, None)
+    err = capsys.readouterr().err
+    assert "Error" not in err and "Traceback" not in err
+    assert "CUDA is not available" in err  # said once, not per job
+    assert err.count("CUDA is not available") == 1
+    loaded = load_observations(ui.obs)
+    assert loaded.warnings == ()
+    assert len(loaded.items) == 2
+    first = loaded.items[0]
+    assert first.source == "hook" and first.layout is False and first.reserve_mb is None
+    assert first.checkpoint == checkpoint_key(ui.ckpt.name, ui.ckpt.stat().st_size, ui.ckpt.stat().st_mtime)
+    assert (first.width, first.height, first.steps, first.batch) == (512, 512, 4, 1)
+    assert first.sit is not None and first.sit >= 0
+    assert first.flags == ("--xformers",) and first.driver == "546.01"
+    assert not is_ours(torch.cuda.empty_cache)
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", json.dumps({"schema": 2, "observations": "/x"}),
+                                     json.dumps({"schema": 1, "observations": "relative/path"}),
+                                     json.dumps({"schema": 1, "observations": "/abs", "reserve_mb": "a lot"})])
+def test_a_broken_config_leaves_the_ui_working(ui, content, capsys) -> None:
+    ui.cfg.write_text(content)
+    hook, dev, _ = sim_hook(ui)
+    generate(hook, FakeP(sd_model=ui.model))
+    generate(hook, FakeP(sd_model=ui.model))
+    assert dev.events == []  # nothing moved
+    assert not ui.obs.exists()
+    err = capsys.readouterr().err
+    assert err.count("doing nothing") == 1 and "Traceback" not in err
+
+
+def test_a_missing_config_file_does_nothing(ui, capsys) -> None:
+    ui.cfg.unlink()
+    hook, dev, _ = sim_hook(ui)
+    generate(hook, FakeP(sd_model=ui.model))
+    assert dev.events == [] and not ui.obs.exists()
+    assert "does not exist" in capsys.readouterr().err
+
+
+# -- when the layout runs -----------------------------------------------------------------------
+
+
+def test_the_callback_only_marks_the_layout_pending_and_the_next_job_runs_it(ui) -> None:
+    clock = Clock()
+    hook, dev, cuda = sim_hook(ui, clock=clock)
+    hook.on_model_loaded(ui.model)
+    assert "to_host" not in dev.kinds(), "no layout inside the callback (it may race the first job)"
+    assert hook.pending
+    generate(hook, FakeP(sd_model=ui.model), clock)
+    assert "alloc_reserve" in dev.kinds() and is_ours(cuda.empty_cache)
+    n_events = len(dev.events)
+    generate(hook, FakeP(sd_model=ui.model), clock)
+    assert "to_host" not in dev.kinds()[n_events:], "same model, same reserve: no second layout"
+    rec = load_observations(ui.obs).items
+    assert [o.layout for o in rec] == [True, True]
+    assert rec[0].reserve_mb == 512 and rec[0].layout_s is not None and rec[1].layout_s is None
+    # free = what was free with the model resident, before the reserve (not shrunk by the reserve later)
+    assert rec[0].free_mb == rec[1].free_mb == ((8192 - 300 << 20) - sum(dev.on_gpu.values())) >> 20
+    assert rec[0].sit == pytest.approx(0.5)
+    assert rec[0].road == "resident" and rec[0].family == "sd15"
+
+
+def test_a_cached_checkpoint_switch_without_callback_is_noticed(ui) -> None:
+    hook, dev, _ = sim_hook(ui)
+    generate(hook, FakeP(sd_model=ui.model))
+    other = make_model(ui.ckpt, seed=1)
+    dev.put_module(other)
+    ui.mods.shared.sd_model = other
+    before = len(dev.events)
+    generate(hook, FakeP(sd_model=other))  # no on_model_loaded: A1111 had it cached
+    assert "to_host" in dev.kinds()[before:]
+    assert all(dev.holds(p) for p in other.parameters())
+
+
+def test_a_new_reserve_in_the_config_lays_out_again_and_layout_false_undoes_it(ui) -> None:
+    hook, dev, cuda = sim_hook(ui)
+    generate(hook, FakeP(sd_model=ui.model))
+    write_config(ui.cfg, ui.obs, reserve_mb=1024)
+    before = len(dev.events)
+    generate(hook, FakeP(sd_model=ui.model))
+    assert ("alloc_reserve", 1024 << 20) in dev.events[before:]
+    write_config(ui.cfg, ui.obs, layout=False, road="swap")
+    generate(hook, FakeP(sd_model=ui.model))
+    assert not is_ours(cuda.empty_cache), "layout off: the patch is lifted so torch_gc releases the reserve"
+    assert dev.cached_free == 0
+    last = load_observations(ui.obs).items[-1]
+    assert last.layout is False and last.reserve_mb is None and last.road == "swap"
+
+
+def test_medvram_is_refused_and_recorded_without_a_reserve(ui, capsys) -> None:
+    ui.model.lowvram = True
+    hook, dev, cuda = sim_hook(ui)
+    generate(hook, FakeP(sd_model=ui.model))
+    assert dev.events == [] and not is_ours(cuda.empty_cache)
+    assert "medvram" in capsys.readouterr().err
+    obs = load_observations(ui.obs).items[0]
+    assert obs.layout is False and obs.reserve_mb is None
+
+
+def test_a_failed_layout_is_rolled_back_and_the_job_still_recorded(ui, capsys) -> None:
+    hook, dev, cuda = sim_hook(ui, SimDevice(fail_on=("to_device", 2)))
+    generate(hook, FakeP(sd_model=ui.model))
+    assert all(dev.holds(p) for p in ui.model.parameters())
+    assert not is_ours(cuda.empty_cache)
+    assert "rolled back" in capsys.readouterr().err
+    obs = load_observations(ui.obs).items[0]
+    assert obs.layout is False
+
+
+def test_an_oom_that_skipped_postprocess_is_recorded_at_the_next_job(ui) -> None:
+    dev = SimDevice()
+    hook, dev, _ = sim_hook(ui, dev)
+    generate(hook, FakeP(sd_model=ui.model, width=1024, height=1024), postprocess=False)
+    dev.ooms += 1  # torch.cuda.memory_stats()["num_ooms"] went up; A1111 skipped postprocess
+    generate(hook, FakeP(sd_model=ui.model))
+    items = load_observations(ui.obs).items
+    assert len(items) == 2
+    failed = items[0]
+    assert failed.ok is False and failed.ooms == 1 and failed.width == 1024
+    assert "out of memory" in failed.reason
+    assert items[1].ok is True
+
+
+def test_overflow_is_estimated_from_peak_reserved_and_non_torch_use(ui) -> None:
+    dev = SimDevice(total_mb=1024, other_mb=100)
+    hook, dev, _ = sim_hook(ui, dev)
+    hook.process(FakeP(sd_model=ui.model))
+    dev.peak_reserved = 1200 << 20  # the job grew past the card
+    hook.postprocess(FakeP(sd_model=ui.model), None)
+    obs = load_observations(ui.obs).items[0]
+    assert obs.overflow_source == "estimate"
+    assert obs.overflow_mb is not None and obs.overflow_mb >= 1200 + 100 - 1024 - 1
+    assert obs.vram_total_mb == 1024 and obs.peak_reserved_mb == 1200
+
+
+def test_an_exception_inside_the_hook_is_logged_not_raised(ui, capsys, monkeypatch) -> None:
+    hook, _, _ = sim_hook(ui)
+
+    def boom(*_a, **_k):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(hook, "_start_job", boom)
+    hook.process(FakeP(sd_model=ui.model))  # must not raise
+    hook.postprocess(FakeP(sd_model=ui.model), None)
+    assert "kaboom" in capsys.readouterr().err
+
+
+def test_an_unwritable_observations_file_is_said_once(ui, capsys) -> None:
+    write_config(ui.cfg, ui.tmp / "a-file" / "obs.jsonl")
+    (ui.tmp / "a-file").write_text("not a directory")
+    hook, _, _ = sim_hook(ui)
+    generate(hook, FakeP(sd_model=ui.model))
+    generate(hook, FakeP(sd_model=ui.model))
+    assert capsys.readouterr().err.count("cannot record") == 1
+
+
+# -- small parts ----------------------------------------------------------------------------------
+
+
+def test_step_timer_counts_each_step_once_and_splits_passes() -> None:
+    timer = StepTimer()
+    for step, t in [(0, 0.0), (0, 0.1), (1, 1.0), (1, 1.1), (2, 2.0), (3, 3.0), (0, 10.0), (1, 14.0), (2, 18.0)]:
+        timer.tick(step, t)
+    assert timer.seconds_per_iteration(first_pass_only=True) == pytest.approx(1.0)
+    assert timer.seconds_per_iteration() == pytest.approx(1.0)  # median of 1,1,1,4,4
+    assert StepTimer().seconds_per_iteration() is None
+
+
+def test_overflow_estimate() -> None:
+    assert overflow_estimate(peak_reserved=7000, non_torch=500, total=8000) == 0
+    assert overflow_estimate(peak_reserved=8000, non_torch=500, total=8000) == 500
+    assert overflow_estimate(peak_reserved=8000, non_torch=-300, total=8000) == 0
+
+
+def test_the_hook_checkpoint_key_is_lowvrams(tmp_path) -> None:
+    f = tmp_path / "sd_xl_base_1.0.safetensors"
+    f.write_bytes(b"abc")
+    st = f.stat()
+    assert hook_checkpoint_key(str(f)) == checkpoint_key(f.name, st.st_size, st.st_mtime)
+    assert hook_checkpoint_key(str(tmp_path / "missing")) is None

@@ -1,0 +1,337 @@
+"""The layout (DESIGN.md §7 steps 1–5) on real torch CPU tensors through a device the test controls."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from tests.fixtures.a1111_modules import InjectedFailure, SimDevice, hook_path, make_model
+
+hook_path()
+from lowvram_hook.layout import (  # noqa: E402
+    MIB,
+    CachePatch,
+    TorchMover,
+    collect,
+    is_ours,
+    refusal,
+    run_layout,
+)
+
+
+class RecordingCuda:
+    """A torch.cuda stand-in whose empty_cache/ipc_collect count their calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+        def empty_cache() -> None:
+            self.calls.append("empty_cache")
+
+        def ipc_collect() -> None:
+            self.calls.append("ipc_collect")
+
+        self.empty_cache = empty_cache
+        self.ipc_collect = ipc_collect
+        self.original_empty_cache = empty_cache
+
+
+@pytest.fixture
+def scene():
+    """A model on the "GPU", plus stray tensors, a view into a stray and a view into a UNet weight."""
+    model = make_model()
+    dev = SimDevice()
+    dev.put_module(model)
+    stray = torch.arange(4096, dtype=torch.float32)  # 16 KiB: larger than any UNet storage
+    stray_view = stray[100:200]
+    unet_weight = model.model.diffusion_model.middle.weight
+    unet_view = unet_weight[3]  # a stray view into the UNet's storage
+    small_stray = torch.ones(3)
+    dev.put(stray, small_stray)
+    cpu_only = torch.full((5,), 7.0)  # not on the device: must never move
+    keep = {"stray": stray, "stray_view": stray_view, "unet_view": unet_view, "small": small_stray, "cpu": cpu_only}
+    before = {name: t.clone() for name, t in keep.items()}
+    params_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return types.SimpleNamespace(model=model, dev=dev, keep=keep, before=before, params_before=params_before,
+                                 unet=model.model.diffusion_model, cuda=RecordingCuda())
+
+
+def _all_device_tensors(s):
+    return [*s.model.parameters(), *s.model.buffers(), s.keep["stray"], s.keep["stray_view"], s.keep["unet_view"],
+            s.keep["small"]]
+
+
+def _assert_everything_back(s) -> None:
+    for t in _all_device_tensors(s):
+        assert s.dev.holds(t), "a tensor was left off the device"
+    for name, p in s.model.named_parameters():
+        assert torch.equal(p.detach(), s.params_before[name]), f"{name} changed value"
+    for name, t in s.keep.items():
+        assert torch.equal(t, s.before[name]), f"{name} changed value"
+    assert not s.dev.holds(s.keep["cpu"])
+
+
+def test_unet_comes_back_first_smallest_first_then_the_rest(scene) -> None:
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*scene.unet.parameters(), *scene.unet.buffers()]}
+    unet_sizes = sorted(storages.values())
+    result = run_layout(scene.unet, 256, scene.dev, CachePatch(scene.cuda))
+    assert result.ok, result.reason
+    back = [e[1] for e in scene.dev.events if e[0] == "to_device"]
+    n_unet = len(unet_sizes)
+    assert back[:n_unet] == unet_sizes, "UNet storages must come back first, smallest first"
+    rest = back[n_unet:]
+    assert rest == sorted(rest)
+    # the VAE and the strays come after the UNet, though the small stray is smaller than most UNet storages
+    small = scene.keep["small"].untyped_storage().nbytes()
+    assert small in rest and small < max(unet_sizes)
+    assert result.unet_groups == n_unet
+    _assert_everything_back(scene)
+
+
+def test_descending_order_is_honoured(scene) -> None:
+    result = run_layout(scene.unet, 0, scene.dev, CachePatch(scene.cuda), order="descending")
+    assert result.ok
+    back = [e[1] for e in scene.dev.events if e[0] == "to_device"]
+    n_unet = result.unet_groups
+    assert back[:n_unet] == sorted(back[:n_unet], reverse=True)
+
+
+def test_views_are_moved_once_and_stay_views(scene) -> None:
+    stray, view, unet_view = scene.keep["stray"], scene.keep["stray_view"], scene.keep["unet_view"]
+    weight = scene.unet.middle.weight
+    result = run_layout(scene.unet, 64, scene.dev, CachePatch(scene.cuda))
+    assert result.ok
+    to_host = [e for e in scene.dev.events if e[0] == "to_host"]
+    assert len(to_host) == result.groups  # one copy per storage, views are not copied again
+    assert view.untyped_storage().data_ptr() == stray.untyped_storage().data_ptr()
+    assert unet_view.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+    # still a view: writing through the base shows in the view
+    stray[150] = -1.0
+    assert view[50].item() == -1.0
+    assert result.moved_bytes == sum(e[1] for e in to_host)
+    _assert_everything_back_values_except_write(scene)
+
+
+def _assert_everything_back_values_except_write(scene) -> None:
+    for t in _all_device_tensors(scene):
+        assert scene.dev.holds(t)
+
+
+def test_reserve_is_allocated_before_the_unet_returns_and_freed_into_the_cache(scene) -> None:
+    free_before = scene.dev.mem_get_info()[0] // MIB
+    result = run_layout(scene.unet, 1024, scene.dev, CachePatch(scene.cuda))
+    assert result.ok
+    kinds = scene.dev.kinds()
+    # step 3: release, measure, move out, real empty_cache + ipc_collect, allocate the reserve
+    assert kinds[0] == "empty_cache"
+    first_back = kinds.index("to_device")
+    alloc = kinds.index("alloc_reserve")
+    assert kinds.index("to_host") < kinds.index("ipc_collect") < alloc < first_back
+    assert kinds[alloc - 2:alloc] == ["empty_cache", "ipc_collect"]
+    # after everything is back: empty_cache, then the reserve is freed (into the cache) and nothing
+    # releases the cache afterwards
+    assert kinds[-2:] == ["empty_cache", "free_reserve"]
+    assert ("alloc_reserve", 1024 * MIB) in scene.dev.events
+    assert scene.dev.cached_free == 1024 * MIB
+    assert result.free_mb == free_before
+    assert result.patched
+
+
+def test_the_patch_keeps_the_cache_and_lifting_restores_the_originals(scene) -> None:
+    cuda = scene.cuda
+    original = cuda.empty_cache
+    patch = CachePatch(cuda)
+    assert run_layout(scene.unet, 512, scene.dev, patch).ok
+    assert is_ours(cuda.empty_cache) and is_ours(cuda.ipc_collect)
+    cuda.empty_cache()  # what A1111's torch_gc does at every job: must not reach the original
+    cuda.ipc_collect()
+    assert cuda.calls == []
+    assert patch.lift()
+    assert cuda.empty_cache is original
+    cuda.empty_cache()
+    assert cuda.calls == ["empty_cache"]
+
+
+def test_patching_the_real_torch_cuda_is_undone_exactly(scene, monkeypatch) -> None:
+    real_empty, real_ipc = torch.cuda.empty_cache, torch.cuda.ipc_collect
+    patch = CachePatch(torch.cuda)
+    try:
+        assert run_layout(scene.unet, 64, scene.dev, patch).ok
+        assert torch.cuda.empty_cache is not real_empty
+        torch.cuda.ipc_collect()  # the real one raises on a CPU build; the patch must not
+    finally:
+        patch.lift()
+    assert torch.cuda.empty_cache is real_empty and torch.cuda.ipc_collect is real_ipc
+
+
+def test_no_reserve_means_no_patch(scene) -> None:
+    patch = CachePatch(scene.cuda)
+    result = run_layout(scene.unet, 0, scene.dev, patch)
+    assert result.ok and not result.patched and not patch.active
+    assert "alloc_reserve" not in scene.dev.kinds()
+
+
+@pytest.mark.parametrize("fail_on", [("to_device", 1), ("to_device", 4), ("to_device", 15), ("to_host", 1),
+                                     ("to_host", 7), ("alloc_reserve", 1)])
+def test_a_failure_anywhere_puts_every_tensor_back_and_restores_the_functions(scene, fail_on) -> None:
+    scene.dev.fail_on = fail_on
+    cuda = scene.cuda
+    original = cuda.empty_cache
+    patch = CachePatch(cuda)
+    result = run_layout(scene.unet, 512, scene.dev, patch)
+    assert not result.ok and result.rolled_back
+    assert "injected failure" in result.reason
+    assert "could not be put back" not in result.reason
+    _assert_everything_back(scene)
+    assert not patch.active and cuda.empty_cache is original
+    # the views still share their base's storage after the rollback
+    assert scene.keep["stray_view"].untyped_storage().data_ptr() == scene.keep["stray"].untyped_storage().data_ptr()
+
+
+def test_a_failed_rollback_is_reported_not_raised(scene) -> None:
+    class Broken(SimDevice):
+        def to_device(self, storage):
+            raise InjectedFailure("device lost")
+
+    dev = Broken()
+    dev.put_module(scene.model)
+    result = run_layout(scene.unet, 0, dev, CachePatch(scene.cuda))
+    assert not result.ok and "could not be put back" in result.reason
+
+
+def test_a_second_layout_lifts_the_first_patch_before_measuring(scene) -> None:
+    cuda = scene.cuda
+    patch = CachePatch(cuda)
+    first = run_layout(scene.unet, 1024, scene.dev, patch)
+    seen: list[bool] = []
+
+    class Watching(SimDevice):
+        def empty_cache(self) -> None:
+            seen.append(is_ours(cuda.empty_cache))
+            super().empty_cache()
+
+    dev2 = Watching(on_gpu=scene.dev.on_gpu, cached_free=scene.dev.cached_free)
+    second = run_layout(scene.unet, 2048, dev2, patch)
+    assert first.ok and second.ok
+    assert seen[0] is False, "the earlier patch must be lifted before the real empty_cache"
+    # the first reserve was released before `free` was read: the reading does not shrink
+    assert second.free_mb == first.free_mb
+    assert dev2.cached_free == 2048 * MIB
+
+
+def test_the_gc_scan_finds_tensors_outside_the_model(scene) -> None:
+    hidden = {"cond": torch.randn(32)}
+    scene.dev.put(hidden["cond"])
+    found = collect(scene.unet, scene.dev)
+    storages = {g.storage.data_ptr() for g in found.groups}
+    assert hidden["cond"].untyped_storage().data_ptr() in storages
+    assert scene.keep["cpu"].untyped_storage().data_ptr() not in storages
+    assert all(g.unet for g in found.groups[: sum(1 for g in found.groups if g.unet)])
+
+
+def test_inference_tensors_are_left_alone(scene) -> None:
+    with torch.inference_mode():
+        frozen = torch.ones(10)
+    scene.dev.put(frozen)
+    result = run_layout(scene.unet, 0, scene.dev, CachePatch(scene.cuda))
+    assert result.ok and result.skipped >= 1
+    assert scene.dev.holds(frozen)
+
+
+def test_preconditions_refuse_before_anything_moves(scene) -> None:
+    model, dev, cuda = scene.model, scene.dev, scene.cuda
+    assert refusal(model, dev, cuda) is None
+    assert "CUDA" in (refusal(model, SimDevice(cuda=False), cuda) or "")
+    assert "no model" in (refusal(None, dev, cuda) or "")
+    model.lowvram = True
+    assert "medvram" in (refusal(model, dev, cuda) or "")
+    model.lowvram = False
+    opts = types.SimpleNamespace(medvram=False, lowvram=False, medvram_sdxl=True)
+    assert refusal(model, dev, cuda, opts) is None  # --medvram-sdxl does not swap an SD1.5 model
+    model.is_sdxl = True
+    assert "medvram" in (refusal(model, dev, cuda, opts) or "")
+    model.is_sdxl = False
+
+    def GK_Noop(*args, **kwargs):
+        return None
+
+    cuda.empty_cache = GK_Noop
+    assert "giant-kitten" in (refusal(model, dev, cuda) or "")
+    no_unet = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=None))
+    cuda.empty_cache = cuda.original_empty_cache
+    assert "UNet" in (refusal(no_unet, dev, cuda) or "")
+    assert dev.events == []
+
+
+def test_a_unet_not_on_the_device_is_refused_without_moving(scene) -> None:
+    dev = SimDevice()  # knows nothing of the model: everything "on the CPU"
+    result = run_layout(scene.unet, 64, dev, CachePatch(scene.cuda))
+    assert not result.ok and "UNet" in result.reason
+    assert dev.events == []
+
+
+def test_lifting_leaves_a_function_someone_else_installed(scene) -> None:
+    cuda = scene.cuda
+    patch = CachePatch(cuda)
+    assert run_layout(scene.unet, 64, scene.dev, patch).ok
+
+    def GK_Noop():
+        return None
+
+    cuda.empty_cache = GK_Noop  # giant-kitten patched after us
+    assert not patch.intact()
+    assert patch.lift() is False
+    assert cuda.empty_cache is GK_Noop
+
+
+# -- the same on a real GPU ---------------------------------------------------------------------
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_gpu_layout_keeps_the_reserve_cached_and_everything_on_the_gpu() -> None:
+    model = make_model().cuda()
+    stray = torch.randn(1 << 20, device="cuda")
+    view = stray[10:20]
+    patch = CachePatch(torch.cuda)
+    mover = TorchMover("cuda", patch)
+    try:
+        result = run_layout(model.model.diffusion_model, 64, mover, patch)
+        assert result.ok, result.reason
+        assert all(p.is_cuda for p in model.parameters()) and stray.is_cuda
+        assert view.untyped_storage().data_ptr() == stray.untyped_storage().data_ptr()
+        torch.cuda.empty_cache()  # patched: the freed reserve stays cached
+        cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+        assert cached >= 64 * MIB
+    finally:
+        patch.lift()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < 64 * MIB
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_gpu_layout_rolls_back_a_failure() -> None:
+    model = make_model().cuda()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    patch = CachePatch(torch.cuda)
+
+    class Failing(TorchMover):
+        n = 0
+
+        def to_device(self, storage):
+            Failing.n += 1
+            if Failing.n == 3:
+                raise InjectedFailure("injected")
+            return super().to_device(storage)
+
+    result = run_layout(model.model.diffusion_model, 64, Failing("cuda", patch), patch)
+    assert not result.ok and result.rolled_back
+    assert all(p.is_cuda for p in model.parameters())
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    assert not is_ours(torch.cuda.empty_cache)
