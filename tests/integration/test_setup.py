@@ -182,6 +182,25 @@ def test_gtx1070_gets_its_flags_and_extensions_from_the_mirror(cli, with_mirror:
     assert any("v1-5-pruned-emaonly" in d["what"] for d in data["first_start"])
 
 
+def test_facts_from_a_file_plan_for_that_machine_and_remember_nothing(
+        cli, with_mirror: UiMirror, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowvram.detect import nvml
+
+    monkeypatch.setattr(nvml, "pynvml", gtx1070())
+    facts = cli("doctor", "--json").out
+    monkeypatch.setattr(nvml, "pynvml", no_driver())
+    facts_file = tmp_path / "friend.json"
+    facts_file.write_text(facts)
+    monkeypatch.setenv("LOWVRAM_FACTS", str(facts_file))
+    target = tmp_path / "w"
+    r = cli("setup", "--dir", str(target), "--json")
+    assert r.code == 0, r.err
+    data = _json(r.out)
+    assert data["apply"]["plan"]["profile"] != "cpu"  # the friend's GTX 1070, not this machine
+    assert any("not remembered" in n for n in data["notes"])
+    assert state.last_webui() is None
+
+
 def test_an_extension_that_cannot_be_fetched_fails_the_run_but_not_the_setup(
         cli, mirror: UiMirror, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lowvram.detect import nvml
@@ -592,9 +611,6 @@ def test_setup_then_doctor_finds_the_pinned_release_configured(mirror: UiMirror,
     _assert_launch_command(launch, target)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the planner asks for --model on a tree with no checkpoint (policy.require_family); A1111's first start "
-    "downloads SD 1.5, so a fresh A1111 clone could plan for sd15 without being told"))
 def test_setup_then_launch_dry_run_shows_the_command(mirror: UiMirror, tmp_path: Path) -> None:
     target = tmp_path / "X"
     env = _setup_x(mirror, target)

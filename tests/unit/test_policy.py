@@ -325,3 +325,4 @@ def test_plan_json_round_trips() -> None:
     plan = run(WIN8)
     data = json.loads(json.dumps(plan.to_dict()))
     assert data["schema"] == 1 and data["profile"] == plan.profile and data["args"] == list(plan.args)
+
