@@ -463,6 +463,20 @@ CHECKS = (
 )
 
 
+def check_lowvram_applied(problems: Sequence[str] | None) -> Check:
+    """Is what `lowvram apply` put into the tree still there? (A1111 #12915, Forge #1566.)
+
+    `problems` comes from lowvram.apply.check_applied(); None means nothing was ever applied.
+    """
+    if problems is None:
+        return Check("lowvram.applied", "skip", "lowvram has not applied a plan to this WebUI",
+                     "run `lowvram apply` (or `lowvram launch`) to write the plan into it")
+    if not problems:
+        return Check("lowvram.applied", "ok", "lowvram's managed block, hook and extensions are in place", "")
+    return Check("lowvram.applied", "warn", "; ".join(problems),
+                 "a UI update or `git reset` dropped lowvram's changes: run `lowvram apply` again")
+
+
 def run_checks(facts: Facts, extra_checks: Sequence[Check] = ()) -> tuple[Check, ...]:
     """Every check over `facts`, then `extra_checks` (e.g. lowvram's own block still applied)."""
     return tuple(fn(facts) for fn in CHECKS) + tuple(extra_checks)

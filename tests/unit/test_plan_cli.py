@@ -168,6 +168,8 @@ def test_profiles_show_gtx1070_shows_inherited_values_and_origins(cli) -> None:
     assert any(line.startswith("target.width") and "1024" in line and "8gb-sdxl (inherited)" in line for line in lines)
     assert "extends: 8gb-sdxl" in result.out
     data = json.loads(cli("profiles", "show", "gtx1070-sdxl", "--json").out)
+    assert next(iter(data)) == "schema"
+    assert set(data) == {"schema", "name", "source", "path", "extends", "chain", "profile", "origins"}
     assert data["chain"] == ["gtx1070-sdxl", "8gb-sdxl"]
     assert data["origins"]["target.width"] == "8gb-sdxl" and data["origins"]["attention"] == "gtx1070-sdxl"
     assert data["profile"]["offload"] == "medvram-sdxl"
