@@ -210,6 +210,8 @@ class _Reader:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(f"{path}.{key}", "a number", value)
+        if isinstance(value, int) and value.bit_length() > 64:  # math.isfinite would raise OverflowError
+            raise self.fail(f"{path}.{key}", "a number that fits in 64 bits", value)
         if not math.isfinite(value):
             raise self.fail(f"{path}.{key}", "a finite number", value)
         if value < 0:
@@ -363,4 +365,7 @@ def load_facts_file(path: Path) -> Facts:
         ) from exc
     except RecursionError as exc:
         raise FactsError(f"facts file {path} is nested too deeply", "use the JSON that `lowvram doctor --json` printed") from exc
+    except ValueError as exc:  # an integer over Python's 4300-digit limit
+        raise FactsError(f"facts file {path} is not valid facts JSON ({exc})",
+                         "use the JSON that `lowvram doctor --json` printed") from exc
     return facts_from_dict(data, source=str(path))

@@ -173,8 +173,14 @@ class FileLock:
         self._fh: Any = None
 
     def acquire(self, timeout: float = 0.0) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+b")  # noqa: SIM115 - held for the lock's lifetime
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, "a+b")  # noqa: SIM115 - held for the lock's lifetime
+        except OSError as exc:
+            raise LockError(
+                f"cannot create lowvram's lock file {self.path}: {exc.strerror or exc}",
+                "check that lowvram's state folder is writable and has free space (LOWVRAM_HOME moves it)",
+            ) from exc
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -192,10 +198,11 @@ class FileLock:
                         "wait for it to finish (a running `lowvram launch` holds the lock until the UI exits)",
                     ) from exc
                 time.sleep(0.1)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}\n".encode())
-        fh.flush()
+        # The holder's pid is only for the message another process shows: a full disk must not
+        # turn a held lock into a failure (unbuffered, so nothing is left to flush at close).
+        with contextlib.suppress(OSError):
+            os.ftruncate(fh.fileno(), 0)
+            os.write(fh.fileno(), f"pid {os.getpid()}\n".encode())
         self._fh = fh
 
     def release(self) -> None:

@@ -9,6 +9,7 @@ place: an interrupted or failed clone leaves nothing half-made.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -18,6 +19,10 @@ from typing import Any
 
 from lowvram import fsutil
 from lowvram.errors import ExtensionError
+
+# GitPython logs a traceback when it cannot flush a .git/config it was writing (a full disk); lowvram
+# reports that failure itself in one line, so GitPython's log must not reach the terminal.
+logging.getLogger("git").addHandler(logging.NullHandler())
 
 # progress(stage, current, total): stage is git's own label ("Receiving objects", ...).
 Progress = Callable[[str, float, float | None], None]
@@ -272,9 +277,12 @@ def clone_pinned(
                              "check that the folder is writable and run again") from exc
         fsutil.kill_point("gitops:clone:after-rename")
         return head
-    except BaseException:
+    except BaseException as exc:
         if tmp.exists():
             fsutil.remove_tree(tmp)
+        if isinstance(exc, OSError):  # GitPython writes .git/config itself: a full disk, a read-only folder
+            raise CloneError(f"cannot clone {url} into {dest.parent}: {exc.strerror or exc}",
+                             "check the free disk space and that the folder is writable, then run again") from exc
         raise
 
 

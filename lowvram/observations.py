@@ -84,9 +84,13 @@ def observation_to_dict(obs: Observation) -> dict[str, Any]:
 def _number(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"`{key}` should be a number, not {json.dumps(value)[:40]}")
-    if not math.isfinite(value):
+    try:
+        number = float(value)  # an int too large for a float raises OverflowError
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
         raise ValueError(f"`{key}` should be a finite number")
-    return float(value)
+    return number
 
 
 def observation_from_dict(data: Any) -> Observation:
@@ -179,7 +183,7 @@ def load_observations(path: Path, *, max_bytes: int = MAX_READ_BYTES) -> LoadedO
         except UnicodeDecodeError:
             warnings.append(f"{where}: not UTF-8 text; skipped")
             continue
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # JSONDecodeError, or an int over Python's 4300-digit limit
             warnings.append(f"{where}: not valid JSON (a write cut short?); skipped")
             continue
         try:

@@ -4,12 +4,9 @@ the observations and the extension registry, then call the pure policy. It never
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from lowvram import paths, policy, state
 from lowvram.facts import Facts
@@ -48,33 +45,11 @@ def _gather(webui: Path | None, facts_file: Path | None) -> Facts:
     return gather_facts(webui=webui, facts_file=facts_file)
 
 
-def load_registry(path: Path | None = None) -> dict[str, ExtensionSpec]:
-    """lowvram/data/extensions.json as name → ExtensionSpec (empty when missing or unreadable)."""
-    path = path or paths.data_file("extensions.json")
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    raw = data.get("extensions") if isinstance(data, dict) else None
-    if not isinstance(raw, dict):
-        return {}
-    out: dict[str, ExtensionSpec] = {}
-    for name, e in raw.items():
-        if not isinstance(e, dict) or not isinstance(e.get("url"), str) or not isinstance(e.get("ref"), str):
-            continue
-        url = e["url"]
-        last = url.rstrip("/").rsplit("/", 1)[-1]
-        skip: Mapping[str, Any] = e.get("skip") if isinstance(e.get("skip"), dict) else {}  # type: ignore[assignment]
-        out[name] = ExtensionSpec(
-            name=name,
-            url=url,
-            ref=e["ref"],
-            dir=str(e.get("dir") or (last[:-4] if last.endswith(".git") else last)),
-            reason=str(e.get("why") or ""),
-            uis=tuple(str(u) for u in e.get("uis") or ()),
-            skip=tuple((str(k), str(v)) for k, v in skip.items()),
-        )
-    return out
+def load_registry() -> dict[str, ExtensionSpec]:
+    """The extension registry (lowvram/data/extensions.json), validated by the apply edge."""
+    from lowvram.apply.extensions import registry_specs
+
+    return registry_specs()
 
 
 def make_plan(*, webui: Path | None, facts_file: Path | None, overrides: Overrides) -> PlanContext:
@@ -82,6 +57,9 @@ def make_plan(*, webui: Path | None, facts_file: Path | None, overrides: Overrid
     facts_path = _facts_file(facts_file)
     webui_path = _resolve_webui(webui)
     facts = _gather(webui_path, facts_path)
+
+    if os.environ.get("LOWVRAM_HOOK", "").strip().lower() == "off" and not overrides.no_hook:
+        overrides = replace(overrides, no_hook=True)  # DESIGN §1: --no-hook or LOWVRAM_HOOK=off
 
     if overrides.profile is None and webui_path is not None:
         remembered = state.remembered_profile(webui_path)

@@ -7,7 +7,6 @@ policy can be tested for every card in the matrix on a machine without a GPU (DE
 
 from __future__ import annotations
 
-import importlib
 import shlex
 import statistics
 from collections.abc import Mapping, Sequence
@@ -17,6 +16,7 @@ from typing import Any
 from lowvram import estimate as est
 from lowvram.errors import ProfileError
 from lowvram.facts import Facts, GpuFacts
+from lowvram.gpuselect import GpuChoice, select_gpu
 from lowvram.observations import Observation
 from lowvram.plan import (
     Decision,
@@ -29,11 +29,13 @@ from lowvram.plan import (
     TcmallocPlan,
 )
 from lowvram.profiles import ResolvedProfile, Selection, match_failure
+from lowvram.reserve import compute_reserve
 from lowvram.ui import UiSettings, adapter, parse_args
 from lowvram.ui.base import UiAdapter
 
 MIN_HEADROOM_LINUX_MB = 256
 MIN_HEADROOM_WINDOWS_MB = 512
+FORGE_INFERENCE_MB = 1024  # Forge's forge_inference_memory default (reference/a1111_integration.md §7)
 SPILL_MISS_MB = 256  # overflow into shared memory that counts as a miss (DESIGN §5 ladder)
 COMFORT_RUNS = 3  # runs with room to spare before trying one rung up
 COMFORT_SHARE = 0.70  # "room to spare": peak reserved + headroom ≤ 70 % of the card
@@ -68,6 +70,12 @@ def resolve_family(facts: Facts, overrides: Overrides, profile: ResolvedProfile 
     if profile is not None and overrides.explicit_profile and len(profile.profile.match.model) >= 1:
         fam = profile.profile.match.model[0]
         return FamilyChoice(fam, "profile", f"profile {profile.name} is for {fam}")
+    w = facts.webui
+    if (w is not None and w.flavor == "a1111" and w.checkpoint is None
+            and "--no-download-sd-model" not in (w.user_args or ())):
+        # A1111 with no checkpoint at all downloads v1-5-pruned-emaonly at its first start and loads it.
+        return FamilyChoice("sd15", "auto", "no checkpoint yet: A1111's first start downloads and loads "
+                            "SD 1.5 (v1-5-pruned-emaonly); the next plan follows the checkpoint it finds")
     return FamilyChoice(None, "auto", "unknown: no checkpoint selected and no --model")
 
 
@@ -90,27 +98,9 @@ def _base_family(family: str | None) -> str | None:
 # GPU choice (lowvram.gpuselect, written beside this module; a plain fallback until it lands)
 
 
-@dataclass(frozen=True)
-class _GpuChoice:
-    gpu: GpuFacts | None
-    reason: str
-    pin_uuid: str | None = None
-
-
-def choose_gpu(facts: Facts, device_flag_value: str | None) -> _GpuChoice:
-    try:
-        module: Any = importlib.import_module("lowvram.gpuselect")
-    except ImportError:
-        module = None
-    if module is not None and hasattr(module, "select_gpu"):
-        choice = module.select_gpu(facts, device_flag_value)
-        return _GpuChoice(choice.gpu, choice.reason, getattr(choice, "pin_uuid", None))
-    gpus = facts.usable_gpus
-    if not gpus:
-        return _GpuChoice(None, facts.nvml_error or "no NVIDIA GPU")
-    best = max(gpus, key=lambda g: (g.vram_total_mb or 0, g.cc_tuple or (0, 0)))
-    pin = best.uuid if len(gpus) > 1 else None
-    return _GpuChoice(best, f"the largest NVIDIA GPU: {best.name}", pin)
+def choose_gpu(facts: Facts, device_flag_value: str | None) -> GpuChoice:
+    """The GPU the UI would use, worked out as CUDA does (lowvram.gpuselect, DESIGN §3)."""
+    return select_gpu(facts, device_flag_value)
 
 
 def target_ui(facts: Facts, overrides: Overrides) -> str:
@@ -608,6 +598,11 @@ def plan(
         b.warn(_wont_fit(fam, width=width, height=height, offload=offload, rungs=rungs, vram_total=vram_total,
                          room=room, unet=unet_prec, vae=vae_prec, attention=attention, ui_key=ui_key, bcu=bcu,
                          batch=batch, hires=hires))
+    if ui_key == "forge" and vram_total and not cpu_mode:
+        weights = max(0, vram_total - room - FORGE_INFERENCE_MB)
+        b.add("forge.gpu_weights_mb", weights, "auto",
+              f"Forge's GPU Weights slider (Settings) follows the headroom: at most {vram_total} − {room} headroom − "
+              f"{FORGE_INFERENCE_MB} inference memory; lowvram does not write Forge's settings")
     b.add("headroom_mb", room, "auto", "VRAM other programs hold (measured total − free), with the "
           f"{'Windows' if facts.system.os == 'windows' or facts.system.wsl else 'Linux'} minimum")
 
@@ -729,15 +724,8 @@ def _wont_fit(fam: str, *, width: int, height: int, offload: str, rungs: Sequenc
 
 def _reserve(observations: Sequence[Observation], checkpoint: str | None, vram_total: int | None,
              gpu: GpuFacts | None, size: tuple[int, int]) -> ReservePlan:
-    try:
-        module: Any = importlib.import_module("lowvram.reserve")
-    except ImportError:
-        module = None
-    if module is None or not hasattr(module, "compute_reserve"):
-        return ReservePlan("auto", 0, True, source="none", reason="learning: no observations yet (reserve 0)")
-    result = module.compute_reserve(observations, checkpoint=checkpoint, vram_total_mb=vram_total,
-                                    cuda_context_mb=est.CUDA_CONTEXT_MB, driver=gpu.driver if gpu else None,
-                                    size=size)
+    result = compute_reserve(observations, checkpoint=checkpoint, vram_total_mb=vram_total,
+                             cuda_context_mb=est.CUDA_CONTEXT_MB, driver=gpu.driver if gpu else None, size=size)
     return ReservePlan(
         mode="auto",
         mb=int(result.reserve_mb),

@@ -63,6 +63,8 @@ class UiSpec:
     first_start: tuple[Download, ...] = ()
     notes: tuple[str, ...] = ()
     before_first_start: tuple[str, ...] = ()  # shell commands, `{dir}` = the tree (ComfyUI's venv)
+    min_cc: tuple[int, int] | None = None  # oldest GPU the torch build the UI installs supports
+    min_cc_why: str = ""
 
     @property
     def pin(self) -> str:
@@ -101,10 +103,20 @@ def load_registry(path: Path | None = None) -> Registry:
                 ),
                 notes=tuple(raw.get("notes") or ()),
                 before_first_start=tuple(raw.get("before_first_start") or ()),
+                min_cc=_cc(raw.get("min_compute_capability")),
+                min_cc_why=(raw.get("min_compute_capability") or {}).get("why", "") + "; "
+                + (raw.get("min_compute_capability") or {}).get("hint", ""),
             )
         return Registry(uis=uis, clone_margin_mb=int(data["disk"]["clone_margin_mb"]))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SetupError(f"lowvram's UI registry {path} is unreadable ({exc})", "reinstall lowvram") from exc
+
+
+def _cc(raw: Any) -> tuple[int, int] | None:
+    if not raw:
+        return None
+    major, _, minor = str(raw["value"]).partition(".")
+    return int(major), int(minor or 0)
 
 
 def ui_spec(key: str, registry: Registry | None = None) -> UiSpec:
@@ -257,22 +269,27 @@ def host_python_warnings(spec: UiSpec) -> list[str]:
     return []
 
 
-def doctor_warnings() -> list[str]:
-    """What doctor would flag on this machine (no GPU, old driver ...): warnings, never a refusal."""
+def machine_warnings(spec: UiSpec) -> list[str]:
+    """What doctor would flag on this machine (no GPU, old driver ...), and a GPU too old for the
+    torch the UI installs: warnings, never a refusal (DESIGN.md §1 [revised])."""
     try:
         from lowvram.detect import gather_facts
         from lowvram.doctor import run_checks
-    except ImportError:  # pragma: no cover - detect/doctor ship with lowvram
-        return []
-    try:
+
         facts = gather_facts()
         checks = run_checks(facts)
     except LowvramError as exc:
         return [f"could not check this machine: {exc.message}"]
-    out = []
-    for check in checks:
-        if check.status == "fail" and not check.id.startswith("webui"):
-            out.append(f"{check.message}" + (f" ({check.hint})" if check.hint else ""))
+    except Exception as exc:  # advisory only: a probe that breaks must not stop the install
+        return [f"could not check this machine: {type(exc).__name__}: {exc}"]
+    out = [check.message + (f" ({check.hint})" if check.hint else "")
+           for check in checks if check.status == "fail" and not check.id.startswith("webui")]
+    if spec.min_cc is not None:
+        for gpu in facts.usable_gpus:
+            cc = gpu.cc_tuple
+            if cc is not None and cc < spec.min_cc:
+                out.append(f"{gpu.name or 'the GPU'} (compute capability {gpu.compute_capability}) is too old for "
+                           f"the torch {spec.name} installs: {spec.min_cc_why}")
     return out
 
 
@@ -458,7 +475,7 @@ def setup(
     warnings = preflight(spec, info, registry)
     if check_machine:
         warnings += host_python_warnings(spec)
-        warnings += doctor_warnings()
+        warnings += machine_warnings(spec)
 
     # --- from here on the disk changes -------------------------------------------------------
     lock = fsutil.FileLock(paths.webui_state_dir(dest) / "setup.lock", f"setup of {dest}")
@@ -490,7 +507,7 @@ def setup(
                         f"the adopted tree is at {tag or commit[:12]}, lowvram pins {spec.tag or spec.commit}; "
                         "it was left as it is (update it with git if you want the pinned release)"
                     )
-            ref_out = tag or commit
+            ref_out = (marker.get("ref") if resumed else None) or tag or commit
         else:
             source = gitops.source_for(spec.key, spec.url, sources)
             origin = spec.url if gitops.normalise_url(source) != gitops.normalise_url(spec.url) else None
@@ -579,11 +596,12 @@ def _apply(result: SetupResult, spec: UiSpec, *, profile: str | None, model: str
     except ProfileError:
         if model is not None:
             raise
-        ctx = plan_with(DEFAULT_MODEL)  # the same error again if the family was not the problem
+        # A tree with no checkpoint that is not A1111 (A1111 plans for the SD 1.5 its first start
+        # downloads): plan for sd15 so the block is written; `launch` plans again for what it finds.
+        ctx = plan_with(DEFAULT_MODEL)
         result.notes.append(
-            f"no checkpoint yet: planned for {DEFAULT_MODEL}"
-            + (" (the model A1111's first start downloads)" if spec.key == "a1111" else "")
-            + "; `lowvram launch` plans again for the checkpoint it finds (or pass --model)"
+            f"no checkpoint yet: planned for {DEFAULT_MODEL}; `lowvram launch` plans again for the "
+            "checkpoint it finds (or pass --model)"
         )
     applied = apply_plan(ctx.plan, ctx.webui or result.dir, ctx.facts, progress=progress)
     result.apply = _apply_dict(applied, ctx.plan)

@@ -23,6 +23,8 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("GIT_AUTHOR_EMAIL", "tests@lowvram.invalid")
     os.environ.setdefault("GIT_COMMITTER_NAME", "lowvram tests")
     os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@lowvram.invalid")
+    # The suite needs no network: git may only use local repositories (file:// and paths).
+    os.environ["GIT_ALLOW_PROTOCOL"] = "file"
 
 
 @pytest.fixture(autouse=True)

@@ -48,7 +48,8 @@ class RegistryEntry:
         return reasons.get(ui) or f"{self.name} does not work on {ui} (it works on {', '.join(self.uis)})"
 
     def spec(self) -> ExtensionSpec:
-        return ExtensionSpec(name=self.name, url=self.url, ref=self.ref, dir=self.dir, reason=self.why)
+        return ExtensionSpec(name=self.name, url=self.url, ref=self.ref, dir=self.dir, reason=self.why,
+                             uis=self.uis, skip=self.skip)
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,9 @@ def test_gtx1070_gets_its_flags_and_extensions_from_the_mirror(cli, with_mirror:
         assert git(checkout, "rev-parse", "HEAD") == with_mirror.extensions[name]
         assert "github.com" in _origin(checkout)  # origin is the registry URL, not the mirror
     # No checkpoint yet: planned for the model A1111's first start downloads, and said so.
-    assert any("no checkpoint yet" in n for n in data["notes"])
+    model = next(d for d in plan["decisions"] if d["setting"] == "model")
+    assert model["value"] == "sd15"
+    assert any("no checkpoint yet" in n for n in data["notes"]) or "first start" in model["reason"]
     assert any("v1-5-pruned-emaonly" in d["what"] for d in data["first_start"])
 
 
@@ -239,6 +241,20 @@ def test_other_uis(cli, with_mirror: UiMirror, tmp_path: Path, ui: str) -> None:
         assert any("requirements.txt" in c for c in data["before_launch"])
     else:
         assert data["before_launch"] == []
+
+
+def test_sdnext_on_a_pascal_card_warns_about_its_cuda_13_torch(cli, with_mirror: UiMirror, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowvram.detect import nvml
+
+    monkeypatch.setattr(nvml, "pynvml", gtx1070())
+    r = cli("setup", "--ui", "sdnext", "--dir", str(tmp_path / "sdnext"), "--json")
+    assert r.code == 0, r.err
+    (warning,) = [w for w in _json(r.out)["warnings"] if "too old for the torch" in w]
+    assert "GTX 1070" in warning and "6.1" in warning and "TORCH_COMMAND" in warning
+    # A1111's torch 2.1.2+cu121 still runs on Pascal: no such warning there.
+    r = cli("setup", "--ui", "a1111", "--dir", str(tmp_path / "a1111"), "--json")
+    assert not [w for w in _json(r.out)["warnings"] if "too old for the torch" in w]
 
 
 def test_forge_pin_missing_from_the_mirror_fails_cleanly(cli, with_mirror: UiMirror, tmp_path: Path) -> None:
@@ -506,6 +522,7 @@ def test_killed_clone_then_rerun(mirror: UiMirror, tmp_path: Path, kill_at: str,
     data = _json(again.stdout)
     assert data["resumed"] is resumed
     assert data["adopted"] is False
+    assert data["ref"] == "v1.10.1"
     assert len(data["cleaned"]) == (0 if resumed else 1)
     assert git(target, "rev-parse", "HEAD") == mirror["a1111"].commit
     changed = [line.split()[-1] for line in git(target, "status", "--porcelain", "--untracked-files=no").splitlines()]

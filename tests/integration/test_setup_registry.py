@@ -64,3 +64,10 @@ def test_the_registry_is_shipped_in_the_package() -> None:
     from lowvram import paths
 
     assert paths.data_file("uis.json").is_file()
+
+
+def test_sdnext_records_the_oldest_gpu_its_torch_runs_on() -> None:
+    spec = setup_ui.ui_spec("sdnext")
+    assert spec.min_cc == (7, 5)
+    assert "TORCH_COMMAND" in spec.min_cc_why
+    assert setup_ui.ui_spec("a1111").min_cc is None

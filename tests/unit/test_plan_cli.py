@@ -183,3 +183,17 @@ def test_broken_user_profile_breaks_list_with_one_line(cli, lowvram_home: Path) 
     assert result.code == 1
     assert "mine.yaml:2: `attention` should be one of" in result.err
     assert "did you mean `xformers`?" in result.err
+
+
+def test_lowvram_hook_off_disables_the_hook(cli, gtx1070_facts: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOWVRAM_HOOK", "off")
+    data = json.loads(cli("plan", "--facts", str(gtx1070_facts), "--model", "sdxl", "--json").out)
+    assert data["hook"]["enabled"] is False and "LOWVRAM_CONFIG" not in data["env"]
+
+
+def test_forge_plan_says_where_gpu_weights_should_be(cli, tmp_path: Path, gtx1070_facts: Path) -> None:
+    tree = make_webui(tmp_path / "forge", flavor="forge", version=None, torch="2.3.1+cu121", xformers=None)
+    data = json.loads(cli("plan", "--webui", str(tree), "--facts", str(gtx1070_facts), "--model", "sdxl",
+                          "--json").out)
+    weights = next(d for d in data["decisions"] if d["setting"] == "forge.gpu_weights_mb")
+    assert weights["value"] == 8192 - 256 - 1024 and "GPU Weights" in weights["reason"]

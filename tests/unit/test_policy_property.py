@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from lowvram import paths, policy, profiles, ui
 from lowvram.errors import ProfileError
 from lowvram.facts import Facts, GpuFacts, OtherGpu, SystemFacts, TcmallocFacts, WebuiFacts
+from lowvram.observations import Observation
 from lowvram.plan import Overrides
 from lowvram.planner import load_registry
 
@@ -73,12 +74,31 @@ def facts_st(draw: st.DrawFn) -> tuple[Facts, str, str]:
     return facts, flavor, family
 
 
+observation_st = st.builds(
+    Observation,
+    time=st.floats(0, 1e6),
+    source=st.sampled_from(["hook", "tuning", "manual"]),
+    checkpoint=st.sampled_from(["m|1|1", None]),
+    offload=st.sampled_from(["none", "medvram-sdxl", "medvram", "lowvram", None]),
+    road=st.sampled_from(["swap", "resident", None]),
+    layout=st.booleans(),
+    reserve_mb=st.one_of(st.none(), st.integers(0, 4096)),
+    free_mb=st.one_of(st.none(), st.integers(0, 4096)),
+    overflow_mb=st.one_of(st.none(), st.integers(0, 4096)),
+    peak_reserved_mb=st.one_of(st.none(), st.integers(500, 24000)),
+    sit=st.one_of(st.none(), st.floats(0.1, 30)),
+    ooms=st.integers(0, 2),
+)
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=facts_st(), profile=st.one_of(st.none(), st.sampled_from(BUNDLED)),
        offload=st.sampled_from([None, "auto", "none", "medvram-sdxl", "medvram", "lowvram"]),
-       layout=st.sampled_from([None, "auto", "on", "off"]))
+       layout=st.sampled_from([None, "auto", "on", "off"]),
+       observations=st.lists(observation_st, max_size=8))
 def test_any_facts_any_profile_gives_valid_consistent_flags(
-    data: tuple[Facts, str, str], profile: str | None, offload: str | None, layout: str | None
+    data: tuple[Facts, str, str], profile: str | None, offload: str | None, layout: str | None,
+    observations: list[Observation],
 ) -> None:
     facts, _flavor, _family = data
     ov = Overrides(profile=profile, offload=offload, layout=layout)
@@ -91,7 +111,7 @@ def test_any_facts_any_profile_gives_valid_consistent_flags(
         except ProfileError:
             return  # no profile for this machine: a clear error, nothing to plan
         resolved = profiles.load_profile(selection.name)
-    plan = policy.plan(facts, resolved, [], ov, hook_config_path="/h.json", webui_path="/w", registry=REGISTRY,
+    plan = policy.plan(facts, resolved, observations, ov, hook_config_path="/h.json", webui_path="/w", registry=REGISTRY,
                        family=fam, selection=selection)
     adapter = ui.adapter(plan.ui)
     version = facts.webui.version if facts.webui else None
@@ -110,3 +130,6 @@ def test_any_facts_any_profile_gives_valid_consistent_flags(
     assert data_out["schema"] == 1 and data_out["args"] == list(plan.args)
     assert data_out["env"] == plan.env
     assert all(d["reason"] for d in data_out["decisions"])
+    assert plan.reserve.mb >= 0 and plan.reserve.mb % 64 == 0
+    assert plan.road in ("swap", "resident")
+    assert plan.reserve.applied == (plan.road == "resident")
