@@ -8,15 +8,28 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from lowvram import __version__
 from lowvram.errors import LowvramError
 
+# --help lists the commands in the order a new user needs them.
+COMMAND_ORDER = ("doctor", "profiles", "plan", "apply", "launch", "revert", "install-extensions", "reserve",
+                 "estimate", "tune", "setup")
+
+
+class _OrderedGroup(TyperGroup):
+    def list_commands(self, ctx: Any) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: (COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER), n))
+
+
 app = typer.Typer(
     name="lowvram",
+    cls=_OrderedGroup,
     help=(
         "Make Stable Diffusion WebUIs (A1111, Forge, SD.Next, ComfyUI) run well on low-VRAM NVIDIA GPUs.\n\n"
         "Start with `lowvram doctor`, then `lowvram plan`, `lowvram apply` or `lowvram launch`."

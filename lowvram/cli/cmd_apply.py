@@ -52,7 +52,17 @@ def apply_cmd(  # noqa: PLR0917 - one parameter per CLI option
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the diff and the extensions; change nothing.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Write the plan into the WebUI (managed block, hook, extensions) without starting it."""
+    """Write the plan into the WebUI (managed block, hook, extensions) without starting it.
+
+    The user's usual webui.sh / webui-user.bat then starts with the plan too. `lowvram revert`
+    takes it all out again.
+
+    \b
+    Examples:
+      lowvram apply --dry-run                 # the diff and the extensions; changes nothing
+      lowvram apply --profile gtx1070-sdxl    # remembered for this WebUI
+      lowvram apply --webui ~/stable-diffusion-webui --json
+    """
     from lowvram import state
     from lowvram.apply import apply_plan
     from lowvram.planner import make_plan
@@ -97,7 +107,16 @@ def apply_cmd(  # noqa: PLR0917 - one parameter per CLI option
 
 @app.command("revert")
 def revert_cmd(webui: WebuiOpt = None, json_out: JsonOpt = False) -> None:
-    """Take out everything lowvram put into the WebUI (what its manifest records)."""
+    """Take out everything lowvram put into the WebUI (what its manifest records).
+
+    With no edits since apply the tree is byte-for-byte as before; edits you made stay, and an
+    extension holding your files (VRAM Estimator's stats.json) is kept.
+
+    \b
+    Examples:
+      lowvram revert
+      lowvram revert --webui ~/stable-diffusion-webui --json
+    """
     from lowvram.apply import revert
 
     tree = resolve_webui(webui, strict=False)

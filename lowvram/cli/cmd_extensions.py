@@ -100,7 +100,17 @@ def install_extensions(  # noqa: PLR0917 - one parameter per CLI option
     update: Annotated[bool, typer.Option("--update", help="Move clean checkouts to the registry's pin.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Install the extensions lowvram works with (VRAM Estimator, giant-kitten), pinned, with git."""
+    """Install the extensions lowvram works with (VRAM Estimator, giant-kitten), pinned, with git.
+
+    A checkout with local changes or another remote is never touched. Offline: --source NAME=URL
+    or LOWVRAM_MIRROR=DIR (DIR/vram-estimator, DIR/giant-kitten).
+
+    \b
+    Examples:
+      lowvram install-extensions
+      lowvram install-extensions vram-estimator --update
+      lowvram install-extensions --source giant-kitten=~/src/stable-diffusion-webui-giant-kitten
+    """
     from lowvram import fsutil, paths
     from lowvram.apply import clean_stale
     from lowvram.apply import extensions as ext_mod

@@ -16,7 +16,13 @@ app.add_typer(profiles_app, name="profiles")
 
 @profiles_app.command("list")
 def list_command(json_out: JsonOpt = False) -> None:
-    """Bundled and user profiles (a user profile overrides a bundled one of the same name)."""
+    """Bundled and user profiles (a user profile overrides a bundled one of the same name).
+
+    \b
+    Examples:
+      lowvram profiles list
+      lowvram profiles list --json
+    """
     from lowvram import paths, render
     from lowvram.profiles import list_profiles
 
@@ -45,7 +51,13 @@ def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
 @profiles_app.command("show")
 def show_command(name: Annotated[str, typer.Argument(help="Profile name (see `lowvram profiles list`).")],
                  json_out: JsonOpt = False) -> None:
-    """One profile with its `extends` chain merged in, and the profile each value came from."""
+    """One profile with its `extends` chain merged in, and the profile each value came from.
+
+    \b
+    Examples:
+      lowvram profiles show gtx1070-sdxl
+      lowvram profiles show 8gb-sdxl --json
+    """
     from lowvram import render
     from lowvram.profiles import load_profile
 
