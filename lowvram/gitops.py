@@ -104,7 +104,10 @@ def validate_source_url(url: str) -> str:
             raise _bad_url(url, "it names no repository path")
         return url
     # A local path (absolute or relative to the current directory).
-    return str(Path(url).expanduser().absolute())
+    try:
+        return str(Path(url).expanduser().absolute())
+    except RuntimeError as exc:  # `~name` where no user is called name
+        raise _bad_url(url, "its `~user` names no user on this machine") from exc
 
 
 def _split_url(url: str) -> tuple[str, str, str]:

@@ -196,7 +196,10 @@ def _read_yaml(path: Path) -> _Doc:
         raise ProfileError(f"{path}: not UTF-8 text", "save the profile as UTF-8") from exc
     except OSError as exc:
         raise ProfileError(f"cannot read profile {path}: {exc.strerror}", "check the path") from exc
-    loader = _loader_class()(text)
+    try:
+        loader = _loader_class()(text)
+    except yaml.YAMLError as exc:  # the reader refuses control characters before parsing
+        raise ProfileError(f"{path}: {_yaml_problem(exc)}", "remove the control character") from exc
     try:
         try:
             node = loader.get_single_node()
@@ -208,10 +211,8 @@ def _read_yaml(path: Path) -> _Doc:
         except yaml.composer.ComposerError as exc:
             raise ProfileError(f"{path}: more than one YAML document", "keep one profile per file") from exc
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ProfileError(f"{path}{where}: not valid YAML ({problem})", "check indentation and quoting") from exc
+            raise ProfileError(f"{path}{_yaml_line(exc)}: not valid YAML ({_yaml_problem(exc)})",
+                               "check indentation and quoting") from exc
         if node is None:
             raise ProfileError(f"{path}: the file is empty", "a profile needs at least `description:`")
         if not isinstance(node, yaml.MappingNode):
@@ -221,11 +222,29 @@ def _read_yaml(path: Path) -> _Doc:
         _check_node(path, node, (), lines)
         try:
             data = loader.construct_document(node)
-        except yaml.YAMLError as exc:
-            raise ProfileError(f"{path}: cannot read a value ({exc})", "check the YAML") from exc
+        except yaml.YAMLError as exc:  # e.g. an unknown tag such as !!python/object
+            raise ProfileError(f"{path}{_yaml_line(exc)}: cannot read a value ({_yaml_problem(exc)})",
+                               "profiles hold plain values: strings, numbers, lists and mappings") from exc
+        except ValueError as exc:  # an integer over Python's int-to-str digit limit
+            raise ProfileError(f"{path}: a number is far too large ({str(exc).splitlines()[0][:80]})",
+                               "check the values: sizes are in pixels and MiB") from exc
+    except RecursionError:
+        raise ProfileError(f"{path}: nested too deeply to be a profile",
+                           "a profile is a flat mapping with a few small lists and mappings") from None
     finally:
         loader.dispose()
     return _Doc(path, data, lines)
+
+
+def _yaml_line(exc: Exception) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return f":{mark.line + 1}" if mark is not None else ""
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """PyYAML's own message spans several lines (with the source line marked): keep its first."""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return " ".join(str(problem).split())[:160]
 
 
 def _check_node(path: Path, node: Any, key_path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> None:

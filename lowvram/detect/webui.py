@@ -327,6 +327,8 @@ def read_config(path: Path) -> dict[str, Any]:
         raise WebuiError(f"{path} is not UTF-8 text", hint) from exc
     except json.JSONDecodeError as exc:
         raise WebuiError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", hint) from exc
+    except (ValueError, RecursionError) as exc:  # a number over Python's digit limit, absurd nesting
+        raise WebuiError(f"{path} holds values no UI setting has ({str(exc).splitlines()[0][:80]})", hint) from exc
     if not isinstance(data, dict):
         raise WebuiError(f"{path} is not a JSON object of settings", hint)
     return data
@@ -338,7 +340,10 @@ def strip_hash(title: str) -> str:
 
 
 def _abs(root: Path, value: str) -> Path:
-    p = Path(value).expanduser()
+    try:
+        p = Path(value).expanduser()
+    except RuntimeError:  # `~user` of a user that does not exist: bash leaves it as it is, so do we
+        p = Path(value)
     return p if p.is_absolute() else root / p
 
 
