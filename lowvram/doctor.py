@@ -375,7 +375,8 @@ def check_xformers(facts: Facts) -> Check:
                 return Check("webui.xformers", "ok",
                              f"xformers not installed; A1111's --xformers would install 0.0.23.post1, built for torch "
                              f"{built_for}, not this venv's {w.torch}", "lowvram plans SDP attention instead")
-        return Check("webui.xformers", "ok", "xformers not installed (SDP attention is used)")
+        return Check("webui.xformers", "ok", "xformers not installed yet (A1111 installs its pinned build when "
+                     "--xformers is given; without it SDP or split attention is used)")
     if w.torch is None:
         return Check("webui.xformers", "warn", f"xformers {w.xformers} installed but no torch in the venv")
     built_for = xformers_torch(w.xformers)
@@ -404,8 +405,10 @@ def check_quirks(facts: Facts) -> Check:
                      "run with --upcast-sampling (lowvram's GTX 16xx profile does; if images stay black: --no-half)")
     if cc is not None and cc[0] == 6 and cc[1] in (1, 2):
         return Check("gpu.quirks", "warn",
-                     f"{name or 'this GPU'} (Pascal, sm {g.compute_capability}): fp16 math is very slow on this card",
-                     "--upcast-sampling keeps fp16 weights (memory) with fp32 math; lowvram's Pascal profiles use it")
+                     f"{name or 'this GPU'} (Pascal, sm {g.compute_capability}): fp16 math runs at a fraction of "
+                     "fp32 speed on this card",
+                     "lowvram's Pascal profiles use xformers (not SDP); if sampling is slow, compare s/it with "
+                     "--upcast-sampling (fp16 weights, fp32 math; A1111 PR #8782)")
     if cc is not None and cc < (6, 0):
         return Check("gpu.quirks", "warn",
                      f"{name or 'this GPU'} (sm {g.compute_capability}) predates Pascal: no xformers, slow fp16",

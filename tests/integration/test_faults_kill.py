@@ -35,10 +35,14 @@ def _failures(results: list[TrialResult]) -> list[str]:
 def test_random_kills_leave_old_or_new_and_the_next_run_finishes(lab: Lab, op: str) -> None:
     results = run_trials(lab, op, TRIALS[op], SEED)
     assert _failures(results) == []
-    # the sample really interrupted the operation, at more than one place
+    # The sample really interrupted the operation, at more than one place. Kill-point trials are
+    # deterministic; timer kills depend on the machine's speed (a fast run may finish first), so
+    # they must pass the checks but are not counted on to kill.
+    at_points = [r for r in results if r.how.startswith("point:")]
+    assert at_points and all(r.killed for r in at_points)
+    distinct_indices = {r.how for r in at_points}
     killed = [r for r in results if r.killed]
-    assert len(killed) >= TRIALS[op] // 2 + 1
-    assert len({r.last_point for r in killed}) >= 3
+    assert len({r.last_point for r in killed}) >= min(3, len(distinct_indices))
 
 
 def test_every_trial_starts_from_the_same_bytes(lab: Lab) -> None:
