@@ -127,10 +127,14 @@ def gpu_for(facts: Facts, overrides: Overrides) -> GpuFacts | None:
     return choose_gpu(facts, user_device_flag(facts, ui_key)).gpu
 
 
+def headroom_floor(os_name: str, wsl: bool = False) -> int:
+    """The least VRAM other programs hold: the desktop compositor on Windows (and under WSL)."""
+    return MIN_HEADROOM_WINDOWS_MB if os_name == "windows" or wsl else MIN_HEADROOM_LINUX_MB
+
+
 def headroom_mb(facts: Facts, gpu: GpuFacts | None) -> int:
     """What other programs hold (measured total − free), at least 256 MiB Linux / 512 MiB Windows."""
-    windows = facts.system.os == "windows" or facts.system.wsl
-    floor = MIN_HEADROOM_WINDOWS_MB if windows else MIN_HEADROOM_LINUX_MB
+    floor = headroom_floor(facts.system.os, facts.system.wsl)
     if gpu is None or gpu.vram_total_mb is None or gpu.vram_free_mb is None:
         return floor
     return max(floor, gpu.vram_total_mb - gpu.vram_free_mb)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from lowvram.cli.app import app
-from lowvram.cli.options import FactsOpt, JsonOpt, WebuiOpt
+from lowvram.cli.options import FactsOpt, JsonOpt, UiChoice, WebuiOpt
 from lowvram.errors import UsageError
 
 if TYPE_CHECKING:
@@ -25,8 +25,6 @@ if TYPE_CHECKING:
 
 SWEEP_SIDES = (512, 640, 768, 896, 1024, 1152, 1280, 1536, 1792, 2048)
 NATIVE_SIDE = {"sd15": 512, "sd2": 768, "sdxl": 1024, "sdxl-refiner": 1024}
-HEADROOM_FLOOR_MB = {"windows": 512}  # the desktop compositor; 256 MiB elsewhere (DESIGN.md §5)
-DEFAULT_HEADROOM_MB = 256
 MAX_STATS_BYTES = 16 * 1024 * 1024
 
 
@@ -55,13 +53,6 @@ class EstOffloadChoice(str, enum.Enum):
     medvram_sdxl = "medvram-sdxl"
     medvram = "medvram"
     lowvram = "lowvram"
-
-
-class EstUiChoice(str, enum.Enum):
-    a1111 = "a1111"
-    forge = "forge"
-    sdnext = "sdnext"
-    comfyui = "comfyui"
 
 
 @dataclass
@@ -299,8 +290,9 @@ def run_estimate(
     os_name = facts.system.os if facts is not None else ("windows" if sys.platform == "win32" else "linux")
     headroom: int | None = None
     if total is not None:
-        floor = HEADROOM_FLOOR_MB.get(os_name, DEFAULT_HEADROOM_MB)
-        headroom = max(floor, used or 0)
+        from lowvram.policy import headroom_floor
+
+        headroom = max(headroom_floor(os_name, bool(facts is not None and facts.system.wsl)), used or 0)
 
     result = est.estimate(req, calibration)
     fits: bool | None = None
@@ -414,7 +406,7 @@ def estimate_command(  # noqa: PLR0917 - typer maps each option to a parameter
         PrecisionChoice | None, typer.Option("--vae-precision", help="VAE precision (full where --no-half-vae).")
     ] = None,
     tiled_vae: Annotated[bool, typer.Option("--tiled-vae", help="Decode the VAE in tiles (Tiled VAE extension).")] = False,
-    ui: Annotated[EstUiChoice | None, typer.Option("--ui", help="The UI that runs it (default: the WebUI found, else a1111).")] = None,
+    ui: Annotated[UiChoice | None, typer.Option("--ui", help="The UI that runs it (default: the WebUI found, else a1111).")] = None,
     attention: Annotated[AttentionChoice | None, typer.Option("--attention", help="Cross-attention backend (default sdp).")] = None,
     offload: Annotated[EstOffloadChoice | None, typer.Option("--offload", help="Offload mode (default none).")] = None,
     hires_scale: Annotated[

@@ -7,6 +7,7 @@ flag lowvram writes is checked against the target UI's real flag list, kept as d
 
 from __future__ import annotations
 
+import abc
 import difflib
 import functools
 import math
@@ -215,7 +216,7 @@ class Rendered:
     notes: tuple[str, ...] = ()
 
 
-class UiAdapter:
+class UiAdapter(abc.ABC):
     """One UI: its flag lists, how it spells the semantic settings, what contradicts what."""
 
     key = ""
@@ -229,11 +230,13 @@ class UiAdapter:
     # category → {flag: semantic value}; two flags of one category with different values contradict.
     categories: ClassVar[Mapping[str, Mapping[str, str]]] = {}
 
+    @abc.abstractmethod
     def flagset(self, version: str | None) -> FlagSet:
-        raise NotImplementedError
+        """The UI's real flags for this version (data in ui/flags/*.txt)."""
 
+    @abc.abstractmethod
     def render(self, settings: UiSettings, version: str | None) -> Rendered:
-        raise NotImplementedError
+        """The plan's semantic settings as this UI's flags."""
 
     def rungs(self, family: str | None, version: str | None) -> tuple[str, ...]:
         """The offload ladder on this UI for this family, fastest first (DESIGN §5)."""
