@@ -119,15 +119,16 @@ def compute_reserve(observations: Sequence[Observation], *, checkpoint: str | No
         overflow = inputs.overflow_mb or 0
         formula_mb, formula_clamp = clamp(free + overflow, vram_total_mb, cuda_context_mb)
 
-    if state.measured_reserves >= 2 and state.best is not None:
+    best = state.best_resident  # the reserve is for the resident road, even where the swap road ran faster
+    if state.measured_reserves >= 2 and best is not None:
         if explore and not state.closed and state.next_candidate is not None:
             mb, clamped_by = clamp(state.next_candidate, vram_total_mb, cuda_context_mb)
             reason = (f"tuning: trying {mb} MiB next ({state.measured_reserves} of {state.max_candidates} "
-                      f"candidates measured; best so far {state.best.reserve_mb} MiB at {state.best.sit:.3f} s/it)")
+                      f"candidates measured; best so far {best.reserve_mb} MiB at {best.sit:.3f} s/it)")
         else:
-            mb, clamped_by = clamp(state.best.reserve_mb, vram_total_mb, cuda_context_mb)
-            reason = (f"tuning: {mb} MiB had the best measured speed ({state.best.sit:.3f} s/it at "
-                      f"{_size(state.size)}); {state.reason}")
+            mb, clamped_by = clamp(best.reserve_mb, vram_total_mb, cuda_context_mb)
+            reason = (f"tuning: {mb} MiB had the best measured speed on the resident road ({best.sit:.3f} s/it "
+                      f"at {_size(state.size)}); {state.reason}")
         return ReserveResult(mb, inputs.free_mb, inputs.overflow_mb, "tuning", clamped_by, reason, used, state,
                              formula_mb)
 

@@ -72,6 +72,9 @@ class TuningState:
     measured_reserves: int = 0  # distinct reserves measured on the resident road (failed ones too)
     max_candidates: int = PASSIVE_CANDIDATES
     range_mb: tuple[int, int] | None = None  # [0.8 × free, free + overflow] on the 64 MiB grid
+    # The best on the resident road alone: the reserve to lay out when the plan is on that road,
+    # whichever road `best` names (the swap road's "reserve" means nothing to the layout).
+    best_resident: Best | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -86,6 +89,9 @@ class TuningState:
             "measured_reserves": self.measured_reserves,
             "max_candidates": self.max_candidates,
             "range_mb": None if self.range_mb is None else list(self.range_mb),
+            "best_resident": None if self.best_resident is None else {
+                "road": self.best_resident.road, "reserve_mb": self.best_resident.reserve_mb,
+                "sit": self.best_resident.sit},
         }
 
 
@@ -271,5 +277,7 @@ def tuning_state(observations: Sequence[Observation], checkpoint: str | None, dr
     else:
         reason = f"open: {len(measured)} of {max_candidates} candidates measured, next {nxt} MiB"
         closed = False
+    resident_best = (None if best_resident is None
+                     else Best(best_resident.road, best_resident.reserve_mb, float(best_resident.sit or 0.0)))
     return TuningState(best, tuple(probes), closed, nxt, reason, size, confirmed, len(measured), max_candidates,
-                       span)
+                       span, resident_best)

@@ -57,21 +57,52 @@ def _ckpt_name(key: str) -> str:
     return key.split("|", 1)[0]
 
 
+def _checkpoint_dirs(webui: Path, facts: Facts) -> list[Path]:
+    """Where A1111 looks for checkpoints (as detect does): the selected one's folder, --ckpt-dir,
+    <--models-dir or --data-dir/models>/Stable-diffusion, then the tree's own models folder."""
+    from lowvram.detect.webui import flag_value
+
+    args = facts.webui.user_args if facts.webui is not None else None
+
+    def under(value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else webui / p
+
+    dirs = []
+    if facts.webui is not None and facts.webui.checkpoint_path:
+        dirs.append(Path(facts.webui.checkpoint_path).parent)
+    ckpt_dir = flag_value(args, "--ckpt-dir")
+    if ckpt_dir:
+        dirs.append(under(ckpt_dir))
+    models = flag_value(args, "--models-dir")
+    dirs.append((under(models) if models else under(flag_value(args, "--data-dir") or ".") / "models")
+                / "Stable-diffusion")
+    dirs.append(webui / "models" / "Stable-diffusion")
+    return list(dict.fromkeys(dirs))
+
+
 def resolve_checkpoint(name: str, webui: Path, facts: Facts, observations: list[Observation]) -> str | None:
-    """A checkpoint file name → its observation key (name|size|mtime); None when nothing knows it."""
+    """A checkpoint file name → its observation key (name|size|mtime); None when nothing knows it.
+
+    The name may be given as the UI lists it, `sd_xl_base_1.0.safetensors [31e35c80fc]`.
+    """
+    from lowvram.detect.webui import strip_hash
     from lowvram.markers import checkpoint_key
 
     if "|" in name:
         return name
-    dirs = [webui / "models" / "Stable-diffusion"]
-    if facts.webui is not None and facts.webui.checkpoint_path:
-        dirs.insert(0, Path(facts.webui.checkpoint_path).parent)
-    for d in dirs:
+    name = strip_hash(name).replace("\\", "/")
+    if not name:
+        return None
+    for d in _checkpoint_dirs(webui, facts):
         candidate = d / name
-        if candidate.is_file():
-            st = candidate.stat()
-            return checkpoint_key(candidate.name, st.st_size, st.st_mtime)
-    base = Path(name.replace("\\", "/")).name
+        try:
+            if candidate.is_file():
+                st = candidate.stat()
+                return checkpoint_key(candidate.name, st.st_size, st.st_mtime)
+        except OSError:  # a name too long for the file system, a path through a file
+            continue
+    base = Path(name).name
     known = sorted((o for o in observations if o.checkpoint and _ckpt_name(o.checkpoint) == base), key=lambda o: o.time)
     return known[-1].checkpoint if known else None
 

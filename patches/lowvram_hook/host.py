@@ -65,6 +65,10 @@ class Job:
     first_pass_only: bool
     layout_s: float | None
     shared_peak: int | None = None
+    # Taken when the job starts: an OOM'd job is recorded at the *next* job, by when the user may
+    # have switched checkpoints, and its record must name the model that ran out of memory.
+    checkpoint: str | None = None
+    family: str | None = None
 
 
 def _int_attr(obj: Any, name: str) -> int | None:
@@ -95,6 +99,9 @@ class Hook:
         self.pending = False
         self.model_ref: Callable[[], Any] | None = None
         self.laid_out: tuple[int, str] | None = None  # (reserve_mb, order) of the layout in force
+        # (reserve_mb, order) whose layout failed on this model: not retried at every job (each try
+        # copies the whole model out and back), only once the model or the config changes.
+        self.failed_for: tuple[int, str] | None = None
         self.free_mb: int | None = None  # free dedicated VRAM for the current model load
         self.last_layout: LayoutResult | None = None
         self.layout_s_unreported: float | None = None
@@ -172,6 +179,14 @@ class Hook:
                 self.free_mb = self._free_now_mb()
 
     @guarded
+    def on_script_unloaded(self) -> None:
+        """A UI reload re-imports every extension: lift the patch first, so one that saves
+        `torch.cuda.empty_cache` at import (giant-kitten) saves the real one, not our no-op."""
+        with self.lock:
+            self._undo("the UI is reloading its scripts")
+            self.pending = True
+
+    @guarded
     def on_cfg_denoiser(self, params: Any) -> None:
         if self.job is None:
             return
@@ -204,7 +219,10 @@ class Hook:
                 self.free_mb = None
             if cfg.layout:
                 wanted = (cfg.reserve_mb, cfg.order)
-                if self.pending or self.laid_out != wanted or (self.patch.active and not self.patch.intact()):
+                if self.pending:
+                    self.failed_for = None
+                stale = self.patch.active and not self.patch.intact()
+                if self.pending or wanted not in (self.laid_out, self.failed_for) or stale:
                     self._layout(model, cfg)
             else:
                 self._undo("the config says layout: false")
@@ -213,7 +231,7 @@ class Hook:
             self.pending = False
             if self.free_mb is None:
                 self.free_mb = self._free_now_mb()
-            self._start_job(p)
+            self._start_job(p, model)
 
     @guarded
     def postprocess(self, p: Any, processed: Any = None) -> None:
@@ -238,6 +256,7 @@ class Hook:
         result = run_layout(unet, cfg.reserve_mb, self.mover, self.patch, order=cfg.order, scan=self.scan,
                             clock=self.clock)
         self.last_layout = result
+        self.failed_for = None if result.ok else (cfg.reserve_mb, cfg.order)
         if result.ok:
             self.laid_out = (cfg.reserve_mb, cfg.order)
             self.free_mb = result.free_mb
@@ -247,7 +266,8 @@ class Hook:
                 f"free before it {result.free_mb} MiB")
         else:
             self.laid_out = None
-            log(f"layout failed and was rolled back: {result.reason}")
+            log(f"layout failed and was rolled back: {result.reason} (not retried until the model or the "
+                "reserve changes)")
 
     def _undo(self, why: str) -> None:
         """Lift our patch and hand a cached reserve back to the driver (giant-kitten's 'disable')."""
@@ -263,7 +283,7 @@ class Hook:
 
     # -- jobs and records -----------------------------------------------------------------------
 
-    def _start_job(self, p: Any) -> None:
+    def _start_job(self, p: Any, model: Any) -> None:
         self.steps.reset()
         ooms = non_torch = total = None
         if self._cuda():
@@ -279,7 +299,9 @@ class Hook:
         self.job = Job(started=self.clock(), ooms_at_start=ooms, non_torch=non_torch, total=total,
                        width=_int_attr(p, "width"), height=_int_attr(p, "height"),
                        batch=_int_attr(p, "batch_size"), steps=_int_attr(p, "steps"),
-                       first_pass_only=bool(getattr(p, "enable_hr", False)), layout_s=layout_s)
+                       first_pass_only=bool(getattr(p, "enable_hr", False)), layout_s=layout_s,
+                       checkpoint=model_checkpoint_key(model),
+                       family=model_family(model, self._cfg.family if self._cfg is not None else None))
         self._sample_shared()
 
     def _close_unfinished_job(self) -> None:
@@ -295,7 +317,6 @@ class Hook:
             self._record(job, self._cfg, ok=False, reason="out of memory (the job did not finish)")
 
     def _record(self, job: Job, cfg: HookConfig, *, ok: bool, reason: str) -> None:
-        model = self.current_model()
         peak_alloc = peak_reserved = ooms = None
         overflow = None
         overflow_source = None
@@ -315,8 +336,8 @@ class Hook:
             "schema": 1,
             "time": self.wall(),
             "source": "hook",
-            "checkpoint": model_checkpoint_key(model),
-            "family": model_family(model, cfg.family),
+            "checkpoint": job.checkpoint,
+            "family": job.family if job.family is not None else cfg.family,
             "flags": list(cfg.flags),
             "road": cfg.road,
             "offload": cfg.offload,
@@ -363,9 +384,10 @@ def accepts_name(register: Callable[..., Any]) -> bool:
 
 
 def register(script_callbacks: Any, hook: Hook) -> list[str]:
-    """Register on_model_loaded and on_cfg_denoiser; returns the names registered."""
+    """Register on_model_loaded, on_cfg_denoiser and on_script_unloaded; returns the names registered."""
     done = []
-    for what, callback in (("on_model_loaded", hook.on_model_loaded), ("on_cfg_denoiser", hook.on_cfg_denoiser)):
+    for what, callback in (("on_model_loaded", hook.on_model_loaded), ("on_cfg_denoiser", hook.on_cfg_denoiser),
+                           ("on_script_unloaded", hook.on_script_unloaded)):
         register_fn = getattr(script_callbacks, what, None)
         if register_fn is None:
             log(f"the UI has no script_callbacks.{what}; that part of the hook is off")

@@ -49,17 +49,30 @@ class Mover(Protocol):
     def free_reserve(self, handle: Any) -> None: ...
 
 
-def _noop_factory(name: str) -> Callable[..., None]:
+def _noop_factory(name: str, original: Callable[..., Any]) -> Callable[..., None]:
     def lowvram_keep_cache(*_args: Any, **_kwargs: Any) -> None:
         return None
 
     lowvram_keep_cache._lowvram_noop = True  # type: ignore[attr-defined]
+    # The real function travels with the no-op: an extension that saved our no-op as "the
+    # original" (giant-kitten imported again by a UI reload while the patch was on) and put it back
+    # later must not leave the real empty_cache unreachable.
+    lowvram_keep_cache._lowvram_original = original  # type: ignore[attr-defined]
     lowvram_keep_cache.__qualname__ = f"lowvram_keep_cache[{name}]"
     return lowvram_keep_cache
 
 
 def is_ours(func: Any) -> bool:
     return bool(getattr(func, "_lowvram_noop", False))
+
+
+def unwrap(func: Any) -> Any:
+    """The real function behind (possibly stale) no-ops of ours; `func` itself when not ours."""
+    for _ in range(8):
+        if not is_ours(func):
+            return func
+        func = getattr(func, "_lowvram_original", None)
+    return None
 
 
 class CachePatch:
@@ -85,16 +98,19 @@ class CachePatch:
     def real(self, name: str) -> Callable[..., Any] | None:
         if name in self.originals:
             return self.originals[name]
-        func = getattr(self.namespace, name, None)
-        return None if is_ours(func) else func
+        return unwrap(getattr(self.namespace, name, None))
 
     def install(self) -> None:
         for name in PATCHED_NAMES:
-            current = getattr(self.namespace, name, None)
-            if current is None or is_ours(current):
+            if name in self.originals:
                 continue
-            self.originals[name] = current
-            setattr(self.namespace, name, _noop_factory(name))
+            # A stale no-op of ours (put back by someone who had saved it) is replaced too, so
+            # that lift() restores the real function behind it.
+            original = unwrap(getattr(self.namespace, name, None))
+            if original is None:
+                continue
+            self.originals[name] = original
+            setattr(self.namespace, name, _noop_factory(name, original))
 
     def lift(self) -> bool:
         """Restore the originals; False when a function was no longer ours (left as it was)."""
@@ -342,6 +358,13 @@ def run_layout(unet: Any, reserve_mb: int, mover: Mover, patch: CachePatch, *, o
         gc.collect()
         mover.empty_cache()
         mover.ipc_collect()
+        # The reading above assumes the model sits in dedicated memory. After an earlier layout
+        # whose reserve exceeded `free`, the model's tail spilled into shared memory and stays there
+        # when that reserve is released, so the reading comes out as the old reserve (and the
+        # formula would grow run after run). With nothing of ours on the card now, free − what
+        # comes back is the true figure: take the smaller.
+        empty_free, _ = mover.mem_get_info()
+        free_mb = min(free_mb, max(0, empty_free - moved) // MIB)
         if reserve_bytes:
             reserve = mover.alloc_reserve(reserve_bytes)
         for group in move_back_order(groups, order):

@@ -247,6 +247,20 @@ def test_a_new_reserve_in_the_config_lays_out_again_and_layout_false_undoes_it(u
     assert last.layout is False and last.reserve_mb is None and last.road == "swap"
 
 
+def test_a_ui_reload_lifts_the_patch_before_extensions_are_imported_again(ui) -> None:
+    """giant-kitten saves torch.cuda.empty_cache at import: after a reload it must save the real one."""
+    hook, dev, cuda = sim_hook(ui)
+    real = cuda.empty_cache
+    assert "on_script_unloaded" in host.register(ui.mods.script_callbacks, hook)
+    generate(hook, FakeP(sd_model=ui.model))
+    assert is_ours(cuda.empty_cache)
+    ui.mods.script_callbacks.script_unloaded_callback()  # A1111 runs it before re-importing scripts
+    assert cuda.empty_cache is real, "lifted, so an extension imported now saves the real function"
+    before = len(dev.events)
+    generate(hook, FakeP(sd_model=ui.model))  # same model, same reserve: laid out again all the same
+    assert "alloc_reserve" in dev.kinds()[before:] and is_ours(cuda.empty_cache)
+
+
 def test_medvram_is_refused_and_recorded_without_a_reserve(ui, capsys) -> None:
     ui.model.lowvram = True
     hook, dev, cuda = sim_hook(ui)
@@ -267,6 +281,23 @@ def test_a_failed_layout_is_rolled_back_and_the_job_still_recorded(ui, capsys) -
     assert obs.layout is False
 
 
+def test_a_failed_layout_is_not_retried_at_every_job_until_the_model_or_reserve_changes(ui, capsys) -> None:
+    """Each try copies the whole model out and back: a layout that cannot succeed (say the reserve
+    and the model do not both fit) must not cost that at every job."""
+    hook, dev, _ = sim_hook(ui, SimDevice(fail_on=("to_device", 2)))
+    generate(hook, FakeP(sd_model=ui.model))
+    tries = dev.kinds().count("to_host")
+    assert tries and "rolled back" in capsys.readouterr().err
+    generate(hook, FakeP(sd_model=ui.model))
+    generate(hook, FakeP(sd_model=ui.model))
+    assert dev.kinds().count("to_host") == tries, "same model, same reserve: not tried again"
+    write_config(ui.cfg, ui.obs, reserve_mb=256)
+    generate(hook, FakeP(sd_model=ui.model))
+    assert dev.kinds().count("to_host") > tries, "a new reserve is worth a new try"
+    assert hook.laid_out == (256, "ascending")
+    assert all(dev.holds(p) for p in ui.model.parameters())
+
+
 def test_an_oom_that_skipped_postprocess_is_recorded_at_the_next_job(ui) -> None:
     dev = SimDevice()
     hook, dev, _ = sim_hook(ui, dev)
@@ -279,6 +310,25 @@ def test_an_oom_that_skipped_postprocess_is_recorded_at_the_next_job(ui) -> None
     assert failed.ok is False and failed.ooms == 1 and failed.width == 1024
     assert "out of memory" in failed.reason
     assert items[1].ok is True
+
+
+def test_an_oom_is_recorded_against_the_checkpoint_that_ran_out_of_memory(ui) -> None:
+    """After an OOM users switch to a smaller checkpoint; the failed job is recorded only at the next
+    job, and it must still name the model that failed (the ladder steps down for that one)."""
+    hook, dev, _ = sim_hook(ui)
+    generate(hook, FakeP(sd_model=ui.model, width=1024, height=1024), postprocess=False)
+    dev.ooms += 1
+    small = ui.tmp / "models" / "small-sdxl.safetensors"
+    small.write_bytes(b"y" * 10)
+    other = make_model(small, sdxl=True, seed=2)
+    dev.put_module(other)
+    ui.mods.shared.sd_model = other
+    generate(hook, FakeP(sd_model=other))
+    failed, ok = load_observations(ui.obs).items
+    assert failed.ok is False
+    assert failed.checkpoint == checkpoint_key(ui.ckpt.name, ui.ckpt.stat().st_size, ui.ckpt.stat().st_mtime)
+    assert failed.family == "sd15"
+    assert ok.checkpoint is not None and ok.checkpoint.startswith("small-sdxl.safetensors|") and ok.family == "sdxl"
 
 
 def test_overflow_is_estimated_from_peak_reserved_and_non_torch_use(ui) -> None:

@@ -15,6 +15,7 @@ from lowvram_hook.layout import (  # noqa: E402
     CachePatch,
     TorchMover,
     collect,
+    giant_kitten_active,
     is_ours,
     refusal,
     run_layout,
@@ -285,6 +286,91 @@ def test_lifting_leaves_a_function_someone_else_installed(scene) -> None:
     assert not patch.intact()
     assert patch.lift() is False
     assert cuda.empty_cache is GK_Noop
+
+
+def test_a_noop_of_ours_that_giant_kitten_saved_and_put_back_still_leads_to_the_real_function(scene) -> None:
+    """giant-kitten saves torch.cuda.empty_cache when it is imported and restores that on exit.
+    Imported again while our patch was on (a UI reload), it saves our no-op; after its own run and
+    exit our no-op is back, but no longer in our patch's books. The next layout must still reach
+    the real empty_cache (or the model returns to its old blocks), and lifting must restore it."""
+    cuda = scene.cuda
+    real = cuda.empty_cache
+    patch = CachePatch(cuda)
+    assert run_layout(scene.unet, 64, scene.dev, patch).ok
+    gk_saved = cuda.empty_cache  # giant-kitten imported now: "the original" is our no-op
+
+    def GK_Noop():
+        return None
+
+    cuda.empty_cache = GK_Noop  # giant-kitten activated
+    assert giant_kitten_active(cuda)
+    assert patch.lift() is False  # what the hook does on seeing it: theirs stays
+    cuda.empty_cache = gk_saved  # giant-kitten disabled: it restores what it saved
+    assert not giant_kitten_active(cuda)
+    mover = TorchMover("cuda", patch)
+    mover.empty_cache()
+    assert cuda.calls == ["empty_cache"], "the real empty_cache must be reached through the stale no-op"
+    patch.install()
+    assert is_ours(cuda.empty_cache) and patch.active
+    assert patch.lift() is True
+    assert cuda.empty_cache is real
+
+
+class SpillingDevice(SimDevice):
+    """A card with sysmem fallback: what does not fit in dedicated memory lands in shared memory,
+    stays there when dedicated memory frees up later, and mem_get_info sees dedicated only."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.shared: set[int] = set()
+        self.live_reserve = 0
+
+    def dedicated_used(self) -> int:
+        resident = sum(n for ptr, n in self.on_gpu.items() if ptr not in self.shared)
+        return resident + self.cached_free + self.live_reserve + self.other_mb * MIB
+
+    def mem_get_info(self) -> tuple[int, int]:
+        total = self.total_mb * MIB
+        return max(0, total - self.dedicated_used()), total
+
+    def to_device(self, storage):
+        spills = self.dedicated_used() + storage.nbytes() > self.total_mb * MIB
+        new = super().to_device(storage)
+        if spills:
+            self.shared.add(new.data_ptr())
+        return new
+
+    def to_host(self, storage):
+        self.shared.discard(storage.data_ptr())
+        return super().to_host(storage)
+
+    def alloc_reserve(self, nbytes: int):
+        block = super().alloc_reserve(nbytes)
+        self.live_reserve += nbytes
+        return block
+
+    def free_reserve(self, handle) -> None:
+        self.live_reserve -= handle.lowvram_nbytes
+        super().free_reserve(handle)
+
+
+def test_free_is_not_inflated_by_a_model_tail_an_earlier_reserve_pushed_into_shared_memory() -> None:
+    """A reserve above `free` (the formula's free + overflow always is) makes the UNet's tail spill.
+    Releasing that reserve later leaves the tail in shared memory, so the dedicated free reading
+    equals the old reserve; recorded as `free` it would grow the next reserve, run after run."""
+    unet = torch.nn.Module()
+    for i in range(4):
+        unet.register_parameter(f"w{i}", torch.nn.Parameter(torch.zeros(MIB)))  # 4 MiB each, 16 MiB
+    dev = SpillingDevice(total_mb=24, other_mb=0)
+    dev.put_module(unet)
+    patch = CachePatch(RecordingCuda())
+    first = run_layout(unet, 12, dev, patch, scan=False)
+    assert first.ok and first.free_mb == 8  # 24 − 16: model resident, nothing reserved
+    assert dev.shared, "the 12 MiB reserve pushed part of the UNet into shared memory"
+    second = run_layout(unet, 12, dev, patch, scan=False)
+    assert second.ok
+    assert second.free_mb == 8, "free must still be card − model, not the released reserve"
+    assert all(dev.holds(p) for p in unet.parameters())
 
 
 # -- the same on a real GPU ---------------------------------------------------------------------

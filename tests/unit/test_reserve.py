@@ -114,3 +114,18 @@ def test_speeds_at_different_sizes_do_not_make_a_tuning_answer() -> None:
            hook(2, 600, 1000, reserve=1600, sit=2.0, size=(1024, 1024))]
     r = reserve(obs, size=(1024, 1024))
     assert r.source == "observations"
+
+
+def test_a_faster_swap_road_does_not_make_the_resident_reserve_zero() -> None:
+    """The reserve is laid out on the resident road: its answer is the best *resident* probe, even
+    where `tune` found the swap road faster (the plan may still take the resident road: --layout on)."""
+    obs = [manual(1, 600, 1000),
+           Observation(time=2, source="tuning", checkpoint=CK, road="swap", sit=1.0, width=1024, height=1024)]
+    for t, res, sit in [(3, 0, 2.0), (4, 1600, 1.5), (5, 1024, 1.6), (6, 1280, 1.55), (7, 1408, 1.52),
+                        (8, 1536, 1.51)]:
+        obs.append(hook(t, 600, 1000, reserve=res, sit=sit))
+    r = reserve(obs, size=(1024, 1024))
+    assert r.tuning is not None and r.tuning.closed
+    assert r.tuning.best is not None and r.tuning.best.road == "swap"  # tune's overall winner stays visible
+    assert (r.source, r.reserve_mb) == ("tuning", 1600)
+    assert "1600 MiB had the best measured speed on the resident road" in r.reason

@@ -141,3 +141,26 @@ def test_tuning_results_show_and_win(cli, tree) -> None:
     assert data["tuning"]["best"] == {"road": "resident", "reserve_mb": 1088, "sit": 1.8}
     out = cli("reserve", "--webui", str(tree)).out
     assert "closed" in out and "1088" in out
+
+
+def test_a_checkpoint_named_as_the_ui_lists_it_with_its_hash_is_found(cli, tree) -> None:
+    """A1111's checkpoint list shows `name [hash]`; the hint says to give the name as the UI lists it."""
+    add = cli("reserve", "--add", "--free-mb", "600", "--overflow-mb", "1000",
+              "--checkpoint", "sd_xl_base_1.0.safetensors [31e35c80fc]", "--webui", str(tree), "--json")
+    assert add.code == 0, add.err
+    assert json.loads(add.out)["added"]["checkpoint"].startswith("sd_xl_base_1.0.safetensors|")
+
+
+def test_a_checkpoint_under_the_users_ckpt_dir_is_found(cli, tree, tmp_path, monkeypatch) -> None:
+    elsewhere = tmp_path / "my-models"
+    elsewhere.mkdir()
+    (elsewhere / "juggernaut.safetensors").write_bytes(b"\0" * 32)
+    (tree / "webui-user.sh").write_text(f'export COMMANDLINE_ARGS="--ckpt-dir {elsewhere}"\n')
+    linux = {**GTX1070_WINDOWS, "system": {**GTX1070_WINDOWS["system"], "os": "linux"}}
+    facts = tmp_path / "linux.json"
+    facts.write_text(json.dumps(linux))
+    monkeypatch.setenv("LOWVRAM_FACTS", str(facts))
+    add = cli("reserve", "--add", "--free-mb", "600", "--overflow-mb", "1000",
+              "--checkpoint", "juggernaut.safetensors", "--webui", str(tree), "--json")
+    assert add.code == 0, add.err
+    assert json.loads(add.out)["added"]["checkpoint"] == f"juggernaut.safetensors|32|{int((elsewhere / 'juggernaut.safetensors').stat().st_mtime)}"
