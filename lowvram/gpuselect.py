@@ -70,13 +70,22 @@ def _describe(gpu: GpuFacts) -> str:
     return f"GPU {gpu.index} ({gpu.name or 'unknown NVIDIA GPU'}{size})"
 
 
-def select_gpu(facts: Facts, device_flag: str | None = None) -> GpuChoice:
-    """The GPU the UI would run on, why, and how to pin it."""
+def select_gpu(facts: Facts, device_flag: str | None = None, *, flag_sets_visible: bool = False) -> GpuChoice:
+    """The GPU the UI would run on, why, and how to pin it.
+
+    flag_sets_visible: the UI's device flag replaces CUDA_VISIBLE_DEVICES before CUDA starts (Forge
+    `--gpu-device-id`, ComfyUI `--cuda-device`), so it indexes CUDA's whole list, not the visible one.
+    """
     if not facts.gpus:
         why = facts.nvml_error or "no NVIDIA GPU found"
         return GpuChoice(None, f"no NVIDIA GPU: {why}")
-    visible = visible_gpus(facts.gpus, facts.cuda.visible_devices, facts.cuda.device_order)
-    env_note = f"CUDA_VISIBLE_DEVICES={facts.cuda.visible_devices}" if facts.cuda.visible_devices is not None else ""
+    visible_setting = facts.cuda.visible_devices
+    env_note = f"CUDA_VISIBLE_DEVICES={visible_setting}" if visible_setting is not None else ""
+    if flag_sets_visible and device_flag is not None and device_flag.strip() != "":
+        visible_setting = device_flag.strip()
+        env_note = f"the UI's device flag {visible_setting} (it sets CUDA_VISIBLE_DEVICES={visible_setting})"
+        device_flag = None
+    visible = visible_gpus(facts.gpus, visible_setting, facts.cuda.device_order)
     if not visible:
         return GpuChoice(None, f"{env_note} hides every NVIDIA GPU".strip())
     usable = [g for g in facts.gpus if not g.lost]
@@ -98,7 +107,7 @@ def select_gpu(facts: Facts, device_flag: str | None = None) -> GpuChoice:
         where = f" with {env_note}" if env_note else ""
         return GpuChoice(gpu, f"the UI's device flag picks CUDA device {n}{where}: {_describe(gpu)}", pin(gpu), n)
 
-    if facts.cuda.visible_devices is not None:
+    if visible_setting is not None:
         gpu = visible[0]
         if gpu.lost:
             return GpuChoice(None, f"{env_note} puts {_describe(gpu)} first, and it is lost")

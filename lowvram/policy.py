@@ -30,7 +30,7 @@ from lowvram.plan import (
 )
 from lowvram.profiles import ResolvedProfile, Selection, match_failure
 from lowvram.reserve import compute_reserve
-from lowvram.ui import UiSettings, adapter, parse_args
+from lowvram.ui import Contradiction, UiSettings, adapter, parse_args
 from lowvram.ui.base import UiAdapter
 
 MIN_HEADROOM_LINUX_MB = 256
@@ -98,9 +98,29 @@ def _base_family(family: str | None) -> str | None:
 # GPU choice (lowvram.gpuselect, written beside this module; a plain fallback until it lands)
 
 
-def choose_gpu(facts: Facts, device_flag_value: str | None) -> GpuChoice:
+def choose_gpu(facts: Facts, device_flag_value: str | None, ui: UiAdapter | None = None) -> GpuChoice:
     """The GPU the UI would use, worked out as CUDA does (lowvram.gpuselect, DESIGN §3)."""
-    return select_gpu(facts, device_flag_value)
+    return _choose_gpu(facts, device_flag_value, ui)[0]
+
+
+def _choose_gpu(facts: Facts, device_flag_value: str | None,
+                ui: UiAdapter | None) -> tuple[GpuChoice, str | None]:
+    """The choice, and a warning when the user's device flag names no GPU CUDA would see.
+
+    Such a flag makes the UI fail at start-up; it does not make the machine GPU-less, so the plan
+    goes on for the GPU the UI would use without it (never CPU mode, DESIGN §3/§5).
+    """
+    sets_visible = bool(ui and ui.device_flag_sets_visible)
+    choice = select_gpu(facts, device_flag_value, flag_sets_visible=sets_visible)
+    if choice.gpu is not None or device_flag_value is None or not facts.usable_gpus:
+        return choice, None
+    fallback = select_gpu(facts, None)
+    if fallback.gpu is None:
+        return choice, None
+    flag = (ui.device_flag if ui else None) or "device flag"
+    warning = (f"your {flag} {device_flag_value} does not name a GPU CUDA would use ({choice.reason}): "
+               f"planned for {fallback.reason.split(': ', 1)[-1]} instead")
+    return fallback, warning
 
 
 def target_ui(facts: Facts, overrides: Overrides) -> str:
@@ -124,7 +144,7 @@ def user_device_flag(facts: Facts, ui_key: str) -> str | None:
 def gpu_for(facts: Facts, overrides: Overrides) -> GpuFacts | None:
     """The GPU the plan targets (what auto-selection matches profiles against)."""
     ui_key = target_ui(facts, overrides)
-    return choose_gpu(facts, user_device_flag(facts, ui_key)).gpu
+    return choose_gpu(facts, user_device_flag(facts, ui_key), adapter(ui_key)).gpu
 
 
 def headroom_floor(os_name: str, wsl: bool = False) -> int:
@@ -220,10 +240,19 @@ def _missed(o: Observation, spill_possible: bool) -> bool:
     return bool(spill_possible and not o.layout and (o.overflow_mb or 0) > SPILL_MISS_MB)
 
 
+def _est_attention(attention: str) -> str:
+    """The estimator's backend for a planned one (a user's --opt-split-attention-v1 included)."""
+    mapped = {"sdp-no-mem": "sdp", "auto": "sdp", "split-v1": "split", "invokeai": "split"}.get(attention, attention)
+    return mapped if mapped in est.ATTENTIONS else "sdp"
+
+
+def _est_offload(rung: str) -> str:
+    return {"novram": "lowvram", "cpu": "none"}.get(rung, rung)
+
+
 def _estimate(family: str, *, width: int, height: int, target_batch: int, hires: float, precision: str,
               vae: str, attention: str, rung: str, ui_key: str, bcu: bool) -> est.Estimate:
-    att = {"sdp-no-mem": "sdp", "auto": "sdp"}.get(attention, attention)
-    off = {"novram": "lowvram", "cpu": "none"}.get(rung, rung)
+    att, off = _est_attention(attention), _est_offload(rung)
     req = est.EstimateRequest(family=family, width=width, height=height, batch=target_batch,
                               precision="full" if precision == "full" else "half",
                               vae_precision="full" if vae == "full" else "half", attention=att,
@@ -287,7 +316,10 @@ def plan(
     user_device = next((p.value for p in user_parsed if p.name == ui.device_flag and p.value), None)
 
     # -- GPU -------------------------------------------------------------------------------
-    choice = choose_gpu(facts, user_device)
+    choice, device_warning = _choose_gpu(facts, user_device, ui)
+    if device_warning:
+        replaced = bool(choice.pin_uuid) and not ui.device_flag_sets_visible  # rewritten to 0 below
+        b.warn(device_warning + ("" if replaced else "; the UI fails to start with that value: fix or remove it"))
     gpu = choice.gpu
     foreign = gpu is None and bool(facts.other_gpus)
     # An explicit profile applies as written even where no GPU is visible (planning for another
@@ -305,7 +337,8 @@ def plan(
         b.add("gpu", None, "auto", f"no usable GPU here ({facts.nvml_error or 'NVML found none'}): planning "
                                    f"profile {prof.name} as written")
     else:
-        b.add("gpu", None, "auto", f"no usable GPU ({facts.nvml_error or 'NVML found none'}): CPU mode")
+        why_none = choice.reason if facts.gpus else (facts.nvml_error or "NVML found none")
+        b.add("gpu", None, "auto", f"no usable GPU ({why_none}): CPU mode")
 
     if overrides.explicit_profile:
         why_not = match_failure(prof, facts, fam, gpu)
@@ -340,7 +373,16 @@ def plan(
     else:
         ok, why = xformers_usable(ui, gpu, facts, assume_gpu=as_written)
         wanted = prof.attention
-        if wanted == "auto":
+        if ui_key == "comfyui" and wanted in ("auto", "xformers"):
+            # ComfyUI installs no xformers and uses it whenever it imports, else PyTorch SDP: forcing
+            # --use-pytorch-cross-attention would only turn off an xformers the user installed.
+            installed = facts.webui.xformers if facts.webui and facts.webui.flavor == "comfyui" else None
+            attention, src = "auto", "auto"
+            why2 = ("ComfyUI picks by itself: xformers when it imports"
+                    + (f" (xformers {installed} is in its venv)" if installed else "") + ", else PyTorch SDP")
+            if wanted == "xformers":
+                src, why2 = "profile", f"profile {prof.name} prefers xformers; {why2}"
+        elif wanted == "auto":
             if ui_key == "forge":
                 attention, src, why2 = "auto", "auto", "Forge picks by itself (xformers when it imports, else PyTorch SDP)"
             elif ok and ui_key == "a1111":
@@ -416,14 +458,21 @@ def plan(
         offload, offload_why = _ladder(rungs, fits, estimates, vram_total, room)
         offload_src = "cli" if overrides.offload == "auto" else "auto"
         idx = rungs.index(offload) if offload in rungs else 0
-        # Observations: a miss pushes one rung down; comfortable runs let it try one up.
-        missed_here = [o for o in recent if o.offload == offload and _missed(o, spill_possible)]
-        if missed_here and idx + 1 < len(rungs):
-            lower = rungs[idx + 1]
+        # Observations: a miss pushes one rung down, and a miss on that rung one further (the ladder
+        # walks down while the rung it lands on has missed too); comfortable runs let it try one up.
+        steps: list[str] = []
+        while idx + 1 < len(rungs):
+            missed_here = [o for o in recent if o.offload == rungs[idx] and _missed(o, spill_possible)]
+            if not missed_here:
+                break
             last = missed_here[-1]
-            what = "ran out of memory" if last.ooms else f"spilled {last.overflow_mb} MiB into shared memory"
-            offload_why = f"a run on {offload} {what}: one rung down"
-            offload, offload_src = lower, "observations"
+            oom = last.ooms > 0 or (not last.ok and "oom" in last.reason.lower())
+            what = "ran out of memory" if oom else f"spilled {last.overflow_mb} MiB into shared memory"
+            steps.append(f"a run on {rungs[idx]} {what}")
+            idx += 1
+        if steps:
+            offload_why = "; ".join(steps) + (": one rung down" if len(steps) == 1 else f": {len(steps)} rungs down")
+            offload, offload_src = rungs[idx], "observations"
         elif idx > 0:
             here = [o for o in recent if o.offload == offload and o.peak_reserved_mb is not None]
             upper = rungs[idx - 1]
@@ -516,7 +565,16 @@ def plan(
     # -- render the flags --------------------------------------------------------------------------
     device_index: int | None = None
     if choice.pin_uuid and user_device is not None:
-        device_index = 0  # the pinned GPU is the only one visible
+        if ui.device_flag_sets_visible and device_warning:
+            pass  # the user's value names no GPU: warned above, nothing to keep or rewrite
+        elif ui.device_flag_sets_visible:
+            # Forge/ComfyUI turn the flag into CUDA_VISIBLE_DEVICES=<id>, replacing the UUID pin: a
+            # rewritten `0` would pick CUDA's first GPU. The user's own value names the chosen GPU: keep it.
+            b.add("device_flag", user_device, "user",
+                  f"your {ui.device_flag} {user_device} stays: {ui.title} sets CUDA_VISIBLE_DEVICES from it, "
+                  "which picks the same GPU as lowvram's pin")
+        else:
+            device_index = 0  # the pinned GPU is the only one visible
     settings = UiSettings(
         offload="none" if foreign else offload,
         attention=attention,
@@ -560,6 +618,13 @@ def plan(
                 drop_plan.add(c.second)
                 b.warn(f"your {' '.join(c.first)} contradicts the plan's {' '.join(c.second)}: kept yours and "
                        "left the plan's out (give --profile to override yours)")
+                # The UI runs with the user's rung/backend: say so, and let the hook record that one
+                # (a run on --lowvram must not teach the ladder about the plan's --medvram-sdxl).
+                user_value = ui.categories.get(c.category, {}).get(c.first[0].split("=")[0])
+                if c.category == "offload" and user_value:
+                    offload = _user_decision(b, "offload", user_value, c, offload)
+                elif c.category == "attention" and user_value:
+                    attention = _user_decision(b, "attention", user_value, c, attention)
         if drop_user:
             merge = "assign"
             user_dropped = [t for p in user_parsed if p.tokens in drop_user for t in p.tokens]
@@ -631,6 +696,8 @@ def plan(
         "ui_version": version,
         "flags_checked_against": ui.describe(version),
         "sysmem_fallback": fallback,
+        # The hook config reads this (hookconfig.build_hook_config): the order the layout moves tensors back in.
+        "layout_order": prof.layout.order,
     }
     if selection is not None:
         extra["selection"] = {"name": selection.name, "reason": selection.reason,
@@ -661,6 +728,16 @@ def plan(
         gpu_uuid=gpu.uuid if gpu else None,
         extra=extra,
     )
+
+
+def _user_decision(b: _Builder, setting: str, value: str, c: Contradiction, planned: str) -> str:
+    """Replace the plan's decision for `setting` with the user's value that wins over it."""
+    for i, d in enumerate(b.decisions):
+        if d.setting == setting:
+            b.decisions[i] = Decision(setting, value, "user",
+                                      f"your {' '.join(c.first)} stays (the plan had {planned}: {d.reason})")
+            break
+    return value
 
 
 def join_args(args: Sequence[str]) -> str:
@@ -706,8 +783,7 @@ def _wont_fit(fam: str, *, width: int, height: int, offload: str, rungs: Sequenc
     text = f"{fam} at {width}×{height} is estimated not to fit {vram_total} MiB on {offload}"
     parts: list[str] = []
     if vram_total:
-        att = {"sdp-no-mem": "sdp", "auto": "sdp"}.get(attention, attention)
-        off = {"novram": "lowvram", "cpu": "none"}.get(offload, offload)
+        att, off = _est_attention(attention), _est_offload(offload)
         req = est.EstimateRequest(family=fam, width=width, height=height, batch=batch,
                                   precision="full" if unet == "full" else "half",
                                   vae_precision="full" if vae == "full" else "half", attention=att, offload=off,

@@ -222,6 +222,9 @@ class UiAdapter(abc.ABC):
     key = ""
     title = ""
     device_flag: str | None = None
+    # The device flag replaces CUDA_VISIBLE_DEVICES at start-up (Forge, ComfyUI) rather than indexing
+    # the visible list (A1111 `cuda:<id>`): it overrides lowvram's UUID pin, so it is never rewritten.
+    device_flag_sets_visible = False
     has_webui_user = True
     supports_tcmalloc = False  # webui.sh honours LD_PRELOAD / NO_TCMALLOC
     supports_hook = False  # the layout hook (A1111 extensions + script callbacks)

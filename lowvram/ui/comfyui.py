@@ -20,6 +20,7 @@ class ComfyUI(UiAdapter):
     key = "comfyui"
     title = "ComfyUI"
     device_flag = "--cuda-device"
+    device_flag_sets_visible = True  # it sets CUDA_VISIBLE_DEVICES=<id> before torch starts
     has_webui_user = False
 
     def flagset(self, version: str | None) -> FlagSet:

@@ -19,6 +19,7 @@ class Forge(UiAdapter):
     key = "forge"
     title = "Forge"
     device_flag = "--gpu-device-id"
+    device_flag_sets_visible = True  # it sets CUDA_VISIBLE_DEVICES=<id> before torch starts
     supports_tcmalloc = True  # same webui.sh as A1111 1.10
     pinned_xformers = ("0.0.27", "2.3.1")
     categories: ClassVar[Mapping[str, Mapping[str, str]]] = {

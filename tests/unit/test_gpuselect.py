@@ -62,6 +62,17 @@ def test_visible_list_stops_at_the_first_invalid_entry() -> None:
     assert choice.gpu is None and "hides every" in choice.reason
 
 
+def test_a_flag_that_sets_cuda_visible_devices_indexes_the_whole_cuda_list() -> None:
+    # Forge --gpu-device-id / ComfyUI --cuda-device write CUDA_VISIBLE_DEVICES=<id>, replacing the
+    # user's own CUDA_VISIBLE_DEVICES: id 1 is CUDA's second GPU of all (fastest first), not of the visible.
+    f = facts(SMALL, BIG, visible="GPU-bbbb2222-0000")
+    assert select_gpu(f, device_flag="0").gpu is BIG  # A1111: cuda:0 of the visible list
+    assert select_gpu(f, device_flag="1").gpu is None  # A1111: only one GPU visible
+    choice = select_gpu(f, device_flag="1", flag_sets_visible=True)
+    assert choice.gpu is SMALL and choice.pin_uuid == SMALL.uuid
+    assert "sets CUDA_VISIBLE_DEVICES=1" in choice.reason
+
+
 def test_device_flag_out_of_range_or_not_a_number() -> None:
     assert select_gpu(facts(SMALL), device_flag="2").gpu is None
     assert "not a number" in select_gpu(facts(SMALL), device_flag="cuda:0").reason

@@ -62,6 +62,18 @@ def test_an_oom_pushes_the_auto_rung_one_down() -> None:
     assert d is not None and d.source == "observations" and "ran out of memory" in d.reason
 
 
+def test_a_miss_on_the_rung_it_was_pushed_to_pushes_it_further_down() -> None:
+    # none OOMed, so the plan went to medvram-sdxl; that OOMed too: next time lowvram, not medvram-sdxl again.
+    walked = run(LIN12, observations=[obs("none", ooms=1, t=1), obs("medvram-sdxl", ooms=1, t=2)])
+    assert walked.offload == "lowvram" and "--lowvram" in walked.args
+    d = walked.decision("offload")
+    assert d is not None and d.source == "observations"
+    assert "none ran out of memory" in d.reason and "medvram-sdxl ran out of memory" in d.reason
+    # A run that went fine on the pushed rung keeps it there.
+    fine = run(LIN12, observations=[obs("none", ooms=1, t=1), obs("medvram-sdxl", peak=6000, t=2)])
+    assert fine.offload == "medvram-sdxl"
+
+
 def test_a_spill_counts_as_a_miss_only_where_memory_can_spill() -> None:
     spill = [obs("medvram-sdxl", overflow=900)]
     assert run(WIN8, observations=spill).offload == "lowvram"  # Windows, fallback on: spill = miss
@@ -240,6 +252,19 @@ def test_user_device_flag_with_two_gpus_is_pinned_and_replaced() -> None:
     assert plan.merge == "assign" and plan.user_args_dropped == ("--device-id", "1")
 
 
+@pytest.mark.parametrize(("flavor", "flag"), [("forge", "--gpu-device-id"), ("comfyui", "--cuda-device")])
+def test_forge_and_comfyui_device_flag_is_kept_not_rewritten_to_zero(flavor: str, flag: str) -> None:
+    # Their device flag becomes CUDA_VISIBLE_DEVICES=<id> and replaces the UUID pin: a rewritten `0`
+    # would select CUDA's first (fastest) GPU, the RTX 3060, instead of the GTX 1060 the user chose.
+    facts = with_webui(MACHINES["two-gpus"], flavor, "sdxl", user_args=(flag, "1"))
+    plan = run(facts)
+    assert plan.gpu_uuid == "GPU-aaaa" and plan.profile == "6gb-sdxl"
+    assert flag not in plan.args
+    assert plan.merge == "append" and plan.user_args_dropped == ()
+    d = plan.decision("device_flag")
+    assert d is not None and d.value == "1" and "same GPU" in d.reason
+
+
 def test_profile_args_are_validated_against_the_ui() -> None:
     from lowvram import paths
 
@@ -326,3 +351,80 @@ def test_plan_json_round_trips() -> None:
     data = json.loads(json.dumps(plan.to_dict()))
     assert data["schema"] == 1 and data["profile"] == plan.profile and data["args"] == list(plan.args)
 
+
+
+def test_the_profiles_layout_order_reaches_the_hook_config() -> None:
+    from pathlib import Path
+
+    from lowvram import paths
+    from lowvram.hookconfig import build_hook_config
+
+    d = paths.user_profiles_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "desc.yaml").write_text("description: x\nextends: 8gb-sdxl\nlayout: {mode: on, order: descending}\n")
+    plan = run(WIN8, "desc")
+    assert plan.reserve.applied
+    assert build_hook_config(plan, Path("/srv/webui"))["order"] == "descending"
+    assert build_hook_config(run(WIN8, "8gb-sdxl"), Path("/srv/webui"))["order"] == "ascending"
+
+
+def test_a_device_flag_naming_no_gpu_never_turns_the_plan_into_cpu_mode() -> None:
+    # One GTX 1070 and `--device-id 3`: the flag is wrong, the machine still has its GPU.
+    facts = with_webui(MACHINES["gtx1070-8gb"], "a1111", "sdxl", user_args=("--device-id", "3"))
+    plan = run(facts)
+    assert plan.profile == "gtx1070-sdxl" and plan.offload == "medvram-sdxl"
+    assert "--use-cpu" not in plan.args and plan.gpu_uuid == "GPU-0"
+    assert any("--device-id 3 does not name a GPU" in w and "fix or remove it" in w for w in plan.warnings)
+    # With two GPUs the chosen one is pinned and the bad value replaced by 0, so the UI starts.
+    two = run(with_webui(MACHINES["two-gpus"], "a1111", "sdxl", user_args=("--device-id", "3")))
+    assert two.env["CUDA_VISIBLE_DEVICES"] == "GPU-bbbb" and two.user_args_dropped == ("--device-id", "3")
+    assert not any("fix or remove it" in w for w in two.warnings)
+
+
+def test_cuda_visible_devices_hiding_every_gpu_says_so() -> None:
+    from lowvram.facts import CudaEnv
+
+    facts = replace(with_webui(MACHINES["gtx1070-8gb"], "a1111", "sdxl"), cuda=CudaEnv("", None))
+    plan = run(facts)
+    assert plan.offload == "cpu"
+    d = plan.decision("gpu")
+    assert d is not None and "hides every NVIDIA GPU" in d.reason and "NVML found none" not in d.reason
+
+
+def test_comfyui_is_left_to_pick_its_attention_so_an_installed_xformers_stays_on() -> None:
+    # GTX 1070 + SDXL: the profile prefers xformers; ComfyUI uses it whenever it imports, so the plan
+    # must not force --use-pytorch-cross-attention (which turns xformers off) or warn that it is unusable.
+    facts = with_webui(MACHINES["gtx1070-8gb"], "comfyui", "sdxl")
+    facts = replace(facts, webui=replace(facts.webui, xformers="0.0.28.post3"))  # type: ignore[arg-type]
+    plan = run(facts)
+    assert plan.profile == "gtx1070-sdxl" and plan.attention == "auto"
+    assert not {"--use-pytorch-cross-attention", "--use-split-cross-attention", "--use-quad-cross-attention"} & set(
+        plan.args)
+    assert not any("xformers is not usable" in w for w in plan.warnings)
+    d = plan.decision("attention")
+    assert d is not None and "0.0.28.post3" in d.reason and "PyTorch SDP" in d.reason
+    # A profile that names another backend still gets its flag.
+    from lowvram import paths
+
+    pdir = paths.user_profiles_dir()
+    pdir.mkdir(parents=True, exist_ok=True)
+    (pdir / "split.yaml").write_text("description: x\nextends: 8gb-sdxl\nattention: split\n")
+    assert "--use-split-cross-attention" in run(facts, "split").args
+
+
+def test_when_the_users_rung_wins_the_plan_and_the_hook_record_say_so() -> None:
+    from pathlib import Path
+
+    from lowvram.hookconfig import build_hook_config
+
+    facts = with_webui(MACHINES["gtx1070-8gb"], "a1111", "sdxl",
+                       user_args=("--lowvram", "--opt-split-attention-invokeai"))
+    plan = run(facts)
+    assert "--medvram-sdxl" in plan.plan_args_dropped and "--xformers" in plan.plan_args_dropped
+    # The UI runs on the user's --lowvram: the hook must record runs under that rung, not medvram-sdxl.
+    assert plan.offload == "lowvram" and build_hook_config(plan, Path("/srv/webui"))["offload"] == "lowvram"
+    d = plan.decision("offload")
+    assert d is not None and d.source == "user" and "--lowvram" in d.reason and "medvram-sdxl" in d.reason
+    a = plan.decision("attention")
+    assert a is not None and a.value == "invokeai" and a.source == "user"
+    assert plan.estimate.peak_mb is not None  # estimated for what actually runs
