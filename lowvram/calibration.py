@@ -20,6 +20,7 @@ import math
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from lowvram.estimate import (
     DEFAULT_COEFFICIENTS,
@@ -133,7 +134,7 @@ def _salvage_array(text: str, key: str) -> tuple[list[object], bool]:
             return items, False
         try:
             obj, i = decoder.raw_decode(text, i)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # broken JSON, a number over Python's digit limit, absurd nesting
             return items, True
         items.append(obj)
 
@@ -146,10 +147,16 @@ def parse_stats(text: str) -> StatsData:
     """
     records: list[StatsRecord] = []
     skipped: list[str] = []
+    text = text.removeprefix("\ufeff")
+    data: Any
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         skipped.append(f"not valid JSON ({exc.msg} at line {exc.lineno}); kept the records before the break")
+        data = None
+    except (ValueError, RecursionError) as exc:  # a number over Python's digit limit, absurd nesting
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:60]
+        skipped.append(f"not usable JSON ({reason}); kept the records before the break")
         data = None
     if data is not None and not isinstance(data, dict):
         return StatsData((), (f"top level is {type(data).__name__}, not an object",))

@@ -17,7 +17,7 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from lowvram.facts import FALLBACK_CHOOSABLE_DRIVER, FALLBACK_FIRST_DRIVER, Facts, GpuFacts, parse_driver
+from lowvram.facts import FALLBACK_CHOOSABLE_DRIVER, FALLBACK_FIRST_DRIVER, Facts, GpuFacts, WebuiFacts, parse_driver
 from lowvram.gpuselect import select_gpu
 
 STATUSES = ("ok", "warn", "fail", "skip")
@@ -191,16 +191,98 @@ def check_gpu(facts: Facts) -> Check:
     message = ", ".join(parts)
     if len(facts.gpus) > 1:
         message += f"; {choice.reason}"
-    if lost:
-        return Check("gpu.nvidia", "warn", message + f"; {len(lost)} GPU(s) lost (fell off the bus)",
+    # No handle for a reason other than GpuIsLost (NoPermission in a container, …) is not a GPU off the bus.
+    unreadable = [x for x in lost if any(e.startswith("handle:") and not e.endswith("GpuIsLost") for e in x.errors)]
+    fell_off = [x for x in lost if x not in unreadable]
+    if fell_off:
+        return Check("gpu.nvidia", "warn", message + f"; {len(fell_off)} GPU(s) lost (fell off the bus)",
                      "reboot to get the lost GPU back; lowvram plans for the one that works")
+    if unreadable:
+        why = ", ".join(e for x in unreadable for e in x.errors) or "no handle"
+        return Check("gpu.nvidia", "warn", message + f"; {len(unreadable)} GPU(s) NVML cannot open ({why})",
+                     "check that this user may use every /dev/nvidia* device (container or cgroup limits); "
+                     "lowvram plans for the one it can read")
     if g.errors:
         return Check("gpu.nvidia", "ok", message + f" (NVML could not read: {', '.join(e.split(':')[0] for e in g.errors)})",
                      "an older driver lacks some NVML calls; `lowvram --debug doctor --json` lists them")
     return Check("gpu.nvidia", "ok", message)
 
 
+# The VRAM classes of the bundled profiles (profiles/<N>gb-*.yaml `match.vram_mb`; a test keeps them equal)
+# and the offload rung each pins per family; None = `offload: auto`, the estimate picks the rung.
+VRAM_CLASSES: tuple[tuple[int, str, str | None, str | None], ...] = (
+    # (upper bound exclusive in MiB, label, sd15 rung, sdxl rung)
+    (3072, "2 GB class", "lowvram", "lowvram"),
+    (5120, "4 GB class", "medvram", "lowvram"),
+    (7168, "6 GB class", None, "medvram-sdxl"),
+    (9216, "8 GB class", None, None),
+    (14336, "10–12 GB class", None, None),
+    (1 << 62, "16 GB+ class", None, None),
+)
+NATIVE_SIDE = {"sd15": 512, "sdxl": 1024}
+
+
+def _vram_class(mb: int) -> tuple[str, str | None, str | None]:
+    return next((label, sd15, sdxl) for top, label, sd15, sdxl in VRAM_CLASSES if mb < top)
+
+
+def family_rung(facts: Facts, g: GpuFacts, family: str, pinned: str | None) -> tuple[str, bool]:
+    """(rung, fits) lowvram plans for `family` at its native size on this card and UI.
+
+    A pinned class rung stands (mapped onto the UI's ladder as the policy does); otherwise the
+    first rung of the ladder whose estimate fits, by the same rule as `plan` (DESIGN.md §5).
+    `fits` says whether the estimate fits on that rung.
+    """
+    from lowvram import estimate as est
+    from lowvram import policy
+    from lowvram.ui import adapter
+
+    assert g.vram_total_mb is not None
+    ui_key = facts.webui.flavor if facts.webui is not None else "a1111"
+    version = facts.webui.version if facts.webui is not None else None
+    rungs = adapter(ui_key).rungs(family, version)
+    room = policy.headroom_mb(facts, g)
+    side = NATIVE_SIDE[family]
+
+    def fits(rung: str) -> bool:
+        off = {"novram": "lowvram"}.get(rung, rung)
+        e = est.estimate(est.EstimateRequest(family=family, width=side, height=side, offload=off, ui=ui_key))
+        return est.fits(e.peak_mb, g.vram_total_mb or 0, room)
+
+    if pinned is not None:
+        rung = policy._map_rung(pinned, rungs)
+        return rung, fits(rung)
+    for rung in rungs:
+        if fits(rung):
+            return rung, True
+    return rungs[-1], False
+
+
+def _rung_text(rung: str, ui_key: str) -> str:
+    if ui_key in ("a1111", "sdnext"):
+        return f"--{rung}"
+    return f"lowvram's {rung} rung"
+
+
+def _family_text(name: str, side: int, rung: str, *, ok: bool, pinned: bool, ui_key: str) -> str:
+    flag = _rung_text(rung, ui_key)
+    lowest = rung in ("lowvram", "novram")
+    if rung == "none":
+        return f"{name} at {side} px fits without offloading" if ok else f"{name} at {side} px does not fit"
+    if not ok and lowest:
+        return f"{name} at {side} px is not practical: even {flag} is estimated not to fit"
+    if not ok:
+        return f"{name} at {side} px with {flag} (pinned for this class) is estimated not to fit"
+    if lowest:
+        return f"{name} only with {flag} (slow)"
+    if pinned:
+        return f"{name} with {flag} (pinned for this class)"
+    return f"{name} at {side} px is too tight to run whole: {flag}"
+
+
 def check_vram_class(facts: Facts) -> Check:
+    """The card's VRAM class and the offload rung lowvram plans for SD 1.5 and SDXL on it: the pinned
+    rung of the class profile, or the first rung whose estimate fits (the same rule as `plan`)."""
     g = chosen_gpu(facts)
     if g is None:
         return Check("gpu.vram_class", "skip", "no NVIDIA GPU to size")
@@ -208,23 +290,24 @@ def check_vram_class(facts: Facts) -> Check:
     if mb is None:
         return Check("gpu.vram_class", "warn", "VRAM size unknown (NVML could not read the memory)",
                      "plan with `--facts` holding vram_total_mb, or trust the profile's VRAM class")
-    if mb < 3500:
-        return Check("gpu.vram_class", "warn",
-                     f"{mib_text(mb)}: SD 1.5 only with --lowvram (slow); SDXL is not practical",
-                     "use SD 1.5 models at 512 px; lowvram plans --lowvram")
-    if mb < 5000:
-        return Check("gpu.vram_class", "ok",
-                     f"{mib_text(mb)} (4 GB class): SD 1.5 with --medvram at 512 px; SDXL only with --lowvram (slow)",
-                     "prefer SD 1.5 models; for SDXL expect minutes per image")
-    if mb < 7000:
-        return Check("gpu.vram_class", "ok",
-                     f"{mib_text(mb)} (6 GB class): SD 1.5 fits whole; SDXL at 1024 px needs --medvram-sdxl")
-    if mb < 9000:
-        return Check("gpu.vram_class", "ok",
-                     f"{mib_text(mb)} (8 GB class): SD 1.5 fits whole; SDXL at 1024 px is tight (--medvram-sdxl, or the layout)")
-    if mb < 14000:
-        return Check("gpu.vram_class", "ok", f"{mib_text(mb)} (10–12 GB class): SD 1.5 and SDXL fit without offloading")
-    return Check("gpu.vram_class", "ok", f"{mib_text(mb)}: SD 1.5 and SDXL fit with room for hires passes")
+    label, sd15_pin, sdxl_pin = _vram_class(mb)
+    ui_key = facts.webui.flavor if facts.webui is not None else "a1111"
+    sd15, sd15_ok = family_rung(facts, g, "sd15", sd15_pin)
+    sdxl, sdxl_ok = family_rung(facts, g, "sdxl", sdxl_pin)
+    head = f"{mib_text(mb)} ({label}): "
+    if sd15 == "none" and sdxl == "none" and sd15_ok and sdxl_ok:
+        return Check("gpu.vram_class", "ok", head + "SD 1.5 and SDXL fit without offloading")
+    message = head + "; ".join((_family_text("SD 1.5", 512, sd15, ok=sd15_ok, pinned=sd15_pin is not None, ui_key=ui_key),
+                                _family_text("SDXL", 1024, sdxl, ok=sdxl_ok, pinned=sdxl_pin is not None, ui_key=ui_key)))
+    hint = "`lowvram plan --model sd15` (or sdxl) shows the plan and why; `lowvram estimate --model sdxl --sweep` what fits"
+    if sd15 in ("lowvram", "novram") or not sd15_ok:
+        return Check("gpu.vram_class", "warn", message, "use SD 1.5 models at 512 px; " + hint)
+    if not sdxl_ok:
+        return Check("gpu.vram_class", "ok", message, "prefer SD 1.5 models; for SDXL, `lowvram estimate --model "
+                     "sdxl --sweep` shows which sizes fit (add --tiled-vae for tiled decoding)")
+    if sdxl in ("lowvram", "novram"):
+        return Check("gpu.vram_class", "ok", message, "prefer SD 1.5 models; for SDXL expect minutes per image")
+    return Check("gpu.vram_class", "ok", message, hint)
 
 
 def check_ram(facts: Facts) -> Check:
@@ -237,12 +320,18 @@ def check_ram(facts: Facts) -> Check:
     if g is None or g.vram_total_mb is None:
         return Check("system.ram", "ok", base)
     need = 2 * g.vram_total_mb
-    if ram > need:
-        return Check("system.ram", "ok", f"{base}: more than 2 × VRAM ({mib_text(need)}), enough for the layout hook")
+    # DESIGN §5: two roads only where memory spills (fallback on/unknown) and RAM ≥ 2 × VRAM (policy's own test).
+    spills = facts.system.wsl or facts.system.sysmem_fallback in ("on", "unknown")
+    if not spills:
+        return Check("system.ram", "ok", f"{base} (VRAM cannot spill here: the 2 × VRAM rule of the resident road "
+                     "does not apply)")
+    if ram >= need:
+        return Check("system.ram", "ok", f"{base}: at least 2 × VRAM ({mib_text(need)}), enough for the resident road "
+                     "(layout hook)")
     return Check("system.ram", "warn",
-                 f"{base}: not more than 2 × VRAM ({mib_text(need)}); the layout hook needs that, so lowvram keeps the swap road",
-                 "more RAM (or closing other programs) lets lowvram use the faster resident road; "
-                 "SDXL checkpoints also need ~8 GB of RAM just to load")
+                 f"{base}: under 2 × VRAM ({mib_text(need)}); the resident road (layout hook) needs that, so lowvram "
+                 "keeps the swap road",
+                 f"with at least {mib_text(need)} of RAM lowvram also tries the resident road and keeps the faster one")
 
 
 def check_driver(facts: Facts) -> Check:
@@ -334,8 +423,7 @@ def check_torch_driver(facts: Facts) -> Check:
         if g is None:
             return Check("webui.torch_driver", "ok", f"torch {w.torch} is a CPU build (no NVIDIA GPU here either)")
         return Check("webui.torch_driver", "fail", f"torch {w.torch} is a CPU build: the UI will not use the GPU",
-                     "reinstall torch with CUDA: delete the venv folder (the UI reinstalls), or start once with "
-                     "--reinstall-torch")
+                     _cuda_torch_hint(w.flavor))
     if g is None:
         return Check("webui.torch_driver", "skip", f"torch {w.torch} (CUDA {w.torch_cuda}); no NVIDIA driver to compare")
     os_key = _os_key(facts)
@@ -363,34 +451,64 @@ def check_torch_driver(facts: Facts) -> Check:
                  f"update the NVIDIA driver to ≥ {need} on {where} ({source}), or install a torch built for an older CUDA")
 
 
+def _cuda_torch_hint(flavor: str) -> str:
+    """How this UI gets a CUDA build of torch back: each UI has its own way (flags in lowvram/ui/flags)."""
+    if flavor in ("a1111", "forge"):
+        return ("start the UI once with --reinstall-torch (and check that TORCH_COMMAND in webui-user does not "
+                "name a CPU build)")
+    if flavor == "sdnext":
+        return "start SD.Next once with --reinstall (or delete its venv folder: it reinstalls torch)"
+    return "install a CUDA build of torch into the Python that runs ComfyUI (the pip command is in ComfyUI's README)"
+
+
+def _uninstall_xformers_hint(w: WebuiFacts) -> str:
+    """A mismatched xformers: take it out, and say what the UI (and lowvram's plan) then does."""
+    from lowvram.ui import adapter
+
+    python = w.python or "the UI's python"
+    cmd = f"`{python} -m pip uninstall -y xformers`"
+    if w.flavor == "comfyui":
+        return f"uninstall it ({cmd}) or start ComfyUI with --disable-xformers: it then uses PyTorch attention"
+    ui = adapter(w.flavor)
+    if ui.pinned_xformers is None:
+        return f"uninstall it ({cmd}); {ui.title} then uses PyTorch SDP attention"
+    xf, torch_for = ui.pinned_xformers
+    return (f"uninstall it ({cmd}); lowvram then plans --xformers where the venv's torch is {torch_for} "
+            f"({ui.title} installs xformers {xf}, built for it), else SDP attention")
+
+
 def check_xformers(facts: Facts) -> Check:
     w = facts.webui
     if w is None:
         return Check("webui.xformers", "skip", "no WebUI")
     if w.xformers is None:
-        if w.flavor == "a1111" and w.torch is not None:
-            built_for = xformers_torch("0.0.23.post1")
+        from lowvram.ui import adapter
+
+        ui = adapter(w.flavor)
+        if ui.pinned_xformers is not None and w.torch is not None:
+            xf, pin_torch = ui.pinned_xformers
             tv = _version(w.torch)
-            if built_for and tv is not None and tv != Version(built_for):
+            if tv is not None and tv != Version(pin_torch):
                 return Check("webui.xformers", "ok",
-                             f"xformers not installed; A1111's --xformers would install 0.0.23.post1, built for torch "
-                             f"{built_for}, not this venv's {w.torch}", "lowvram plans SDP attention instead")
-        return Check("webui.xformers", "ok", "xformers not installed yet (A1111 installs its pinned build when "
-                     "--xformers is given; without it SDP or split attention is used)")
+                             f"xformers not installed; {ui.title}'s --xformers would install {xf}, built for torch "
+                             f"{pin_torch}, not this venv's {w.torch}", "lowvram plans SDP attention instead")
+        if ui.pinned_xformers is not None:
+            return Check("webui.xformers", "ok", f"xformers not installed yet ({ui.title} installs its pinned build "
+                         "when --xformers is given; lowvram plans it where the venv's torch matches)")
+        return Check("webui.xformers", "ok", f"xformers not installed ({ui.title} uses PyTorch attention)")
     if w.torch is None:
         return Check("webui.xformers", "warn", f"xformers {w.xformers} installed but no torch in the venv")
     built_for = xformers_torch(w.xformers)
     if built_for is None:
         return Check("webui.xformers", "warn",
                      f"xformers {w.xformers}: not in lowvram's table, cannot check it against torch {w.torch}",
-                     "if the UI logs 'xFormers was built for …', drop --xformers (SDP is close) or reinstall a match")
+                     "if the UI logs 'xFormers was built for …': " + _uninstall_xformers_hint(w))
     tv = _version(w.torch)
     if tv is not None and tv == Version(built_for):
         return Check("webui.xformers", "ok", f"xformers {w.xformers} matches torch {w.torch}")
     return Check("webui.xformers", "warn",
                  f"xformers {w.xformers} was built for torch {built_for}, the venv has torch {w.torch}: it will not load",
-                 "drop --xformers (lowvram then plans SDP attention), or start once with --reinstall-xformers "
-                 "after setting XFORMERS_PACKAGE to a build for your torch")
+                 _uninstall_xformers_hint(w))
 
 
 def check_quirks(facts: Facts) -> Check:
@@ -403,16 +521,17 @@ def check_quirks(facts: Facts) -> Check:
         return Check("gpu.quirks", "warn",
                      f"{name}: fp16 gives NaN / black images on GTX 16xx cards",
                      "run with --upcast-sampling (lowvram's GTX 16xx profile does; if images stay black: --no-half)")
-    if cc is not None and cc[0] == 6 and cc[1] in (1, 2):
+    if cc == (6, 1):  # consumer Pascal (GP102–GP108); P100 (6.0) and Jetson TX2 (6.2) have fast fp16
         return Check("gpu.quirks", "warn",
                      f"{name or 'this GPU'} (Pascal, sm {g.compute_capability}): fp16 math runs at a fraction of "
                      "fp32 speed on this card",
-                     "lowvram's Pascal profiles use xformers (not SDP); if sampling is slow, compare s/it with "
-                     "--upcast-sampling (fp16 weights, fp32 math; A1111 PR #8782)")
+                     "if sampling is slow, compare s/it with --upcast-sampling (fp16 weights, fp32 math; "
+                     "A1111 PR #8782)")
     if cc is not None and cc < (6, 0):
         return Check("gpu.quirks", "warn",
-                     f"{name or 'this GPU'} (sm {g.compute_capability}) predates Pascal: no xformers, slow fp16",
-                     "expect SDP/split attention and --no-half; recent torch builds may drop this card")
+                     f"{name or 'this GPU'} (sm {g.compute_capability}) predates Pascal: xformers needs sm 6.0+",
+                     "lowvram never plans xformers on this card; recent torch builds may drop it, so keep the "
+                     "torch the UI installs")
     return Check("gpu.quirks", "ok", f"no known quirk for {name or 'this GPU'}")
 
 
@@ -436,8 +555,8 @@ def check_checkpoint(facts: Facts) -> Check:
         return Check("webui.checkpoint", "skip", "ComfyUI has no selected checkpoint",
                      "tell lowvram the model family with --model sd15|sd2|sdxl")
     if w.checkpoint is None:
-        return Check("webui.checkpoint", "warn", "no checkpoint found in models/Stable-diffusion",
-                     "download one (the UI fetches SD 1.5 on first start), or give --model sd15|sd2|sdxl")
+        return Check("webui.checkpoint", "warn", "no checkpoint found (models/Stable-diffusion, --ckpt-dir)",
+                     "put a .safetensors checkpoint in models/Stable-diffusion, or give --model sd15|sd2|sdxl")
     if w.checkpoint_path is None:
         return Check("webui.checkpoint", "warn", f"selected checkpoint {w.checkpoint} is not on disk",
                      "select another in the UI, or give --model sd15|sd2|sdxl")

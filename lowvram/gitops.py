@@ -361,6 +361,37 @@ def fetch_commit(path: Path, url: str, ref: str) -> str:
         repo.close()
 
 
+def head_branch(path: Path) -> str | None:
+    """The branch HEAD is on (None when detached), so a revert can put the checkout back on it."""
+    import git
+
+    repo = git.Repo(path)
+    try:
+        return None if repo.head.is_detached else str(repo.active_branch.name)
+    except (TypeError, ValueError):
+        return None
+    finally:
+        repo.close()
+
+
+def checkout_branch(path: Path, branch: str, commit: str) -> str | None:
+    """Check out `branch` when it still points at `commit`; returns the HEAD, or None (left as is)."""
+    import git
+
+    repo = git.Repo(path)
+    try:
+        if resolve_commit(repo, f"refs/heads/{branch}") != commit:
+            return None
+        try:
+            repo.git.checkout("--quiet", branch, "--")
+        except git.GitCommandError as exc:
+            raise ExtensionError(f"cannot check out {branch} in {path}: {_git_error_text(exc)}",
+                                 "look at the checkout with `git status`") from exc
+        return str(repo.head.commit.hexsha)
+    finally:
+        repo.close()
+
+
 def checkout_detached(path: Path, commit: str) -> str:
     import git
 

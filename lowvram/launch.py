@@ -281,10 +281,11 @@ def build_launch(
 def _windows_spec(plan: Plan, tree: Path, *, extra: tuple[str, ...], python: Path | None, env: dict[str, str],
                   notes: list[str], warnings: list[str]) -> LaunchSpec:
     """`cmd /d /c webui-user.bat` (it runs lowvram's block, then webui.bat), stdin closed."""
-    user_bat = tree / "webui-user.bat"
-    script = "webui.bat"
-    if user_bat.is_file() and _calls_webui_bat(user_bat):
-        script = "webui-user.bat"
+    from lowvram.apply.webui_user import choose_target
+
+    # The file apply put the block in: webui-user.bat when it calls webui.bat, else webui.bat
+    # (which calls the webui.settings.bat holding the block first).
+    script = "webui-user.bat" if choose_target(tree, "windows").path.name == "webui-user.bat" else "webui.bat"
     if script == "webui-user.bat" and extra:
         raise UsageError(
             "extra UI arguments cannot reach webui.bat through webui-user.bat (it calls webui.bat without them)",
@@ -307,14 +308,6 @@ def _windows_spec(plan: Plan, tree: Path, *, extra: tuple[str, ...], python: Pat
         notes=tuple(notes),
         warnings=tuple(warnings),
     )
-
-
-def _calls_webui_bat(path: Path) -> bool:
-    try:
-        text = path.read_bytes().decode("latin-1")
-    except OSError:
-        return False
-    return re.search(r"^\s*call\s+\S*webui\.bat", text, re.IGNORECASE | re.MULTILINE) is not None
 
 
 def _user_sets_launch_script(tree: Path) -> bool:
@@ -501,6 +494,22 @@ def _group_has_live_member(pgid: int) -> bool:
     return False
 
 
+def check_startable(spec: LaunchSpec) -> None:
+    """Refuse a launch this machine cannot start, before anything is written into the tree.
+
+    Facts from another OS (`--facts` from a Windows box) plan that OS's launcher; `launch` must
+    say so before `apply` writes that OS's webui-user file here, not after.
+    """
+    if (spec.target_os == "windows") != (os.name == "nt"):
+        raise LaunchError(
+            f"this plan targets {spec.target_os}; lowvram cannot start that WebUI from this machine",
+            "run `lowvram launch` on the machine the WebUI is on (--facts is for planning; "
+            "`lowvram launch --dry-run` shows the command)",
+        )
+    if not spec.cwd.is_dir():
+        raise LaunchError(f"the WebUI folder {spec.cwd} does not exist", "check --webui")
+
+
 def start_ui(spec: LaunchSpec, lock: FileLock | None = None, *, stdout: IO[Any] | int | None = None,
              stderr: IO[Any] | int | None = None) -> RunningUI:
     """Start the UI as a child in its own process group; the lock's descriptor goes with it.
@@ -508,13 +517,7 @@ def start_ui(spec: LaunchSpec, lock: FileLock | None = None, *, stdout: IO[Any] 
     Handing the lock's descriptor to the launcher keeps the WebUI locked while the UI runs, even if
     lowvram itself is killed (an OS file lock lives as long as any holder of the descriptor).
     """
-    if (spec.target_os == "windows") != (os.name == "nt"):
-        raise LaunchError(
-            f"this plan targets {spec.target_os}; lowvram cannot start that WebUI from this machine",
-            "run `lowvram launch` on the machine the WebUI is on (--facts is for planning)",
-        )
-    if not spec.cwd.is_dir():
-        raise LaunchError(f"the WebUI folder {spec.cwd} does not exist", "check --webui")
+    check_startable(spec)
     if spec.wrapper_path is not None:
         write_wrapper(spec.wrapper_path)
     if spec.status_path is not None:

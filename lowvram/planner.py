@@ -4,6 +4,7 @@ the observations and the extension registry, then call the pure policy. It never
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -52,6 +53,16 @@ def load_registry() -> dict[str, ExtensionSpec]:
     return registry_specs()
 
 
+def load_xformers_builds() -> dict[str, str]:
+    """lowvram/data/xformers_torch.json: xformers version → the torch it was built for (with sources)."""
+    try:
+        data = json.loads(paths.data_file("xformers_torch.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    builds = data.get("builds") if isinstance(data, dict) else None
+    return {str(k): str(v) for k, v in builds.items()} if isinstance(builds, dict) else {}
+
+
 def make_plan(*, webui: Path | None, facts_file: Path | None, overrides: Overrides) -> PlanContext:
     """Everything `lowvram plan` does short of printing; apply/launch/tune/setup reuse it."""
     facts_path = _facts_file(facts_file)
@@ -93,6 +104,7 @@ def make_plan(*, webui: Path | None, facts_file: Path | None, overrides: Overrid
         registry=load_registry(),
         family=family,
         selection=selection,
+        xformers_builds=load_xformers_builds(),
     )
     if obs_warnings:
         the_plan = replace(the_plan, warnings=the_plan.warnings + obs_warnings)

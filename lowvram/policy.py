@@ -182,9 +182,12 @@ def _torch_base(version: str | None) -> str | None:
 
 
 def xformers_usable(ui: UiAdapter, gpu: GpuFacts | None, facts: Facts, *,
-                    assume_gpu: bool = False) -> tuple[bool, str]:
+                    assume_gpu: bool = False, xformers_builds: Mapping[str, str] | None = None) -> tuple[bool, str]:
     """DESIGN §5: sm 6.0–9.0, and the xformers the UI installs matches the venv's torch (or no torch yet).
 
+    An xformers already in the venv is the one that loads (A1111 installs its pin only when xformers
+    is missing), so when `xformers_builds` (xformers version → the torch it was built for, data)
+    knows it, that build must match the venv's torch instead.
     assume_gpu: no GPU is visible but an explicit profile is planned as written for one.
     """
     sm = "the profile's GPU"
@@ -201,6 +204,13 @@ def xformers_usable(ui: UiAdapter, gpu: GpuFacts | None, facts: Facts, *,
         return False, f"{ui.title} does not install xformers through a flag"
     xf, torch_for = ui.pinned_xformers
     torch_now = _torch_base(facts.webui.torch) if facts.webui else None
+    installed = _torch_base(facts.webui.xformers) if facts.webui else None
+    built_for = (xformers_builds or {}).get(installed or "")
+    if installed and built_for and torch_now:
+        if built_for == torch_now:
+            return True, f"{sm}; the venv's xformers {installed} is built for its torch {torch_now}"
+        return False, (f"the venv's xformers {installed} is built for torch {built_for}, not its torch {torch_now} "
+                       f"({ui.title} keeps an installed xformers, so it would fail to load)")
     if torch_now is None:
         return True, f"{sm}; the UI installs its pinned torch {torch_for} + xformers {xf}"
     if torch_now == torch_for:
@@ -271,6 +281,7 @@ def plan(
     registry: Mapping[str, ExtensionSpec],
     family: FamilyChoice | None = None,
     selection: Selection | None = None,
+    xformers_builds: Mapping[str, str] | None = None,
 ) -> Plan:
     """Decide everything for one WebUI; see DESIGN.md §5 for each rule."""
     b = _Builder()
@@ -371,7 +382,7 @@ def plan(
     if cpu_mode or foreign:
         b.add("attention", "auto", "auto", "no NVIDIA GPU: the UI's default")
     else:
-        ok, why = xformers_usable(ui, gpu, facts, assume_gpu=as_written)
+        ok, why = xformers_usable(ui, gpu, facts, assume_gpu=as_written, xformers_builds=xformers_builds)
         wanted = prof.attention
         if ui_key == "comfyui" and wanted in ("auto", "xformers"):
             # ComfyUI installs no xformers and uses it whenever it imports, else PyTorch SDP: forcing

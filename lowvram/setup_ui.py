@@ -491,7 +491,8 @@ def setup(
 
         if info.kind == "webui":
             commit, tag = _tree_commit(dest)
-            ours = marker.get("phase") in ("cloning", "cloned", "applying") and marker.get("commit") in (None, commit)
+            ours = (marker.get("phase") in ("cloning", "cloned", "applying") and marker.get("commit") in (None, commit)
+                    and not marker.get("adopted"))  # an adopted tree whose apply failed is still the user's
             if ours and commit is not None:
                 resumed = True  # our own clone, killed before it was configured
                 say(f"resuming the interrupted setup of {dest} (the clone was complete)")
@@ -539,10 +540,12 @@ def setup(
 
         result = SetupResult(ui=spec.key, dir=dest, ref=ref_out, commit=commit, tag=tag, adopted=adopted,
                              resumed=resumed, source=source, cleaned=cleaned, warnings=warnings, notes=notes)
-        write_marker(dest, ui=spec.key, dir=str(dest), ref=pin, source=source, phase="applying", commit=commit)
+        write_marker(dest, ui=spec.key, dir=str(dest), ref=pin, source=source, phase="applying", commit=commit,
+                     adopted=adopted)
         say("applying the plan")
         _apply(result, spec, profile=profile, model=model, progress=progress)
-        write_marker(dest, ui=spec.key, dir=str(dest), ref=pin, source=source, phase="done", commit=commit)
+        write_marker(dest, ui=spec.key, dir=str(dest), ref=pin, source=source, phase="done", commit=commit,
+                     adopted=adopted)
         result.notes.extend(spec.notes)
         quoted = shlex.quote(str(dest))
         result.before_launch = [cmd.replace("{dir}", quoted) for cmd in spec.before_first_start]

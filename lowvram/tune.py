@@ -171,6 +171,36 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _port_free(port: int) -> bool:
+    """Nothing listens on `port` (SO_REUSEADDR as the UI's server sets it: TIME_WAIT is no obstacle)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        if os.name != "nt":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def _block_port(plan: Plan, facts: Facts) -> int | None:
+    """The `--port` COMMANDLINE_ARGS will carry (the user's literal flags kept by the block, and the
+    plan's). A1111 appends COMMANDLINE_ARGS after its command line, so that value beats tune's."""
+    from lowvram.detect.webui import flag_value
+
+    if plan.merge == "assign":
+        args = tuple(plan.user_args_kept) + tuple(plan.args)
+    else:
+        user = facts.webui.user_args if facts.webui is not None else None
+        args = tuple(user or ()) + tuple(plan.args)
+    value = flag_value(args, "--port")
+    try:
+        port = int(value) if value is not None else None
+    except ValueError:
+        return None
+    return port if port is not None and 0 < port < 65536 else None
+
+
 class ApiClient:
     """A1111's API on a loopback port; no proxy (an http_proxy must never see these requests)."""
 
@@ -388,7 +418,7 @@ class _Session:
             raise TuneError(f"tune drives A1111's API and the layout hook; this WebUI is {self.base_plan.ui}",
                             "use `lowvram launch` there; the reserve search needs A1111")
         # --facts stands for the GPU only: the UI started (and the webui-user file written) is this machine's.
-        self.facts = _local_facts(ctx.facts) if ctx.from_facts_file else ctx.facts
+        self.facts = _local_facts(ctx.facts, self.webui) if ctx.from_facts_file else ctx.facts
         webui_facts = self.facts.webui
         self.checkpoint = webui_facts.checkpoint_key if webui_facts is not None else None
         gpu = _gpu(self.facts, self.base_plan)
@@ -606,7 +636,17 @@ class _Session:
     def _start_ui(self, plan: Plan) -> None:
         from lowvram.launch import build_launch
 
-        port = free_port()
+        port = _block_port(plan, self.facts)
+        if port is None:
+            port = free_port()
+        else:
+            if not _port_free(port):
+                raise TuneError(f"port {port} (--port {port} in your COMMANDLINE_ARGS) is in use: is the UI "
+                                "already running?",
+                                "stop it (tune starts its own, API only), or take --port out of webui-user's "
+                                "COMMANDLINE_ARGS while tuning")
+            self.report(TuneEvent("note", f"your COMMANDLINE_ARGS sets --port {port}, which the UI reads after its "
+                                          "command line: tune talks to it there"))
         spec = build_launch(plan, self.facts, self.webui, extra_args=("--api", "--nowebui", "--port", str(port)),
                             python=None, no_hook=False)
         self.ui = UiProcess(spec, self.log_path, self.lock)
@@ -752,14 +792,18 @@ def run_tune(*, webui: Path | None, facts_file: Path | None, overrides: Override
 
 
 def _quietly(restore: Callable[[], list[str]]) -> list[str]:
-    """Run the restore with Ctrl-C held off: a second Ctrl-C must not leave the UI running."""
+    """Run the restore with Ctrl-C and SIGTERM held off: a second one must not leave the UI running.
+
+    (The restore is bounded: the UI's group gets SIGKILL after --stop-timeout.)
+    """
     if os.name == "nt" or not _main_thread():
         return restore()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return restore()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _main_thread() -> bool:
@@ -789,12 +833,21 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 # Small helpers
 
 
-def _local_facts(facts: Facts) -> Facts:
-    """Facts from a file stand for the GPU; the OS that runs the UI and reads webui-user is this one."""
+def _local_facts(facts: Facts, webui: Path | None = None) -> Facts:
+    """Facts from a file stand for the GPU; the OS that runs the UI and reads webui-user is this one.
+
+    The tree was read for the file's OS (webui-user.bat for Windows facts): `webui` is read again
+    for this one, so the user's flags are those of the webui-user file the UI really sources.
+    """
     here = {"win32": "windows", "darwin": "darwin"}.get(sys.platform, "linux")
     if facts.system.os == here:
         return facts
-    return replace(facts, system=replace(facts.system, os=here))
+    local = replace(facts, system=replace(facts.system, os=here))
+    if webui is not None:
+        from lowvram.detect.webui import probe_webui
+
+        local = local.with_webui(probe_webui(webui, os_name=here))
+    return local
 
 
 def _gpu(facts: Facts, plan: Plan) -> Any:

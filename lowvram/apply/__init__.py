@@ -203,6 +203,29 @@ def _revert_file(webui: Path, key: str, entry: dict[str, Any], manifest: Manifes
     return "modified"
 
 
+def _revert_unrecorded(webui: Path) -> list[dict[str, str]]:
+    """Without a manifest: take the managed block out of the webui-user files that hold one.
+
+    The marker lines are lowvram's alone, so this is safe; a webui.settings.bat left empty was
+    lowvram's own (the stock tree has none).
+    """
+    changes: list[dict[str, str]] = []
+    for name, kind in (("webui-user.sh", webui_user.SH), ("webui-user.bat", webui_user.BAT),
+                       ("webui.settings.bat", webui_user.BAT)):
+        path = webui / name
+        data = webui_user.read_bytes(path)
+        if data is None or webui_user.find_block(data, kind, str(path)) is None:
+            continue
+        new = webui_user.remove_block(data, kind, where=str(path))
+        if name == "webui.settings.bat" and not new.strip():
+            path.unlink()
+            changes.append({"path": str(path), "action": "removed"})
+        else:
+            fsutil.atomic_write_bytes(path, new)
+            changes.append({"path": str(path), "action": "modified"})
+    return changes
+
+
 def revert(webui: Path, *, lock_held: bool = False) -> RevertResult:
     """Undo exactly what manifest.json records (DESIGN.md §6 Revert)."""
     from lowvram.apply import extensions as ext_mod
@@ -213,7 +236,15 @@ def revert(webui: Path, *, lock_held: bool = False) -> RevertResult:
         clean_stale(webui)
         manifest = Manifest.load(webui)
         if not manifest.exists:
-            result.notes.append("lowvram has not changed anything in this WebUI (no manifest)")
+            result.changes = _revert_unrecorded(webui)
+            why = ("lowvram's manifest for this WebUI was unreadable (kept aside as manifest.broken.json)"
+                   if manifest.broken else "lowvram has no manifest for this WebUI")
+            if result.changes:
+                result.notes.append(f"{why}: took out the managed block, found by its marker lines; anything else "
+                                    "lowvram installed (extensions/) is left as it is")
+            else:
+                result.notes.append("lowvram has not changed anything in this WebUI (no manifest)" if not manifest.broken
+                                    else f"{why}; no managed block found")
             return result
         for key, entry in sorted(manifest.files.items()):
             action = _revert_file(webui, key, entry, manifest)

@@ -294,9 +294,11 @@ def _existing(webui: Path, entry: RegistryEntry, path: Path, manifest: Manifest,
     previous = manifest.extensions.get(entry.name, {})
     record = {"dir": name, "url": entry.url, "ref": entry.ref, "commit": commit, "source": source,
               "action": previous.get("action", "updated"),
-              "updated_from": previous.get("updated_from", state.head)}
+              "updated_from": previous.get("updated_from", state.head),
+              "updated_from_branch": previous.get("updated_from_branch", gitops.head_branch(path))}
     if record["action"] == "installed":
         record.pop("updated_from")
+        record.pop("updated_from_branch")
     manifest.record_extension(entry.name, record)
     manifest.save()
     head = gitops.checkout_detached(path, commit)
@@ -369,6 +371,9 @@ def remove_installed(webui: Path, name: str, entry: Mapping[str, Any]) -> tuple[
         return "removed", ""
     previous = entry.get("updated_from")
     if isinstance(previous, str) and _SHA.match(previous):
+        branch = entry.get("updated_from_branch")
+        if isinstance(branch, str) and branch and gitops.checkout_branch(path, branch, previous) is not None:
+            return "restored", f"moved back to {branch} ({previous[:12]})"
         gitops.checkout_detached(path, previous)
         return "restored", f"moved back to {previous[:12]}"
     return "kept", "it was there before lowvram"

@@ -39,6 +39,7 @@ class Manifest:
     hook: dict[str, Any] | None = None
     dirs_created: list[str] = field(default_factory=list)
     exists: bool = False  # read from disk (False: a fresh one)
+    broken: bool = False  # one was there but unreadable (moved aside as manifest.broken.json)
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -51,7 +52,8 @@ class Manifest:
         return paths.backups_dir(self.webui)
 
     @classmethod
-    def load(cls, webui: Path) -> Manifest:
+    def load(cls, webui: Path, *, read_only: bool = False) -> Manifest:
+        """The manifest on disk, or a fresh one. `read_only` (doctor) never moves a broken one aside."""
         webui = Path(webui).resolve()
         m = cls(webui=webui)
         try:
@@ -61,10 +63,13 @@ class Manifest:
         except (OSError, ValueError):
             # A manifest that cannot be read: keep the broken one aside rather than lose it.
             broken = paths.manifest_path(webui)
-            with contextlib.suppress(OSError):
-                os.replace(broken, broken.with_name("manifest.broken.json"))
+            if not read_only:
+                with contextlib.suppress(OSError):
+                    os.replace(broken, broken.with_name("manifest.broken.json"))
+            m.broken = True
             return m
         if not isinstance(data, dict):
+            m.broken = True
             return m
         m.exists = True
         m.files = _dict(data.get("files"))
@@ -166,7 +171,10 @@ def check_applied(webui: Path) -> list[str]:
     from lowvram.apply import webui_user
 
     webui = Path(webui).resolve()
-    m = Manifest.load(webui)
+    m = Manifest.load(webui, read_only=True)
+    if m.broken:
+        return ["lowvram's manifest for this WebUI is unreadable, so `lowvram revert` cannot undo exactly what "
+                "apply did (`lowvram apply` writes a fresh one)"]
     if not m.exists:
         return []
     problems: list[str] = []

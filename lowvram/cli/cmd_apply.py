@@ -78,8 +78,16 @@ def apply_cmd(  # noqa: PLR0917 - one parameter per CLI option
         result = apply_plan(ctx.plan, tree, ctx.facts, dry_run=dry_run, progress=progress)
     if not dry_run and not ctx.from_facts_file:
         state.remember(tree, overrides.profile if overrides.profile else None)
+    failed = ("some extensions could not be installed (the managed block was written)",
+              "see the note column; offline, use LOWVRAM_MIRROR=DIR or `lowvram install-extensions "
+              "--source NAME=URL`")
     if json_out:
-        render.emit_json({"schema": 1, "plan": ctx.plan.to_dict(), "webui": str(tree), **result.to_dict()})
+        data = {"schema": 1, "plan": ctx.plan.to_dict(), "webui": str(tree), **result.to_dict()}
+        if result.exit_code:
+            data["error"] = {"message": failed[0], "hint": failed[1]}
+        render.emit_json(data)
+        if result.exit_code:
+            render.error(*failed)
         raise typer.Exit(result.exit_code)
     plan = ctx.plan
     if dry_run:
@@ -99,9 +107,7 @@ def apply_cmd(  # noqa: PLR0917 - one parameter per CLI option
     for warning in plan.warnings:
         render.warn(warning)
     if result.exit_code:
-        render.error("some extensions could not be installed (the managed block was written)",
-                     "see the note column; offline, use LOWVRAM_MIRROR=DIR or `lowvram install-extensions "
-                     "--source NAME=URL`")
+        render.error(*failed)
     raise typer.Exit(result.exit_code)
 
 

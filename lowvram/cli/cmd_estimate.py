@@ -190,15 +190,15 @@ def _calibration_for(webui: Path | None, template: EstimateRequest, notes: list[
 
 def _vram_from_facts(facts: Facts, notes: list[str]) -> tuple[int | None, int | None, str | None]:
     """(VRAM total, measured use by others, GPU name) of the GPU the UI would run on."""
-    try:
-        from lowvram.gpuselect import select_gpu
+    from lowvram.gpuselect import select_gpu
+    from lowvram.policy import user_device_flag
 
-        choice = select_gpu(facts)
-        gpu = choice.gpu
-        if gpu is None:
-            notes.append(choice.reason)
-    except ImportError:  # pragma: no cover - gpuselect ships with lowvram
-        gpu = max(facts.usable_gpus, key=lambda g: g.vram_total_mb or 0, default=None)
+    # The UI's own device flag (--device-id …) in the user's COMMANDLINE_ARGS picks the card, as for plan.
+    flag = user_device_flag(facts, facts.webui.flavor) if facts.webui is not None else None
+    choice = select_gpu(facts, flag)
+    gpu = choice.gpu
+    if gpu is None:
+        notes.append(choice.reason)
     if gpu is None or not gpu.vram_total_mb:
         return None, None, None
     used = None

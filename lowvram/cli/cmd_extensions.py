@@ -142,11 +142,16 @@ def install_extensions(  # noqa: PLR0917 - one parameter per CLI option
                 manifest.delete()
     rows = [r.to_dict() for r in results]
     code = 1 if any(r.status == "failed" for r in results) else 0
+    failed = ("some extensions could not be installed",
+              "see the note column; offline, use --source NAME=URL or LOWVRAM_MIRROR=DIR")
     if json_out:
-        render.emit_json({"schema": 1, "webui": str(tree), "ui": ui, "extensions": rows})
+        data: dict[str, Any] = {"schema": 1, "webui": str(tree), "ui": ui, "extensions": rows}
+        if code:
+            data["error"] = {"message": failed[0], "hint": failed[1]}
+        render.emit_json(data)
     else:
         print(f"extensions in {tree} ({ui}):")
         print(render_extensions(rows))
-        if code:
-            render.warn("some extensions could not be installed; see the note column")
+    if code:
+        render.error(*failed)
     raise typer.Exit(code)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -79,12 +80,19 @@ def launch_cmd(  # noqa: PLR0917 - typer maps parameters to options
             _print_dry_run(ctx.plan, spec)
         return
 
+    launch_mod.check_startable(spec)  # before apply writes anything into the tree
     lock = FileLock(paths.lock_path(tree), what=f"the WebUI at {tree}")
     lock.acquire()
     try:
         from lowvram.apply import apply_plan
 
-        result = apply_plan(ctx.plan, tree, ctx.facts, lock_held=True)
+        applied = ctx.plan
+        if no_hook and ctx.plan.ui == "a1111":
+            # --no-hook is this run's (LOWVRAM_HOOK=off, which the block never sets, DESIGN §6): the
+            # block and the hook config stay as they are without it, for the user's own webui.sh.
+            applied = planner.make_plan(webui=webui, facts_file=facts,
+                                        overrides=replace(overrides, no_hook=False)).plan
+        result = apply_plan(applied, tree, ctx.facts, lock_held=True)
         if not ctx.from_facts_file:
             state.remember(tree, overrides.profile)
         for warning in (*ctx.plan.warnings, *spec.warnings):

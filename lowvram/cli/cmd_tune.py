@@ -62,13 +62,21 @@ def tune_cmd(  # noqa: PLR0917 - typer maps parameters to options
     overrides = overrides_from(profile=profile)
     with _Reporter(quiet=as_json) as reporter:
         result = run_tune(webui=webui, facts_file=facts, overrides=overrides, settings=settings, report=reporter)
+    failed = None
+    if result.best is None:
+        failed = TuneError("no candidate could be measured: every probe failed",
+                           "see the reasons in the probe table; `lowvram launch` shows the UI's own output")
     if as_json:
-        render.emit_json(result.to_dict())
+        # One document on stdout: the probes (with their reasons) and the error together.
+        data = result.to_dict()
+        if failed is not None:
+            data["error"] = {"message": failed.message, "hint": failed.hint}
+        render.emit_json(data)
     else:
         _print_result(result)
-    if result.best is None:
-        raise TuneError("no candidate could be measured: every probe failed",
-                        "see the reasons in the probe table; `lowvram launch` shows the UI's own output")
+    if failed is not None:
+        render.error(failed.message, failed.hint)
+        raise typer.Exit(failed.exit_code)
 
 
 class _Reporter:

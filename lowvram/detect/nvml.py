@@ -80,6 +80,10 @@ class _Reader:
         except pynvml.NVMLError as exc:
             self.errors.append(f"{what}: {_error_name(exc)}")
             return None
+        except (ValueError, TypeError, AttributeError, UnicodeError, OSError) as exc:
+            # A binding/driver mismatch (odd bytes in a name, a struct field missing): lose this field only.
+            self.errors.append(f"{what}: {type(exc).__name__}")
+            return None
 
 
 def _probe_one(index: int, driver: str | None, cuda_driver: str | None) -> GpuFacts:

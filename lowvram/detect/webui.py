@@ -347,29 +347,55 @@ def _abs(root: Path, value: str) -> Path:
     return p if p.is_absolute() else root / p
 
 
+_NATURAL_RE = re.compile(r"([0-9]+)")
+CHECKPOINT_BLACKLIST = (".vae.ckpt", ".vae.safetensors")  # VAEs beside the checkpoints: never listed
+
+
+def natural_key(text: str) -> list[Any]:
+    """A1111's sort key for model files: digits as numbers ("model2" before "model10"), letters lowercased."""
+    return [int(part) if part.isdigit() else part.lower() for part in _NATURAL_RE.split(text)]
+
+
 def _walk_checkpoints(dirs: list[Path]) -> list[tuple[Path, Path]]:
-    """(dir, file) for every checkpoint under `dirs`, in a stable order, bounded."""
+    """(dir, file) for every checkpoint under `dirs` in the order A1111 lists them, bounded.
+
+    As A1111's `walk_files`: each dir's folders sorted naturally by path, files naturally within a
+    folder; only `.ckpt`/`.safetensors` (any case), never `*.vae.*`, nothing inside a hidden folder,
+    no broken symlink.
+    """
     found: list[tuple[Path, Path]] = []
     seen = 0
     for d in dirs:
         if not d.is_dir():
             continue
-        for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
-            dirnames.sort()
-            seen += 1  # directories count too: a symlink loop must end the walk
+        listing: list[tuple[str, list[str]]] = []
+        for dirpath, _dirnames, filenames in os.walk(d, followlinks=True):
+            seen += 1 + len(filenames)  # directories count too: a symlink loop must end the walk
             if seen > MAX_WALK:
-                return found
-            for name in sorted(filenames, key=str.lower):
-                seen += 1
-                if seen > MAX_WALK:
-                    return found
-                if name.lower().endswith(CHECKPOINT_SUFFIXES):
-                    found.append((d, Path(dirpath) / name))
+                break
+            listing.append((dirpath, filenames))
+        for dirpath, filenames in sorted(listing, key=lambda item: natural_key(item[0])):
+            rel = Path(dirpath).relative_to(d)
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            for name in sorted(filenames, key=natural_key):
+                if os.path.splitext(name)[1].lower() not in CHECKPOINT_SUFFIXES or name.endswith(CHECKPOINT_BLACKLIST):
+                    continue
+                file = Path(dirpath) / name
+                if file.is_symlink() and not file.exists():
+                    continue
+                found.append((d, file))
+        if seen > MAX_WALK:
+            break
     return found
 
 
 def find_checkpoint(root: Path, config: dict[str, Any], args: tuple[str, ...] | None) -> tuple[str | None, Path | None]:
-    """(name as the UI shows it, file) of the checkpoint A1111 would load at start-up."""
+    """(name as the UI shows it, file) of the checkpoint A1111 would load at start-up.
+
+    A1111 lists `--ckpt-dir` first, then `<models dir>/Stable-diffusion`, where the models dir is
+    `--models-dir`, else `<--data-dir>/models`, else the tree's own `models/`.
+    """
     data_dir = _abs(root, flag_value(args, "--data-dir") or ".")
     models_flag = flag_value(args, "--models-dir")
     models_dir = _abs(root, models_flag) if models_flag else data_dir / "models"
@@ -377,7 +403,7 @@ def find_checkpoint(root: Path, config: dict[str, Any], args: tuple[str, ...] | 
     ckpt_dir = flag_value(args, "--ckpt-dir")
     if ckpt_dir:
         dirs.append(_abs(root, ckpt_dir))
-    dirs += [models_dir / "Stable-diffusion", root / "models" / "Stable-diffusion"]
+    dirs.append(models_dir / "Stable-diffusion")
     dirs = list(dict.fromkeys(dirs))
     # --ckpt (default <root>/model.ckpt) wins when the file exists.
     ckpt = _abs(root, flag_value(args, "--ckpt") or "model.ckpt")
@@ -388,7 +414,7 @@ def find_checkpoint(root: Path, config: dict[str, Any], args: tuple[str, ...] | 
         name = strip_hash(selected).replace("\\", "/")
         for d in dirs:
             candidate = d / name
-            if candidate.is_file():
+            if candidate.is_file() and not name.endswith(CHECKPOINT_BLACKLIST):
                 return name, candidate
         base = name.rsplit("/", 1)[-1]
         for _d, f in _walk_checkpoints(dirs):

@@ -133,6 +133,17 @@ def test_check_applied_reports_what_went_missing(tree: Path, remotes: Remotes) -
     assert len(problems) == 3
 
 
+def test_check_applied_reads_an_unreadable_manifest_without_touching_it(tree: Path) -> None:
+    """doctor never writes lowvram's state: a broken manifest is reported, not moved aside."""
+    apply_plan(simple_plan(), tree, linux_facts())
+    manifest = paths.manifest_path(tree)
+    manifest.write_text("{truncated")
+    problems = check_applied(tree)
+    assert len(problems) == 1 and "unreadable" in problems[0]
+    assert manifest.read_text() == "{truncated"
+    assert not manifest.with_name("manifest.broken.json").exists()
+
+
 @pytest.mark.parametrize(("err", "words"), [(errno.ENOSPC, "no space left"), (errno.EROFS, "cannot write"),
                                             (errno.EACCES, "cannot write")])
 def test_disk_errors_leave_the_file_as_it_was(tree: Path, monkeypatch: pytest.MonkeyPatch, err: int,
@@ -211,6 +222,18 @@ def test_cli_apply_json_contract_and_remembered_profile(cli, tree: Path, stub_pl
     rdata = json.loads(rv.out)
     assert next(iter(rdata)) == "schema"
     assert {"changes", "extensions"} <= set(rdata)
+
+
+def test_cli_apply_json_failed_extension_carries_the_error(cli, tree: Path, stub_planner: list,  # type: ignore[type-arg]
+                                                           monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("LOWVRAM_MIRROR", str(tmp_path / "empty-mirror"))  # the extension cannot be fetched
+    res = cli("apply", "--webui", str(tree), "--json")
+    assert res.code == 1
+    data = json.loads(res.out)
+    assert data["extensions"][0]["status"] == "failed"
+    assert "could not be installed" in data["error"]["message"] and data["error"]["hint"]
+    assert markers.BLOCK_BEGIN in (tree / "webui-user.sh").read_text()
+    assert "error:" in res.err
 
 
 def test_cli_apply_dry_run_prints_the_diff(cli, tree: Path, stub_planner: list) -> None:  # type: ignore[type-arg]

@@ -123,6 +123,9 @@ def test_missing_commit_fails_cleanly(cli, tree: Path, remotes: Remotes, tmp_pat
     entry = _json(res)["extensions"][0]
     assert entry["status"] == "failed"
     assert "has no commit" in entry["reason"]
+    # exit 1 with --json: the error envelope rides in the same document, one line + hint on stderr
+    assert "could not be installed" in _json(res)["error"]["message"] and _json(res)["error"]["hint"]
+    assert "error:" in res.err and "hint:" in res.err
     assert sorted(p.name for p in (tree / "extensions").iterdir()) == []
 
 

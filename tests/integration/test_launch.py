@@ -185,6 +185,23 @@ def test_windows_runs_webui_user_bat_with_stdin_closed(tmp_path: Path) -> None:
         launch.start_ui(direct)
 
 
+@pytest.mark.parametrize("call_line", ['@call webui.bat', 'call "C:\\Stable Diffusion\\webui.bat"',
+                                       'CALL "%~dp0webui.bat"'])
+def test_windows_launches_the_bat_that_holds_the_block(tmp_path: Path, call_line: str) -> None:
+    """apply puts the block before the `call …webui.bat` line; launch must run that file, not
+    webui.bat directly (which would skip the block)."""
+    from lowvram.apply import apply_plan
+
+    user_bat = f"@echo off\r\nset COMMANDLINE_ARGS=\r\n{call_line}\r\n"
+    tree = make_webui(tmp_path / "win", webui_user_sh=None, webui_user_bat=user_bat)
+    facts = make_facts(tree, os_name="windows")
+    apply_plan(make_plan(), tree, facts)
+    assert b"rem >>> lowvram" in (tree / "webui-user.bat").read_bytes()
+    assert not (tree / "webui.settings.bat").exists()
+    spec = launch.build_launch(make_plan(), facts, tree)
+    assert spec.argv == ("cmd", "/d", "/c", "webui-user.bat")
+
+
 # --- running through the fake webui.sh --------------------------------------------------------
 
 

@@ -138,6 +138,24 @@ def test_bad_extra_flag_is_refused_before_anything_is_written(cli: Any, tree: Pa
     assert snapshot(tree) == before
 
 
+def test_facts_from_another_os_are_refused_before_anything_is_written(cli: Any, tree: Path, tmp_path: Path,
+                                                                      lowvram_home: Path) -> None:
+    """Windows facts on Linux: launch --dry-run shows the Windows command; a real launch refuses
+    before apply writes webui.settings.bat, the hook and the extensions into the tree."""
+    windows = {**GTX1070_WSL, "system": {**GTX1070_WSL["system"], "os": "windows", "wsl": False}}
+    facts = tmp_path / "windows.json"
+    facts.write_text(json.dumps(windows))
+    dry = json.loads(cli("launch", "--dry-run", "--json", *plan_args(tree, facts)).out)
+    assert dry["launch"]["argv"][:3] == ["cmd", "/d", "/c"]
+    before = snapshot(tree)
+    result = cli("launch", *plan_args(tree, facts))
+    assert result.code == 1
+    assert "targets windows" in result.err and "--dry-run" in result.err
+    assert "Traceback" not in result.err
+    assert snapshot(tree) == before
+    assert not paths.manifest_path(tree).exists()
+
+
 # --- launching --------------------------------------------------------------------------------
 
 
@@ -189,6 +207,9 @@ def test_no_hook_reaches_the_ui_and_the_hook_stays_quiet(
     assert events(record, "start")[0]["env"]["LOWVRAM_HOOK"] == "off"
     assert events(record, "done")[0]["hook_errors"] == []
     assert not paths.observations_path(tree).exists()
+    # --no-hook is this run's: the block keeps the hook's config for the user's own webui.sh.
+    assert f'export LOWVRAM_CONFIG="{paths.hook_config_path(tree)}"' in (tree / "webui-user.sh").read_text()
+    assert json.loads(paths.hook_config_path(tree).read_text())["enabled"] is True
 
 
 def test_broken_hook_config_leaves_the_ui_running(tree: Path, facts_file: Path, tmp_path: Path,

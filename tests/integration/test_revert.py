@@ -88,6 +88,8 @@ def test_an_update_lowvram_made_is_moved_back(tmp_path: Path, remotes: Remotes) 
     result = revert(tree)
     assert result.extensions[0]["status"] == "restored"
     assert head_of(kitten) == remotes.kitten.commits[-1]
+    # back on the user's branch, not a detached HEAD (A1111's extension updater needs the branch)
+    assert git("symbolic-ref", "--short", "HEAD", cwd=kitten) == "master"
 
 
 def test_config_rewritten_by_the_ui_gets_the_name_back_and_keeps_new_keys(tmp_path: Path, remotes: Remotes) -> None:
@@ -125,3 +127,21 @@ def test_revert_twice_and_revert_with_nothing_applied(cli, tmp_path: Path) -> No
     res = cli("revert", "--webui", str(tree))
     assert res.code == 0
     assert "nothing to revert" in res.out
+
+
+@pytest.mark.parametrize("how", ["lost", "corrupt"])
+def test_without_a_readable_manifest_the_block_still_comes_out(cli, tmp_path: Path, how: str) -> None:
+    """The markers are unambiguous: a lost or unreadable manifest must not leave the plan in force."""
+    tree = make_webui(tmp_path / "w")
+    apply_plan(simple_plan(), tree, linux_facts())
+    manifest = paths.manifest_path(tree)
+    if how == "lost":
+        manifest.unlink()
+    else:
+        manifest.write_text("{not json")
+    res = cli("revert", "--webui", str(tree), "--json")
+    assert res.code == 0, res.err
+    data = json.loads(res.out)
+    assert data["changes"] == [{"path": str(tree / "webui-user.sh"), "action": "modified"}]
+    assert (tree / "webui-user.sh").read_text() == STOCK_WEBUI_USER_SH
+    assert any("manifest" in n for n in data["notes"])

@@ -345,6 +345,20 @@ def test_existing_checkout_is_adopted_not_recloned(cli, with_mirror: UiMirror, t
     assert any("left as it is" in w for w in data["warnings"])
 
 
+def test_an_adopted_tree_whose_apply_failed_is_adopted_again_not_resumed(cli, with_mirror: UiMirror,
+                                                                          tmp_path: Path) -> None:
+    """`resumed` means lowvram's own clone from a killed run; the user's checkout is never that."""
+    target = tmp_path / "mine"
+    git(tmp_path, "clone", "-q", str(with_mirror["a1111"].path), str(target))
+    with fsutil.webui_lock(paths.lock_path(target)):  # a running `lowvram launch` holds the WebUI
+        r = cli("setup", "--dir", str(target), "--json")
+    assert r.code == 1 and "another lowvram process" in _json(r.out)["error"]["message"]
+    r = cli("setup", "--dir", str(target), "--json")
+    assert r.code == 0, r.err
+    data = _json(r.out)
+    assert data["adopted"] is True and data["resumed"] is False
+
+
 def test_ref_is_not_applied_to_an_adopted_tree(cli, with_mirror: UiMirror, tmp_path: Path) -> None:
     target = tmp_path / "mine"
     git(tmp_path, "clone", "-q", str(with_mirror["a1111"].path), str(target))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -189,6 +190,53 @@ def test_only_the_swap_road_where_memory_cannot_spill(cli: Any, tree: ApiUi, tmp
     res = _tune(cli, tree, facts, "--roads", "resident")
     assert res.code == 1
     assert "only the swap road" in json.loads(res.out)["error"]["message"]
+
+
+def test_every_probe_failing_is_exit_1_with_one_json_document(cli: Any, tree: ApiUi, tmp_path: Path) -> None:
+    linux = json.loads(write_gtx1070_windows_facts(tmp_path / "f.json").read_text())
+    linux["system"].update({"os": "linux", "sysmem_fallback": "unsupported", "glibc": "2.36"})
+    facts = tmp_path / "linux.json"
+    facts.write_text(json.dumps(linux))
+    tree.set_spec(fail_swap=True)  # the only road's only probe answers HTTP 500
+    res = _tune(cli, tree, facts)
+    assert res.code == 1
+    data = json.loads(res.out)  # one document: the probes and the error together
+    assert data["schema"] == 1 and data["best"] is None
+    assert [(p["road"], p["ok"]) for p in data["probes"]] == [("swap", False)]
+    assert "every probe failed" in data["error"]["message"] and data["error"]["hint"]
+    assert "every probe failed" in res.err and "Traceback" not in res.err
+    assert tree.alive() == []
+
+
+def test_a_port_in_the_users_commandline_args_is_where_tune_talks(tmp_path: Path, cli: Any, facts: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A1111 reads COMMANDLINE_ARGS after its command line: the user's --port beats tune's."""
+    from lowvram.tune import free_port
+    from tests.fixtures.webui_trees import STOCK_WEBUI_USER_SH
+
+    (tmp_path / "mirror").mkdir()
+    monkeypatch.setenv("LOWVRAM_MIRROR", str(tmp_path / "mirror"))
+    port = free_port()
+    ui = make_api_webui(tmp_path / "webui", optimum_mb=OPTIMUM,
+                        webui_user_sh=STOCK_WEBUI_USER_SH + f'export COMMANDLINE_ARGS="--port {port}"\n')
+    try:
+        res = _tune(cli, ui, facts, "--roads", "swap", "--ready-timeout", "20")
+        assert res.code == 0, res.err
+        assert json.loads(res.out)["best"]["road"] == "swap"
+        assert {s["port"] for s in ui.starts()} == {port}
+        assert f"--port {port}" in res.err  # said why
+        assert ui.alive() == []
+        # That port taken (say, by the user's own UI): refused before anything starts.
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+            busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            busy.bind(("127.0.0.1", port))
+            busy.listen(1)
+            res = _tune(cli, ui, facts, "--roads", "swap", "--ready-timeout", "20")
+        assert res.code == 1
+        assert f"port {port}" in json.loads(res.out)["error"]["message"]
+        assert len(ui.starts()) == 1
+    finally:
+        ui.kill_all()
 
 
 def test_a_held_lock_refuses_tune(cli: Any, tree: ApiUi, facts: Path) -> None:

@@ -77,6 +77,17 @@ def test_parse_stats_never_raises_on_garbage(text: str) -> None:
     assert data.skipped
 
 
+@pytest.mark.parametrize("tail", ["[" * 50_000, '{"width": 5' + "1" * 5000 + "}"])
+def test_parse_stats_survives_absurd_nesting_and_huge_numbers(tail: str) -> None:
+    """json raises RecursionError / a digit-limit ValueError (not JSONDecodeError) on these: a corrupt
+    stats.json must still give the records before the damage, never a traceback."""
+    good = json.dumps(_rec(256, 1, 300))
+    for text in (f'{{"txt2img": [{good}, {tail}]}}', f'\ufeff{{"txt2img": [{good}, {tail}'):
+        data = parse_stats(text)
+        assert [(r.width, r.reserved_peak_mb) for r in data.records] == [(256, 300.0)]
+        assert any(s.startswith("txt2img: cut off after 1 records") for s in data.skipped)
+
+
 def test_request_for_flags() -> None:
     t = EstimateRequest("sdxl", 1024, 1024)
     assert request_for_flags(t, ("--xformers", "--medvram-sdxl")).attention == "xformers"

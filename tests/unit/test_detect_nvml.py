@@ -132,3 +132,33 @@ def test_real_nvml_when_a_gpu_is_here() -> None:
     gpus, why = nvml.probe_gpus()
     assert why is None and gpus
     assert all(g.vram_total_mb for g in gpus)
+
+
+def test_a_gpu_without_a_handle_is_not_called_lost_off_the_bus(use) -> None:
+    """NoPermission on one GPU's handle (a container given only some /dev/nvidia*): that GPU is unusable, the other
+    is read, and doctor does not tell the user to reboot for a GPU that never fell off the bus."""
+    from lowvram.doctor import check_gpu
+    from lowvram.facts import Facts, SystemFacts
+
+    use(fake_nvml.FakeNvml([fake_nvml.gtx1070_gpu(),
+                            fake_nvml.rtx3060_gpu(fail={"nvmlDeviceGetHandleByIndex": pynvml.NVMLError_NoPermission})]))
+    gpus, why = nvml.probe_gpus()
+    assert why is None and not gpus[0].lost and gpus[0].vram_total_mb == 8192
+    assert gpus[1].lost and gpus[1].errors == ("handle: NoPermission",)
+    check = check_gpu(Facts(system=SystemFacts(os="linux"), gpus=gpus))
+    assert check.status == "warn" and "GTX 1070" in check.message
+    assert "fell off the bus" not in check.message and "reboot" not in check.hint
+    assert "NoPermission" in check.message and "/dev/nvidia" in check.hint
+
+
+def test_a_field_the_binding_cannot_decode_loses_only_that_field(use) -> None:
+    """nvidia-ml-py decodes names itself; bytes it cannot decode raise UnicodeDecodeError, not an NVMLError."""
+    fake = fake_nvml.FakeNvml([fake_nvml.rtx3060_gpu(fail={"nvmlDeviceGetName": _undecodable})])
+    use(fake)
+    (gpu,), why = nvml.probe_gpus()
+    assert why is None and gpu.name is None and gpu.vram_total_mb == 12288
+    assert gpu.errors == ("name: UnicodeDecodeError",)
+
+
+def _undecodable() -> UnicodeDecodeError:
+    return UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")

@@ -165,6 +165,32 @@ def test_data_dir_moves_config_and_extensions(tmp_path: Path) -> None:
     assert f.batch_cond_uncond is False and f.extensions == ("ext1",) and f.model_family == "sd15"
 
 
+
+
+def test_data_dir_hides_the_trees_own_models_as_a1111_does(tmp_path: Path) -> None:
+    """With --data-dir, A1111 lists <data>/models/Stable-diffusion only: a checkpoint left in the tree's
+    own models/ is not what it loads."""
+    root = make_webui(tmp_path / "sd", family="sdxl")  # selected: sd_xl_base_1.0.safetensors in <root>/models
+    data = tmp_path / "data"
+    write_checkpoint(data / "models" / "Stable-diffusion" / "mine.safetensors", "sd15")
+    (data / "config.json").write_text(json.dumps({"sd_model_checkpoint": "sd_xl_base_1.0.safetensors [31e35c80fc]"}))
+    (root / "webui-user.sh").write_text(f'export COMMANDLINE_ARGS="--data-dir {data}"\n')
+    f = webui.probe_webui(root, os_name="linux")
+    assert f.checkpoint == "mine.safetensors" and f.model_family == "sd15"
+
+
+def test_fallback_checkpoint_is_the_first_a1111_lists(tmp_path: Path) -> None:
+    """No selection: A1111 loads the first file of its natural-sorted walk, skipping VAEs (*.vae.safetensors),
+    hidden folders and broken symlinks; none of those may become "the checkpoint"."""
+    root = make_webui(tmp_path / "sd", family=None)
+    models = root / "models" / "Stable-diffusion"
+    write_checkpoint(models / "a_vae.vae.safetensors", "sdxl")
+    write_checkpoint(models / ".cache" / "a.safetensors", "sdxl")
+    (models / "a0.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    write_checkpoint(models / "model10.safetensors", "sdxl")
+    write_checkpoint(models / "model2.safetensors", "sd15")
+    f = webui.probe_webui(root, os_name="linux")
+    assert f.checkpoint == "model2.safetensors" and f.model_family == "sd15"
 # -- user args -------------------------------------------------------------------------------
 
 

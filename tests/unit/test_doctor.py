@@ -100,7 +100,10 @@ def test_healthy_rtx3060_exits_0() -> None:
 
 
 @pytest.mark.parametrize(("card", "words"), [
-    (GTX1050TI, ["4 GB class", "--medvram", "SDXL only with --lowvram"]),
+    # 4 GiB: SDXL 1024² is estimated not to fit even on --lowvram (the VAE decode alone is ~3 GiB), so the
+    # check says so instead of "SDXL only with --lowvram" (which promised it runs).
+    (GTX1050TI, ["4 GB class", "--medvram", "SDXL at 1024 px is not practical: even --lowvram"]),
+    (gpu("NVIDIA GeForce RTX 3050", 5050, "8.6"), ["4 GB class", "--medvram (pinned", "SDXL only with --lowvram"]),
     (GTX1660, ["6 GB class", "--medvram-sdxl"]),
     (GTX1070, ["8 GB class", "tight"]),
     (gpu("NVIDIA GeForce GT 1030", 2048, "6.1"), ["--lowvram", "not practical"]),
@@ -122,10 +125,16 @@ def test_pascal_slow_fp16() -> None:
 
 
 def test_ram_must_exceed_twice_vram_for_the_layout() -> None:
-    small = replace(LINUX, ram_mb=16000)
-    check = by_id(make(GTX1070, system=small))["system.ram"]
+    # The resident road exists only where VRAM spills (Windows ≥ 536.40, WSL): that is where RAM < 2 × VRAM
+    # costs something. It used to warn on native Linux too, where lowvram keeps the swap road whatever the RAM.
+    win = SystemFacts(os="windows", ram_mb=16000, sysmem_fallback="unknown")
+    check = by_id(make(GTX1070, system=win, tcm=TcmallocFacts()))["system.ram"]
     assert check.status == "warn" and "2 × VRAM" in check.message
-    assert by_id(make(GTX1070))["system.ram"].status == "ok"
+    assert by_id(make(GTX1070, system=replace(win, ram_mb=32000), tcm=TcmallocFacts()))["system.ram"].status == "ok"
+    # Exactly 2 × VRAM is enough: the policy's own test is RAM ≥ 2 × VRAM.
+    assert by_id(make(GTX1070, system=replace(win, ram_mb=16384), tcm=TcmallocFacts()))["system.ram"].status == "ok"
+    linux = by_id(make(GTX1070, system=replace(LINUX, ram_mb=16000)))["system.ram"]
+    assert linux.status == "ok" and "cannot spill" in linux.message
 
 
 def test_windows_sysmem_fallback_by_driver() -> None:
@@ -263,3 +272,97 @@ def test_tables_answer_known_rows() -> None:
     assert xformers_torch("0.0.23.post1") == "2.1.2"
     assert xformers_torch("0.0.27.post2+cu118") == "2.4.0"
     assert xformers_torch("9.9.9") is None
+
+
+# The bundled class profiles' VRAM ranges, read from the YAML: doctor's classes must be the same ones.
+def test_vram_classes_are_the_bundled_profiles_classes() -> None:
+    from lowvram.doctor import VRAM_CLASSES
+    from lowvram.profiles import load_profile
+
+    lo = 0
+    for top, label, sd15_pin, sdxl_pin in VRAM_CLASSES:
+        gb = {"2 GB class": "2gb", "4 GB class": "4gb", "6 GB class": "6gb", "8 GB class": "8gb",
+              "10–12 GB class": "12gb", "16 GB+ class": "16gb"}[label]
+        for fam, pin in (("sd15", sd15_pin), ("sdxl", sdxl_pin)):
+            prof = load_profile(f"{gb}-{fam}").profile
+            assert prof.match.vram_mb is not None and prof.match.vram_mb[0] == lo, (gb, fam)
+            if top < 1 << 40:
+                assert prof.match.vram_mb[1] == top - 1, (gb, fam)
+            assert prof.offload == (pin or "auto"), (gb, fam)
+        lo = top
+
+
+@pytest.mark.parametrize("os_name", ["linux", "windows"])
+def test_vram_class_names_the_rung_plan_actually_picks(os_name: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Every card size: the flag doctor names for SD 1.5 and SDXL is the offload `lowvram plan` decides (no WebUI:
+    A1111). Before, a 3.2 GB card was told "--lowvram" (plan: --medvram) and a 10 GB card "SDXL fits without
+    offloading" (plan: --medvram-sdxl)."""
+    from lowvram.plan import Overrides
+    from lowvram.planner import make_plan
+    from tests.fixtures.facts_matrix import write_facts
+
+    system = LINUX if os_name == "linux" else SystemFacts(os="windows", ram_mb=32000)
+    for mb in (2000, 3000, 3200, 3878, 4096, 5050, 5200, 6144, 7100, 8192, 9100, 10240, 11264, 12288, 16380):
+        card = gpu("NVIDIA GeForce RTX 3060", mb, "8.6")
+        facts = make(card, system=system)
+        path = write_facts(facts, tmp_path / f"{mb}.json")
+        message = by_id(facts)["gpu.vram_class"].message
+        for fam in ("sd15", "sdxl"):
+            planned = make_plan(webui=None, facts_file=path, overrides=Overrides(model=fam)).plan
+            offload = next(d.value for d in planned.decisions if d.setting == "offload")
+            said = _said_rung(message, "SD 1.5" if fam == "sd15" else "SDXL")
+            assert said == offload, (mb, os_name, fam, message, offload)
+
+
+def _said_rung(message: str, name: str) -> str:
+    """The rung doctor's message names for a family: its --flag, or none for "fits without offloading"."""
+    import re
+
+    if "SD 1.5 and SDXL fit without offloading" in message:
+        return "none"
+    part = next(p for p in message.split(": ", 1)[1].split("; ") if p.startswith(name + " "))
+    if "without offloading" in part:
+        return "none"
+    m = re.search(r"--(medvram-sdxl|medvram|lowvram)", part)
+    assert m, part
+    return m.group(1)
+
+
+def test_quirk_hints_claim_only_what_lowvram_does() -> None:
+    """The Pascal hint used to say "lowvram's Pascal profiles use xformers" – false where the venv's torch does
+    not match the xformers A1111 installs (the plan then says SDP). Only consumer Pascal (sm 6.1) has slow fp16."""
+    pascal = by_id(make(GTX1070, web=webui(torch="2.3.1+cu121")))["gpu.quirks"]
+    assert pascal.status == "warn" and "xformers" not in pascal.hint and "--upcast-sampling" in pascal.hint
+    p100 = by_id(make(gpu("Tesla P100-PCIE-16GB", 16384, "6.0")))["gpu.quirks"]
+    assert p100.status == "ok"
+    maxwell = by_id(make(gpu("NVIDIA GeForce GTX 970", 4096, "5.2")))["gpu.quirks"]
+    assert maxwell.status == "warn" and "--no-half" not in maxwell.hint and "never plans xformers" in maxwell.hint
+
+
+@pytest.mark.parametrize(("flavor", "expect", "never"), [
+    ("a1111", "--reinstall-torch", "--reinstall "),
+    ("forge", "--reinstall-torch", "--reinstall "),
+    ("sdnext", "--reinstall ", "--reinstall-torch"),
+    ("comfyui", "CUDA build of torch", "--reinstall"),
+])
+def test_cpu_torch_hint_uses_flags_that_ui_has(flavor: str, expect: str, never: str) -> None:
+    """SD.Next has --reinstall, ComfyUI neither flag (lowvram/ui/flags): each UI gets a fix it accepts."""
+    check = by_id(make(GTX1070, web=webui(flavor=flavor, torch="2.3.1+cpu", torch_cuda=None)))["webui.torch_driver"]
+    assert check.status == "fail" and expect in check.hint + " " and never not in check.hint + " "
+
+
+@pytest.mark.parametrize(("flavor", "expect"), [
+    ("a1111", "lowvram then plans --xformers where the venv's torch is 2.1.2"),
+    ("forge", "lowvram then plans --xformers where the venv's torch is 2.3.1"),
+    ("sdnext", "SD.Next then uses PyTorch SDP attention"),
+    ("comfyui", "--disable-xformers"),
+])
+def test_mismatched_xformers_hint_per_ui(flavor: str, expect: str) -> None:
+    """ComfyUI and Forge load xformers whenever it imports, so "drop --xformers" fixes nothing there; removing
+    the mismatched build works on every UI and the hint says what happens next."""
+    web = webui(flavor=flavor, torch="2.4.0+cu121", xformers="0.0.23.post1", python="/sd/venv/bin/python")
+    check = by_id(make(RTX3060, web=web))["webui.xformers"]
+    assert check.status == "warn" and "/sd/venv/bin/python -m pip uninstall -y xformers" in check.hint
+    assert expect in check.hint
+    none = by_id(make(RTX3060, web=webui(flavor="comfyui", xformers=None)))["webui.xformers"]
+    assert "A1111" not in none.message

@@ -137,3 +137,25 @@ def test_bad_values_are_usage_errors(cli) -> None:  # type: ignore[no-untyped-de
     assert cli("estimate", "--model", "sd15", "--width", "0").code == 2
     r = cli("estimate", "--model", "sd15", "--webui", "/nonexistent/webui", "--vram-mb", "4096")
     assert r.code != 0 and "Traceback" not in r.err
+
+
+def test_fits_is_tested_on_the_gpu_the_ui_would_use(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Two GPUs and the user's own `--device-id 0` (CUDA's fastest first: the 12 GB card is device 0 … unless
+    the UI is told otherwise): estimate must answer for the card the UI runs on, as plan does."""
+    from dataclasses import replace
+
+    from tests.fixtures.facts_matrix import MACHINES, with_webui, write_facts
+
+    base = MACHINES["two-gpus"]  # GTX 1060 6 GB (PCI 0) + RTX 3060 12 GB (PCI 1)
+    plain = write_facts(with_webui(base, "a1111", "sdxl"), tmp_path / "plain.json")
+    data = json.loads(cli("estimate", "--model", "sdxl", "--facts", str(plain), "--json").out)
+    assert data["vram_mb"] == 12288 and data["gpu"] == "NVIDIA GeForce RTX 3060"
+    pinned = replace(with_webui(base, "a1111", "sdxl", user_args=("--device-id", "1")),
+                     cuda=replace(base.cuda, device_order="PCI_BUS_ID"))
+    path = write_facts(pinned, tmp_path / "pinned.json")
+    data = json.loads(cli("estimate", "--model", "sdxl", "--facts", str(path), "--json").out)
+    assert data["vram_mb"] == 12288
+    small = replace(pinned, webui=replace(pinned.webui, user_args=("--device-id", "0")))
+    path = write_facts(small, tmp_path / "small.json")
+    data = json.loads(cli("estimate", "--model", "sdxl", "--facts", str(path), "--json").out)
+    assert data["vram_mb"] == 6144 and data["gpu"] == "NVIDIA GeForce GTX 1060 6GB"

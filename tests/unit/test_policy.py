@@ -428,3 +428,23 @@ def test_when_the_users_rung_wins_the_plan_and_the_hook_record_say_so() -> None:
     a = plan.decision("attention")
     assert a is not None and a.value == "invokeai" and a.source == "user"
     assert plan.estimate.peak_mb is not None  # estimated for what actually runs
+
+
+def test_an_installed_xformers_built_for_another_torch_means_no_xformers_flag() -> None:
+    """A1111 keeps an xformers that is already in the venv: if it does not match the venv's torch,
+    --xformers would make the UI fail to load it, so the plan takes SDP and says why."""
+    from lowvram.planner import load_xformers_builds
+
+    builds = load_xformers_builds()
+    base = MACHINES["gtx1070-8gb"]
+    mismatched = with_webui(base, "a1111", "sd15", torch="2.1.2+cu121")
+    mismatched = replace(mismatched, webui=replace(mismatched.webui, xformers="0.0.20"))  # built for torch 2.0.1
+    matched = replace(mismatched, webui=replace(mismatched.webui, xformers="0.0.23.post1"))
+    bad = policy.plan(mismatched, profiles.load_profile("8gb-sd15"), (), Overrides(), hook_config_path=None,
+                      webui_path="/srv/webui", registry={}, xformers_builds=builds)
+    good = policy.plan(matched, profiles.load_profile("8gb-sd15"), (), Overrides(), hook_config_path=None,
+                       webui_path="/srv/webui", registry={}, xformers_builds=builds)
+    assert "--xformers" not in bad.args
+    attention = bad.decision("attention")
+    assert attention is not None and "0.0.20" in attention.reason and "2.0.1" in attention.reason
+    assert "--xformers" in good.args

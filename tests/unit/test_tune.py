@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -18,6 +21,8 @@ from lowvram.tune import (
     TuneResult,
     TuneSettings,
     _local_facts,
+    _quietly,
+    _sigterm_as_interrupt,
     failure_reason,
     txt2img_payload,
 )
@@ -166,3 +171,24 @@ def test_facts_from_a_windows_box_start_the_local_ui() -> None:
     local = _local_facts(windows)
     assert local.system.os in ("linux", "darwin")
     assert local.system.sysmem_fallback == "on"  # the GPU's behaviour is the file's
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name == "nt", reason="POSIX signals")
+def test_restore_runs_to_its_end_through_another_ctrl_c_or_sigterm() -> None:
+    """A second Ctrl-C or SIGTERM while tune puts things back must not stop it half way
+    (the UI would be left running, the hook config half restored)."""
+    steps: list[str] = []
+
+    def restore() -> list[str]:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            os.kill(os.getpid(), sig)
+            time.sleep(0.05)  # the handler (if any) runs here, between bytecodes
+            steps.append(sig.name)
+        return []
+
+    try:
+        with _sigterm_as_interrupt():
+            assert _quietly(restore) == []
+    except KeyboardInterrupt:
+        pytest.fail(f"restore was interrupted after {steps}")
+    assert steps == ["SIGTERM", "SIGINT"]
