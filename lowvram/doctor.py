@@ -18,7 +18,7 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 from lowvram.facts import FALLBACK_CHOOSABLE_DRIVER, FALLBACK_FIRST_DRIVER, Facts, GpuFacts, WebuiFacts, parse_driver
-from lowvram.gpuselect import select_gpu
+from lowvram.gpuselect import GpuChoice
 
 STATUSES = ("ok", "warn", "fail", "skip")
 # Printed as NVIDIA writes them (str(Version("546.01")) would say 546.1).
@@ -29,7 +29,6 @@ CONTROL_PANEL_PATH = (
     "CUDA - Sysmem Fallback Policy"
 )
 # The UI flag that picks the CUDA device, per flavor (DESIGN.md §3).
-DEVICE_FLAGS = {"a1111": "--device-id", "sdnext": "--device-id", "forge": "--gpu-device-id", "comfyui": "--cuda-device"}
 INSTALL_COMMANDS = {
     "libtcmalloc-minimal4": "sudo apt install libtcmalloc-minimal4",
     "libgoogle-perftools4": "sudo apt install libgoogle-perftools4",
@@ -133,25 +132,15 @@ def mib_text(n: int | None) -> str:
     return f"{n / 1024:.1f} GiB" if n >= 1024 else f"{n} MiB"
 
 
-def device_flag(facts: Facts) -> str | None:
-    w = facts.webui
-    if w is None or not w.user_args:
-        return None
-    flag = DEVICE_FLAGS.get(w.flavor)
-    if flag is None:
-        return None
-    value = None
-    args = list(w.user_args)
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg.split("=", 1)[1]
-    return value
+def gpu_choice(facts: Facts) -> GpuChoice:
+    """The GPU the UI would run on: the policy's own rule, so doctor sizes the card `plan` does."""
+    from lowvram.policy import webui_gpu
+
+    return webui_gpu(facts)
 
 
 def chosen_gpu(facts: Facts) -> GpuFacts | None:
-    return select_gpu(facts, device_flag(facts)).gpu
+    return gpu_choice(facts).gpu
 
 
 def _vendor_list(facts: Facts) -> str:
@@ -174,7 +163,7 @@ def check_gpu(facts: Facts) -> Check:
                 + (" (under WSL: the Windows driver, not a Linux one)" if facts.system.wsl else "")
                 + "; with no NVIDIA GPU at all the UI can only run on the CPU (very slow)")
         return Check("gpu.nvidia", "fail", f"no NVIDIA GPU: {why}", hint)
-    choice = select_gpu(facts, device_flag(facts))
+    choice = gpu_choice(facts)
     lost = [g for g in facts.gpus if g.lost]
     if choice.gpu is None:
         return Check("gpu.nvidia", "fail", choice.reason,

@@ -141,6 +141,15 @@ def user_device_flag(facts: Facts, ui_key: str) -> str | None:
     return next((p.value for p in parsed if p.name == ui.device_flag and p.value), None)
 
 
+def webui_gpu(facts: Facts) -> GpuChoice:
+    """The GPU the facts' WebUI (A1111 when there is none) would run on, with its own device flag.
+
+    doctor, estimate and reserve use this, so they size the same card `plan` does.
+    """
+    ui_key = facts.webui.flavor if facts.webui is not None else "a1111"
+    return choose_gpu(facts, user_device_flag(facts, ui_key), adapter(ui_key))
+
+
 def gpu_for(facts: Facts, overrides: Overrides) -> GpuFacts | None:
     """The GPU the plan targets (what auto-selection matches profiles against)."""
     ui_key = target_ui(facts, overrides)

@@ -190,12 +190,10 @@ def _calibration_for(webui: Path | None, template: EstimateRequest, notes: list[
 
 def _vram_from_facts(facts: Facts, notes: list[str]) -> tuple[int | None, int | None, str | None]:
     """(VRAM total, measured use by others, GPU name) of the GPU the UI would run on."""
-    from lowvram.gpuselect import select_gpu
-    from lowvram.policy import user_device_flag
+    from lowvram.policy import webui_gpu
 
     # The UI's own device flag (--device-id …) in the user's COMMANDLINE_ARGS picks the card, as for plan.
-    flag = user_device_flag(facts, facts.webui.flavor) if facts.webui is not None else None
-    choice = select_gpu(facts, flag)
+    choice = webui_gpu(facts)
     gpu = choice.gpu
     if gpu is None:
         notes.append(choice.reason)

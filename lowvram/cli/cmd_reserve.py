@@ -42,12 +42,9 @@ def _gather(webui: Path, facts_file: Path | None) -> Facts:
 
 
 def _gpu(facts: Facts) -> tuple[int | None, str | None]:
-    try:
-        from lowvram.gpuselect import select_gpu
+    from lowvram.policy import webui_gpu
 
-        gpu = select_gpu(facts).gpu
-    except ImportError:
-        gpu = max(facts.usable_gpus, key=lambda g: g.vram_total_mb or 0, default=None)
+    gpu = webui_gpu(facts).gpu
     if gpu is None:
         return None, None
     return gpu.vram_total_mb, gpu.driver

@@ -366,3 +366,26 @@ def test_mismatched_xformers_hint_per_ui(flavor: str, expect: str) -> None:
     assert expect in check.hint
     none = by_id(make(RTX3060, web=webui(flavor="comfyui", xformers=None)))["webui.xformers"]
     assert "A1111" not in none.message
+
+
+@pytest.mark.parametrize("flavor", ["a1111", "forge", "comfyui"])
+@pytest.mark.parametrize("flag_value", [None, "0", "1"])
+@pytest.mark.parametrize("visible", [None, "1,0", "GPU-bbbb"])
+def test_doctor_sizes_the_same_gpu_the_plan_targets(flavor: str, flag_value: str | None, visible: str | None) -> None:
+    """Forge/ComfyUI device flags set CUDA_VISIBLE_DEVICES themselves; doctor must follow the same rule."""
+    from dataclasses import replace as _replace
+
+    from lowvram import policy
+    from lowvram.doctor import chosen_gpu
+    from lowvram.facts import CudaEnv
+    from lowvram.plan import Overrides
+    from lowvram.ui import adapter
+    from tests.fixtures.facts_matrix import MACHINES, with_webui
+
+    flag = adapter(flavor).device_flag
+    user_args = (flag, flag_value) if flag_value is not None and flag else ()
+    facts = with_webui(MACHINES["two-gpus"], flavor, "sd15", user_args=user_args)
+    facts = _replace(facts, cuda=CudaEnv(visible_devices=visible))
+    planned = policy.gpu_for(facts, Overrides())
+    doctored = chosen_gpu(facts)
+    assert (doctored.uuid if doctored else None) == (planned.uuid if planned else None)
