@@ -36,6 +36,7 @@ def build_hook_config(plan: Plan, webui: Path, *, driver: str | None = None, vra
         "family": plan.model_family,
         "flags": list(plan.args),
         "order": order,
+        "model_first": bool(plan.extra.get("layout_model_first", True)) if isinstance(plan.extra, dict) else True,
         "driver": driver,
         "vram_total_mb": vram_total_mb,
         "tag": tag,

@@ -718,6 +718,7 @@ def plan(
         "sysmem_fallback": fallback,
         # The hook config reads this (hookconfig.build_hook_config): the order the layout moves tensors back in.
         "layout_order": prof.layout.order,
+        "layout_model_first": prof.layout.model_first,
     }
     if selection is not None:
         extra["selection"] = {"name": selection.name, "reason": selection.reason,

@@ -34,6 +34,12 @@ class HookConfig:
     order: str = "ascending"
     driver: str | None = None
     tag: str | None = None
+    model_first: bool = True  # the UNet goes back before every other tensor (giant-kitten's default)
+
+    @property
+    def layout_key(self) -> tuple[int, str, bool]:
+        """What a layout depends on: a change of any of these lays the model out again."""
+        return (self.reserve_mb, self.order, self.model_first)
 
 
 def hook_disabled(env: Mapping[str, str]) -> bool:
@@ -72,6 +78,9 @@ def parse_config(data: object) -> HookConfig:
     order = data.get("order") or "ascending"
     if order not in ORDERS:
         raise ConfigError(f"`order` should be one of {', '.join(ORDERS)}")
+    model_first = data.get("model_first", True)
+    if not isinstance(model_first, bool):
+        raise ConfigError("`model_first` should be true or false")
     return HookConfig(
         observations=observations,
         layout=layout,
@@ -82,6 +91,7 @@ def parse_config(data: object) -> HookConfig:
         family=_opt_str(data, "family"),
         flags=tuple(flags),
         order=order,
+        model_first=model_first,
         driver=_opt_str(data, "driver"),
         tag=_opt_str(data, "tag"),
     )

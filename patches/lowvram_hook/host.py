@@ -98,10 +98,10 @@ class Hook:
         self.lock = threading.RLock()
         self.pending = False
         self.model_ref: Callable[[], Any] | None = None
-        self.laid_out: tuple[int, str] | None = None  # (reserve_mb, order) of the layout in force
+        self.laid_out: tuple[int, str, bool] | None = None  # HookConfig.layout_key of the layout in force
         # (reserve_mb, order) whose layout failed on this model: not retried at every job (each try
         # copies the whole model out and back), only once the model or the config changes.
-        self.failed_for: tuple[int, str] | None = None
+        self.failed_for: tuple[int, str, bool] | None = None
         self.free_mb: int | None = None  # free dedicated VRAM for the current model load
         self.last_layout: LayoutResult | None = None
         self.layout_s_unreported: float | None = None
@@ -218,7 +218,7 @@ class Hook:
                 self.pending = True
                 self.free_mb = None
             if cfg.layout:
-                wanted = (cfg.reserve_mb, cfg.order)
+                wanted = cfg.layout_key
                 if self.pending:
                     self.failed_for = None
                 stale = self.patch.active and not self.patch.intact()
@@ -253,12 +253,13 @@ class Hook:
             self.laid_out = None
             return
         unet = model.model.diffusion_model
-        result = run_layout(unet, cfg.reserve_mb, self.mover, self.patch, order=cfg.order, scan=self.scan,
+        result = run_layout(unet, cfg.reserve_mb, self.mover, self.patch, order=cfg.order,
+                            model_first=cfg.model_first, scan=self.scan,
                             clock=self.clock)
         self.last_layout = result
-        self.failed_for = None if result.ok else (cfg.reserve_mb, cfg.order)
+        self.failed_for = None if result.ok else cfg.layout_key
         if result.ok:
-            self.laid_out = (cfg.reserve_mb, cfg.order)
+            self.laid_out = cfg.layout_key
             self.free_mb = result.free_mb
             self.layout_s_unreported = result.seconds
             log(f"layout done: reserve {cfg.reserve_mb} MiB, {result.moved_bytes / MIB:.0f} MiB in "

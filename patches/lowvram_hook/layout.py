@@ -282,14 +282,17 @@ def _move(group: Group, copy: Callable[[Any], Any]) -> None:
     group.on_host = not group.on_host
 
 
-def move_back_order(groups: list[Group], order: str) -> list[Group]:
-    """UNet first, then the rest; each part by size (smallest first for "ascending")."""
+def move_back_order(groups: list[Group], order: str, model_first: bool = True) -> list[Group]:
+    """UNet first, then the rest, each part by size (smallest first for "ascending"); without
+    `model_first` (giant-kitten's "ignored model") every tensor is sorted as one list."""
 
     def part(items: list[Group]) -> list[Group]:
         if order == "original":
             return items
         return sorted(items, key=lambda g: g.nbytes, reverse=(order == "descending"))
 
+    if not model_first:
+        return part(list(groups))
     return part([g for g in groups if g.unet]) + part([g for g in groups if not g.unet])
 
 
@@ -332,7 +335,7 @@ def refusal(model: Any, mover: Mover, cuda_namespace: Any, cmd_opts: Any = None)
 
 
 def run_layout(unet: Any, reserve_mb: int, mover: Mover, patch: CachePatch, *, order: str = "ascending",
-               scan: bool = True, clock: Callable[[], float] = time.perf_counter,
+               model_first: bool = True, scan: bool = True, clock: Callable[[], float] = time.perf_counter,
                objects: Callable[[], Iterable[Any]] = gc.get_objects) -> LayoutResult:
     """Steps 2–5 of DESIGN.md §7. Never raises: a failure is rolled back and reported."""
     start = clock()
@@ -367,7 +370,7 @@ def run_layout(unet: Any, reserve_mb: int, mover: Mover, patch: CachePatch, *, o
         free_mb = min(free_mb, max(0, empty_free - moved) // MIB)
         if reserve_bytes:
             reserve = mover.alloc_reserve(reserve_bytes)
-        for group in move_back_order(groups, order):
+        for group in move_back_order(groups, order, model_first):
             _move(group, mover.to_device)
         mover.synchronize()
         mover.empty_cache()

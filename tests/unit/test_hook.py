@@ -247,6 +247,17 @@ def test_a_new_reserve_in_the_config_lays_out_again_and_layout_false_undoes_it(u
     assert last.layout is False and last.reserve_mb is None and last.road == "swap"
 
 
+def test_turning_model_first_off_in_the_config_lays_out_again(ui) -> None:
+    hook, dev, _cuda = sim_hook(ui)
+    generate(hook, FakeP(sd_model=ui.model))
+    before = dev.kinds().count("to_host")
+    generate(hook, FakeP(sd_model=ui.model))
+    assert dev.kinds().count("to_host") == before, "same config: no new layout"
+    write_config(ui.cfg, ui.obs, model_first=False)
+    generate(hook, FakeP(sd_model=ui.model))
+    assert dev.kinds().count("to_host") > before, "model_first changed: laid out again"
+
+
 def test_a_ui_reload_lifts_the_patch_before_extensions_are_imported_again(ui) -> None:
     """giant-kitten saves torch.cuda.empty_cache at import: after a reload it must save the real one."""
     hook, dev, cuda = sim_hook(ui)
@@ -294,7 +305,7 @@ def test_a_failed_layout_is_not_retried_at_every_job_until_the_model_or_reserve_
     write_config(ui.cfg, ui.obs, reserve_mb=256)
     generate(hook, FakeP(sd_model=ui.model))
     assert dev.kinds().count("to_host") > tries, "a new reserve is worth a new try"
-    assert hook.laid_out == (256, "ascending")
+    assert hook.laid_out == (256, "ascending", True)
     assert all(dev.holds(p) for p in ui.model.parameters())
 
 

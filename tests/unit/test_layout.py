@@ -100,6 +100,18 @@ def test_descending_order_is_honoured(scene) -> None:
     assert back[:n_unet] == sorted(back[:n_unet], reverse=True)
 
 
+def test_without_model_first_every_tensor_comes_back_by_size_alone(scene) -> None:
+    """giant-kitten's "ignored model": no UNet-first pass, one list sorted by size."""
+    result = run_layout(scene.unet, 0, scene.dev, CachePatch(scene.cuda), model_first=False)
+    assert result.ok, result.reason
+    back = [e[1] for e in scene.dev.events if e[0] == "to_device"]
+    assert back == sorted(back)
+    small = scene.keep["small"].untyped_storage().nbytes()
+    unet_sizes = [t.untyped_storage().nbytes() for t in scene.unet.parameters()]
+    assert back.index(small) < len(unet_sizes), "the small stray now comes back among the UNet's tensors"
+    _assert_everything_back(scene)
+
+
 def test_views_are_moved_once_and_stay_views(scene) -> None:
     stray, view, unet_view = scene.keep["stray"], scene.keep["stray_view"], scene.keep["unet_view"]
     weight = scene.unet.middle.weight

@@ -368,6 +368,19 @@ def test_the_profiles_layout_order_reaches_the_hook_config() -> None:
     assert build_hook_config(run(WIN8, "8gb-sdxl"), Path("/srv/webui"))["order"] == "ascending"
 
 
+def test_the_profiles_model_first_reaches_the_hook_config() -> None:
+    from pathlib import Path
+
+    from lowvram import paths
+    from lowvram.hookconfig import build_hook_config
+
+    d = paths.user_profiles_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "flat.yaml").write_text("description: x\nextends: 8gb-sdxl\nlayout: {mode: on, model_first: false}\n")
+    assert build_hook_config(run(WIN8, "flat"), Path("/srv/webui"))["model_first"] is False
+    assert build_hook_config(run(WIN8, "8gb-sdxl"), Path("/srv/webui"))["model_first"] is True
+
+
 def test_a_device_flag_naming_no_gpu_never_turns_the_plan_into_cpu_mode() -> None:
     # One GTX 1070 and `--device-id 3`: the flag is wrong, the machine still has its GPU.
     facts = with_webui(MACHINES["gtx1070-8gb"], "a1111", "sdxl", user_args=("--device-id", "3"))
