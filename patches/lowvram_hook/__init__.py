@@ -1,7 +1,7 @@
 """lowvram's hook inside the WebUI's own Python (DESIGN.md §7).
 
-It imports only the standard library, torch and the host UI's modules (each guarded), and nothing
-from lowvram: it talks to lowvram through two files, the config it reads at every job
+It imports only the standard library, torch and the host UI's modules (each guarded), and no
+lowvram module: it talks to lowvram through two files, the config it reads at every job
 (`LOWVRAM_CONFIG`) and the observations it appends to.
 """
 
