@@ -85,11 +85,12 @@ class Coefficients:
     unet_act: dict[str, float] = field(
         default_factory=lambda: {"sd15": 8300.0, "sd2": 8300.0, "sdxl": 3000.0, "sdxl-refiner": 3600.0}
     )
-    # VAE decode, elements per output pixel. A1111 decodes a half VAE under torch.autocast, which
-    # runs GroupNorm in fp32, and its ldm/sgm decoder spells SiLU as x*sigmoid(x): more and wider
-    # temporaries than a fp32 decode without autocast or a diffusers/ComfyUI decoder (F.silu).
+    # VAE decode, elements per output pixel. A1111's ldm/sgm decoder spells SiLU as x*sigmoid(x): more
+    # temporaries than a diffusers/ComfyUI decoder (F.silu). A1111 decodes in the VAE's own dtype with
+    # autocast off (decode_first_stage disabled it for a dtype_vae input even in early 2023; 1.6+ wraps
+    # it in devices.without_autocast): no fp32 GroupNorm copies.
     vae_decode: dict[str, float] = field(
-        default_factory=lambda: {"autocast": 1550.0, "ldm": 1100.0, "silu": 720.0}
+        default_factory=lambda: {"ldm": 1100.0, "silu": 720.0}
     )
     vae_encode_ratio: float = 0.65  # encode working memory relative to decode at the same size
     naive_score_bytes: float = 8.0  # A1111/ldm naive attention (fp32 scores, 2 copies)
@@ -242,10 +243,7 @@ def _vae_working(req: EstimateRequest, co: Coefficients, w: float, h: float, enc
     decode batch to the free memory, at least one image: so one image's decode is what must fit.
     """
     px = w * h
-    if req.ui != "a1111":
-        per_px = co.vae_decode["silu"]
-    else:
-        per_px = co.vae_decode["autocast" if req.vae_precision == "half" else "ldm"]
+    per_px = co.vae_decode["ldm" if req.ui == "a1111" else "silu"]
     if req.tiled_vae:
         tile = 768.0 * 768.0  # a 96-latent tile plus padding, MultiDiffusion's default on 8–12 GB cards
         work = px * 3 * 4 + min(px, tile) * per_px * _elem(req.vae_precision) * 1.25

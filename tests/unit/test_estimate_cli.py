@@ -106,11 +106,11 @@ def test_sweep_table_and_json(cli, monkeypatch: pytest.MonkeyPatch) -> None:  # 
 
 def test_text_output_shows_parts_and_verdict(cli, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("NO_COLOR", "1")
-    r = cli("estimate", "--model", "sd15", "--width", "768", "--height", "512", "--batch", "2", "--vram-mb", "4096")
+    r = cli("estimate", "--model", "sd15", "--width", "768", "--height", "512", "--batch", "2", "--vram-mb", "3584")
     assert r.code == 0
     assert "sd15 768x512, batch 2" in r.out
     assert "weights_unet" in r.out and "cuda_context" in r.out
-    assert "does not fit in 4096 MiB" in r.out and "largest square that fits: 512 px" in r.out
+    assert "does not fit in 3584 MiB" in r.out and "largest square that fits: 448 px" in r.out
 
 
 def test_webui_stats_json_calibrates(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
