@@ -543,6 +543,13 @@ def check_checkpoint(facts: Facts) -> Check:
     if w.flavor == "comfyui":
         return Check("webui.checkpoint", "skip", "ComfyUI has no selected checkpoint",
                      "tell lowvram the model family with --model sd15|sd2|sdxl")
+    if w.checkpoint is None and w.flavor == "a1111" and "--no-download-sd-model" not in (w.user_args or ()):
+        # modules/sd_models.py: with no checkpoint at all, A1111 downloads v1-5-pruned-emaonly and loads it.
+        return Check("webui.checkpoint", "warn",
+                     "no checkpoint yet: A1111's first start downloads SD 1.5 (v1-5-pruned-emaonly, ~4 GB) and "
+                     "lowvram plans for it",
+                     "for SDXL, put its .safetensors in models/Stable-diffusion (or give --model sdxl) before "
+                     "the first start")
     if w.checkpoint is None:
         return Check("webui.checkpoint", "warn", "no checkpoint found (models/Stable-diffusion, --ckpt-dir)",
                      "put a .safetensors checkpoint in models/Stable-diffusion, or give --model sd15|sd2|sdxl")

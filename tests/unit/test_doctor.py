@@ -224,6 +224,15 @@ def test_checkpoint_family() -> None:
     assert comfy.status == "skip" and "--model" in comfy.hint
 
 
+def test_a_fresh_a1111_without_a_checkpoint_is_told_about_the_sd15_download() -> None:
+    fresh = by_id(make(GTX1070, web=webui(checkpoint=None, model_family=None)))["webui.checkpoint"]
+    assert "downloads SD 1.5" in fresh.message and "lowvram plans for it" in fresh.message
+    assert "--model sdxl" in fresh.hint
+    no_download = by_id(make(GTX1070, web=webui(checkpoint=None, model_family=None,
+                                                user_args=("--no-download-sd-model",))))["webui.checkpoint"]
+    assert "no checkpoint found" in no_download.message
+
+
 def test_lost_gpu_warns_and_the_other_is_used() -> None:
     check = by_id(SCENARIOS["lost"])["gpu.nvidia"]
     assert check.status == "warn" and "GTX 1070" in check.message and "lost" in check.message
