@@ -134,6 +134,10 @@ def mib_text(n: int | None) -> str:
 
 def gpu_choice(facts: Facts) -> GpuChoice:
     """The GPU the UI would run on: the policy's own rule, so doctor sizes the card `plan` does."""
+    if not facts.gpus:  # nothing to choose from: keep the policy (and its imports) out of a GPU-less doctor
+        from lowvram.gpuselect import select_gpu
+
+        return select_gpu(facts)
     from lowvram.policy import webui_gpu
 
     return webui_gpu(facts)
