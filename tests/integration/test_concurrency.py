@@ -25,27 +25,23 @@ import pytest
 from lowvram import paths
 from lowvram.apply import webui_user
 from tests.conftest import REPO
-from tests.fixtures.faults import GTX1070_LINUX, snapshot
+from tests.fixtures.faults import install_noext_profile, snapshot, write_gtx1070_facts
 from tests.fixtures.launchers import events, fake_env, make_fake_a1111
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="FIFOs, fcntl locks and the bash stand-in of webui.sh")
 
-NOEXT = "description: gtx1070-sdxl without extensions (no network in tests)\nextends: gtx1070-sdxl\nextensions: []\n"
 TIMEOUT = 120
 LOCKED = "another lowvram process is using the WebUI at"
 
 
 @pytest.fixture
 def facts_file(tmp_path: Path) -> Path:
-    path = tmp_path / "gtx1070.json"
-    path.write_text(json.dumps(GTX1070_LINUX))
-    return path
+    return write_gtx1070_facts(tmp_path / "gtx1070.json")
 
 
 @pytest.fixture
 def tree(tmp_path: Path, lowvram_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    (lowvram_home / "profiles").mkdir(parents=True, exist_ok=True)
-    (lowvram_home / "profiles" / "noext.yaml").write_text(NOEXT)
+    install_noext_profile(lowvram_home)
     mirror = tmp_path / "empty-mirror"  # nothing may reach the network, even by mistake
     mirror.mkdir()
     monkeypatch.setenv("LOWVRAM_MIRROR", str(mirror))

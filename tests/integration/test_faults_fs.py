@@ -25,27 +25,31 @@ import pytest
 
 from lowvram import fsutil, paths
 from tests.conftest import REPO
-from tests.fixtures.faults import DISK_FULL_DRIVER, GTX1070_LINUX, disk_full, refuse_changes, snapshot, temps
+from tests.fixtures.faults import (
+    DISK_FULL_DRIVER,
+    disk_full,
+    install_noext_profile,
+    refuse_changes,
+    snapshot,
+    temps,
+    write_gtx1070_facts,
+)
 from tests.fixtures.git_repos import Remotes, make_remotes
 from tests.fixtures.launchers import events, fake_env, make_fake_a1111
 from tests.fixtures.webui_trees import make_webui
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="patches Linux OS calls, /proc/self/fd")
 
-NOEXT = "description: gtx1070-sdxl without extensions (no network in tests)\nextends: gtx1070-sdxl\nextensions: []\n"
 
 
 @pytest.fixture
 def facts_file(tmp_path: Path) -> Path:
-    path = tmp_path / "gtx1070.json"
-    path.write_text(json.dumps(GTX1070_LINUX))
-    return path
+    return write_gtx1070_facts(tmp_path / "gtx1070.json")
 
 
 @pytest.fixture
 def tree(tmp_path: Path, lowvram_home: Path) -> Path:
-    (lowvram_home / "profiles").mkdir(parents=True, exist_ok=True)
-    (lowvram_home / "profiles" / "noext.yaml").write_text(NOEXT)
+    install_noext_profile(lowvram_home)
     return make_webui(tmp_path / "stable-diffusion-webui",
                       config={"disabled_extensions": ["stable-diffusion-webui-giant-kitten"]})
 
@@ -220,8 +224,7 @@ def test_webui_deleted_mid_launch(tmp_path: Path, facts_file: Path, lowvram_home
     """The tree vanishes under a running UI. lowvram exits with the UI's code and a clear last line;
     when webui.sh then tries to restart the UI from the deleted folder, that failure is the UI's
     code, still without a traceback from lowvram."""
-    (lowvram_home / "profiles").mkdir(parents=True, exist_ok=True)
-    (lowvram_home / "profiles" / "noext.yaml").write_text(NOEXT)
+    install_noext_profile(lowvram_home)
     tree = make_fake_a1111(tmp_path / "stable-diffusion-webui")
     record = tmp_path / "record.jsonl"
     knobs = {"wait": "2"}
