@@ -4,7 +4,6 @@ the observations and the extension registry, then call the pure policy. It never
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -55,11 +54,12 @@ def load_registry() -> dict[str, ExtensionSpec]:
 
 def load_xformers_builds() -> dict[str, str]:
     """lowvram/data/xformers_torch.json: xformers version → the torch it was built for (with sources)."""
+    from lowvram.doctor import load_table
+
     try:
-        data = json.loads(paths.data_file("xformers_torch.json").read_text(encoding="utf-8"))
+        builds = load_table("xformers_torch.json").get("builds")
     except (OSError, ValueError):
         return {}
-    builds = data.get("builds") if isinstance(data, dict) else None
     return {str(k): str(v) for k, v in builds.items()} if isinstance(builds, dict) else {}
 
 
