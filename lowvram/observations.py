@@ -59,6 +59,15 @@ class Observation:
     layout_s: float | None = None  # how long the layout took, when it ran before this job
     tag: str | None = None  # free text a caller put in the hook config (tune uses "tune")
     pid: int | None = None  # the UI process that recorded it
+    # Added for the real UIs (issue 13). `layout_error`: why a planned layout did not happen (it
+    # failed and was rolled back, or the hook refused it); a resident-road record with it set is a
+    # failed resident run, not a resident measurement. `device`: "cuda" or "cpu", so runs on
+    # different devices are never compared. `wall_s`: seconds per image, the whole job (model
+    # moves of --medvram included) divided by `images`.
+    layout_error: str | None = None
+    device: str | None = None
+    wall_s: float | None = None
+    images: int | None = None
 
     @property
     def size(self) -> tuple[int, int] | None:
@@ -67,10 +76,36 @@ class Observation:
         return (self.width, self.height)
 
 
+def measured_road(obs: Observation) -> str | None:
+    """The road this run really measured, or None when it measured neither.
+
+    A record planned for the resident road counts as resident only when the layout really ran
+    (the hook refused it, or it failed and was rolled back: then the model was not laid out and
+    its s/it says nothing about the resident road).
+    """
+    if obs.road == "swap":
+        return "swap"
+    if obs.road == "resident" and obs.layout and not obs.layout_error:
+        return "resident"
+    return None
+
+
+def run_failed(obs: Observation) -> bool:
+    """The run did not do what its road promised: the job failed, ran out of memory, or its
+    planned layout failed or was refused."""
+    return (not obs.ok) or obs.ooms > 0 or (obs.road == "resident" and bool(obs.layout_error))
+
+
+def comparable_key(obs: Observation) -> tuple[object, ...]:
+    """Runs are compared only with runs of the same size, batch and device (like with like)."""
+    return (obs.width, obs.height, obs.batch or 1, obs.device)
+
+
 _INT_FIELDS = {"reserve_mb", "free_mb", "overflow_mb", "peak_allocated_mb", "peak_reserved_mb", "vram_total_mb",
-               "width", "height", "batch", "steps", "pid"}
-_FLOAT_FIELDS = {"sit", "layout_s"}
-_STR_FIELDS = {"checkpoint", "family", "road", "offload", "driver", "overflow_source", "tag"}
+               "width", "height", "batch", "steps", "pid", "images"}
+_FLOAT_FIELDS = {"sit", "layout_s", "wall_s"}
+_STR_FIELDS = {"checkpoint", "family", "road", "offload", "driver", "overflow_source", "tag", "layout_error",
+               "device"}
 _KNOWN = {f.name for f in fields(Observation)}
 
 
