@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lowvram.observations import Observation
+from lowvram.observations import Observation, measured_road
 
 if TYPE_CHECKING:
     from lowvram.tuning import TuningState
@@ -44,9 +44,10 @@ def round_down(mb: float, step: int = STEP_MB) -> int:
 def qualifying_runs(observations: Iterable[Observation], checkpoint: str | None) -> list[Observation]:
     """Runs that say something about free/overflow for `checkpoint`, oldest first.
 
-    Hook and tuning runs count when they are of this checkpoint and recorded a reserve (the
-    resident road: a swapped model measures nothing about the layout). Manual readings count for
-    their checkpoint, and WebUI-wide ones (no checkpoint) for every checkpoint.
+    Hook and tuning runs count when they are of this checkpoint, recorded a reserve and their
+    layout really ran (the resident road: a swapped model, or a resident run whose layout failed
+    or was refused, measures nothing about the layout). Manual readings count for their
+    checkpoint, and WebUI-wide ones (no checkpoint) for every checkpoint.
     """
     runs = []
     for obs in observations:
@@ -55,10 +56,17 @@ def qualifying_runs(observations: Iterable[Observation], checkpoint: str | None)
         if obs.source == "manual":
             if obs.checkpoint is not None and obs.checkpoint != checkpoint:
                 continue
-        elif checkpoint is None or obs.checkpoint != checkpoint or obs.reserve_mb is None:
+        elif checkpoint is None or obs.checkpoint != checkpoint or obs.reserve_mb is None or not laid_out(obs):
             continue
         runs.append(obs)
     return sorted(runs, key=lambda o: o.time)
+
+
+def laid_out(obs: Observation) -> bool:
+    """False for a record planned for the resident road whose layout did not run (it failed, or
+    the hook refused it): its reserve and speed say nothing about the layout. Other records
+    (swap road, no road recorded) are left to their own rules."""
+    return obs.road != "resident" or measured_road(obs) == "resident"
 
 
 @dataclass(frozen=True)
@@ -109,7 +117,7 @@ def compute_reserve(observations: Sequence[Observation], *, checkpoint: str | No
 
     inputs = formula_inputs(observations, checkpoint)
     used = len(inputs.runs)
-    state = tuning.tuning_state(observations, checkpoint, driver, size,
+    state = tuning.tuning_state([o for o in observations if laid_out(o)], checkpoint, driver, size,
                                 max_candidates=max_candidates or tuning.PASSIVE_CANDIDATES,
                                 vram_total_mb=vram_total_mb, cuda_context_mb=cuda_context_mb)
     formula_mb: int | None = None
