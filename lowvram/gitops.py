@@ -4,6 +4,11 @@ Used by `install-extensions`/`apply` (extensions) and `setup` (the UIs themselve
 into a temp dir beside its destination (named with fsutil.TEMP_MARK, so the next run removes what
 a killed run left), is checked out at the pinned commit, verified, and only then renamed into
 place: an interrupted or failed clone leaves nothing half-made.
+
+A checkout is left on a local branch at the pin, never on a detached HEAD: A1111 reads
+`repo.active_branch` for every extension (and for its own tree) and shows nothing for one it
+cannot read. The branch is named as a user's clone's would be (the remote's default branch that
+holds the pin); an existing branch is moved only where no commit of it would be lost.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ _TRANSPORT_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*::")  # git's `<transport>:
 _SCP_RE = re.compile(r"^(?:(?P<user>[^@/\s]+)@)?(?P<host>[A-Za-z0-9.-]+):(?P<path>(?!//).*)$")
 _DRIVE_RE = re.compile(r"^[A-Za-z]:[\\/]")
 _SHA_RE = re.compile(r"^[0-9a-fA-F]{7,40}$")
+_FULL_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
 class CloneError(ExtensionError):
@@ -47,6 +53,7 @@ class RepoState:
     untracked: bool  # files git does not track, ignored ones included (VRAM Estimator's stats.json)
     ignored: bool = False  # of those, files matched by .gitignore
     untracked_paths: tuple[str, ...] = ()  # ignored ones included, as git lists them
+    branch: str | None = None  # the branch HEAD is on; None when detached (or no commit yet)
 
     @property
     def changed(self) -> bool:
@@ -202,6 +209,8 @@ def _git_error_text(exc: Exception) -> str:
 
 def resolve_commit(repo: Any, ref: str) -> str | None:
     """The full commit id `ref` names in `repo` (a commit id, tag or branch), or None."""
+    if not ref or ref.startswith("-"):
+        return None
     try:
         return str(repo.git.rev_parse("--verify", "--quiet", f"{ref}^{{commit}}")).strip() or None
     except Exception:
@@ -223,7 +232,7 @@ def clone_pinned(
 ) -> str:
     """Clone `url` at `ref` (a commit id; a tag or branch name also works) into `dest`.
 
-    Returns the commit checked out. `origin_url`, when given, becomes the clone's `origin` (a
+    Returns the commit checked out, on a local branch (see `put_on_branch`). `origin_url`, when given, becomes the clone's `origin` (a
     clone from a mirror or --source then looks like any other install). `before_rename(commit)`
     runs after the clone is verified and before it appears at `dest` (the manifest is written
     there). On failure nothing is left behind and CloneError says why.
@@ -261,11 +270,11 @@ def clone_pinned(
                 "the source is older than lowvram's pin (update the mirror/--source clone), or the pin is wrong",
             )
         try:
-            repo.git.checkout("--detach", "--quiet", commit)
-        except git.GitCommandError as exc:
+            _put_on_branch(repo, commit)
+        except (git.GitCommandError, ExtensionError) as exc:
             raise CloneError(f"cannot check out {ref} from {url}: {_git_error_text(exc)}", "run again") from exc
         head = repo.head.commit.hexsha
-        if head != commit:
+        if head != commit or repo.head.is_detached:
             raise CloneError(f"{url}: HEAD is {head} after checking out {commit}", "run again")
         if origin_url and origin_url != url:
             repo.remote("origin").set_url(origin_url)
@@ -310,6 +319,7 @@ def repo_state(path: Path) -> RepoState:
             head: str | None = repo.head.commit.hexsha
         except ValueError:
             head = None
+        branch = None if head is None or repo.head.is_detached else str(repo.active_branch.name)
         status = repo.git.status("--porcelain=v1", "-z", "--ignored", "--untracked-files=all")
         dirty = untracked = ignored = False
         listed: list[str] = []
@@ -329,7 +339,7 @@ def repo_state(path: Path) -> RepoState:
                 if "R" in code or "C" in code:
                     next(entries, None)  # a rename's source path follows as its own entry
         return RepoState(remote_url=remote_url, head=head, dirty=dirty, untracked=untracked, ignored=ignored,
-                         untracked_paths=tuple(listed))
+                         untracked_paths=tuple(listed), branch=branch)
     finally:
         repo.close()
 
@@ -361,47 +371,183 @@ def fetch_commit(path: Path, url: str, ref: str) -> str:
         repo.close()
 
 
-def head_branch(path: Path) -> str | None:
-    """The branch HEAD is on (None when detached), so a revert can put the checkout back on it."""
-    import git
+# ---------------------------------------------------------------------------------------------
+# Branches: a checkout at a pin is on a local branch, never detached
 
-    repo = git.Repo(path)
+
+@dataclass(frozen=True)
+class BranchMove:
+    """The local branch a checkout is put on: `before` is the commit it pointed at (None: created)."""
+
+    name: str
+    before: str | None
+
+
+def _symbolic(repo: Any, ref: str) -> str | None:
     try:
-        return None if repo.head.is_detached else str(repo.active_branch.name)
-    except (TypeError, ValueError):
+        return str(repo.git.symbolic_ref("--quiet", ref)).strip() or None
+    except Exception:
         return None
-    finally:
-        repo.close()
 
 
-def checkout_branch(path: Path, branch: str, commit: str) -> str | None:
-    """Check out `branch` when it still points at `commit`; returns the HEAD, or None (left as is)."""
+def _contains(repo: Any, tip: str, commit: str) -> bool:
+    """Whether `commit` is `tip` or one of its ancestors."""
+    if tip == commit:
+        return True
+    try:
+        repo.git.merge_base("--is-ancestor", commit, tip)
+    except Exception:
+        return False
+    return True
+
+
+def _fallback_name(repo: Any) -> str:
+    try:
+        configured = str(repo.git.config("--get", "init.defaultBranch")).strip()
+    except Exception:
+        configured = ""
+    return configured or "master"
+
+
+def branch_name_for(repo: Any, commit: str) -> str:
+    """The branch a user's clone would have `commit` on.
+
+    The first of: the branch HEAD is on, the remote's default (origin/HEAD), master, main, the other
+    remote branches, whose remote-tracking (or local) ref holds `commit`; failing that, the remote's
+    default branch's name.
+    """
+    current = (_symbolic(repo, "HEAD") or "").removeprefix("refs/heads/") or None
+    remote_head = (_symbolic(repo, "refs/remotes/origin/HEAD") or "").removeprefix("refs/remotes/origin/") or None
+    listed = str(repo.git.for_each_ref("--format=%(refname)", "refs/remotes/origin/"))
+    remote = sorted(r.removeprefix("refs/remotes/origin/") for r in listed.splitlines() if r.strip())
+    candidates: list[str] = []
+    for name in (current, remote_head, "master", "main", *remote):
+        if name and name != "HEAD" and name not in candidates:
+            candidates.append(name)
+    for name in candidates:
+        for ref in (f"refs/remotes/origin/{name}", f"refs/heads/{name}"):
+            tip = resolve_commit(repo, ref)
+            if tip is not None and _contains(repo, tip, commit):
+                return name
+    return remote_head or current or _fallback_name(repo)
+
+
+def _would_lose(repo: Any, name: str, commit: str) -> bool:
+    """Whether moving branch `name` to `commit` leaves commits that no other branch, remote or tag holds."""
+    out = repo.git.rev_list("--max-count=1", f"refs/heads/{name}", "--not", commit, f"--exclude={name}",
+                            "--branches", "--remotes", "--tags")
+    return bool(str(out).strip())
+
+
+def choose_branch(repo: Any, commit: str) -> BranchMove:
+    """The branch to put `commit` on: the name a user's clone would use, unless moving that branch
+    would drop commits of the user's; then `lowvram-<commit>` (the user's branch stays as it is)."""
+    name = branch_name_for(repo, commit)
+    for candidate in (name, f"lowvram-{commit[:8]}", f"lowvram-{commit}"):
+        tip = resolve_commit(repo, f"refs/heads/{candidate}")
+        if tip is None:
+            return BranchMove(candidate, None)
+        if tip == commit or not _would_lose(repo, candidate, commit):
+            return BranchMove(candidate, tip)
+    raise ExtensionError(f"no branch name is free for {commit[:12]}",
+                         f"delete the branches {name!r} or 'lowvram-{commit[:8]}' that you no longer need")
+
+
+def _put_on_branch(repo: Any, commit: str, before_change: Callable[[BranchMove], None] | None = None) -> BranchMove:
+    move = choose_branch(repo, commit)
+    if before_change is not None:
+        before_change(move)
+    repo.git.checkout("--quiet", "-B", move.name, commit, "--")
+    upstream = f"refs/remotes/origin/{move.name}"
+    if move.before is None and resolve_commit(repo, upstream) is not None:
+        repo.git.branch("--quiet", f"--set-upstream-to=origin/{move.name}", move.name)
+    if repo.head.is_detached or repo.active_branch.name != move.name or repo.head.commit.hexsha != commit:
+        raise ExtensionError(f"HEAD is not on {move.name} at {commit[:12]} after checking it out", "run again")
+    return move
+
+
+def put_on_branch(path: Path, commit: str, before_change: Callable[[BranchMove], None] | None = None) -> BranchMove:
+    """Check out `commit` on a local branch (see `choose_branch`); the upstream is set to
+    origin/<name> when lowvram creates the branch and that ref exists. `before_change(move)` runs
+    before anything in the checkout changes (the manifest is written there)."""
     import git
 
     repo = git.Repo(path)
     try:
-        if resolve_commit(repo, f"refs/heads/{branch}") != commit:
-            return None
         try:
-            repo.git.checkout("--quiet", branch, "--")
+            return _put_on_branch(repo, commit, before_change)
         except git.GitCommandError as exc:
-            raise ExtensionError(f"cannot check out {branch} in {path}: {_git_error_text(exc)}",
+            raise ExtensionError(f"cannot check out {commit[:12]} in {path}: {_git_error_text(exc)}",
                                  "look at the checkout with `git status`") from exc
-        return str(repo.head.commit.hexsha)
     finally:
         repo.close()
 
 
-def checkout_detached(path: Path, commit: str) -> str:
+def head_would_lose(path: Path, commit: str) -> bool:
+    """Whether HEAD is detached on commits that no branch, remote, tag or `commit` holds."""
+    import git
+
+    repo = git.Repo(path)
+    try:
+        if not repo.head.is_detached:
+            return False
+        out = repo.git.rev_list("--max-count=1", "HEAD", "--not", commit, "--branches", "--remotes", "--tags")
+        return bool(str(out).strip())
+    except (git.GitCommandError, ValueError):
+        return False
+    finally:
+        repo.close()
+
+
+def unpublished_branches(path: Path, commit: str) -> list[str]:
+    """Local branches (and a detached HEAD) holding commits that no remote, tag or `commit` holds:
+    the user's own work, which removing the checkout would lose."""
+    import git
+
+    repo = git.Repo(path)
+    try:
+        refs = str(repo.git.for_each_ref("--format=%(refname)", "refs/heads/")).splitlines()
+        if repo.head.is_detached:
+            refs.append("HEAD")
+        found = []
+        for ref in (r.strip() for r in refs if r.strip()):
+            out = repo.git.rev_list("--max-count=1", ref, "--not", commit, "--remotes", "--tags")
+            if str(out).strip():
+                found.append(ref.removeprefix("refs/heads/"))
+        return found
+    except (git.GitCommandError, ValueError):
+        return []
+    finally:
+        repo.close()
+
+
+def put_back(path: Path, commit: str, branch: str | None, branches: Mapping[str, Any]) -> str | None:
+    """Undo `put_on_branch`: HEAD back at `commit` (on `branch` when it points there, else detached);
+    each branch in `branches` ({name: {"set": commit, "before": commit | None}}) that still points
+    where lowvram set it goes back to `before`, or is deleted where lowvram created it.
+    Returns the branch HEAD is on afterwards (None: detached)."""
     import git
 
     repo = git.Repo(path)
     try:
         try:
             repo.git.checkout("--detach", "--quiet", commit)
+            for name, info in branches.items():
+                if not isinstance(name, str) or name.startswith("-") or not isinstance(info, Mapping):
+                    continue
+                set_to, before = info.get("set"), info.get("before")
+                if not isinstance(set_to, str) or resolve_commit(repo, f"refs/heads/{name}") != set_to:
+                    continue  # moved by the user since: theirs now
+                if before is None:
+                    repo.git.branch("--quiet", "-D", "--", name)
+                elif isinstance(before, str) and _FULL_SHA_RE.match(before) and resolve_commit(repo, before) == before:
+                    repo.git.update_ref(f"refs/heads/{name}", before, set_to)
+            if branch and not branch.startswith("-") and resolve_commit(repo, f"refs/heads/{branch}") == commit:
+                repo.git.checkout("--quiet", branch, "--")
+                return branch
+            return None
         except git.GitCommandError as exc:
-            raise ExtensionError(f"cannot check out {commit[:12]} in {path}: {_git_error_text(exc)}",
+            raise ExtensionError(f"cannot put {path} back at {commit[:12]}: {_git_error_text(exc)}",
                                  "look at the checkout with `git status`") from exc
-        return str(repo.head.commit.hexsha)
     finally:
         repo.close()

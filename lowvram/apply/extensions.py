@@ -2,9 +2,11 @@
 
 An extension already there (installed by lowvram or by the UI's own installer) is recognised by
 its normalised remote URL, not its folder name. A checkout with local changes or another remote is
-never modified ("kept", with what to do). Every install is recorded in the manifest before the
-clone is renamed into place. Installing also takes the folder out of config.json's
-`disabled_extensions` (every other key kept).
+never modified ("kept", with what to do). A checkout lowvram makes or moves is left on a local
+branch at the pin (gitops.put_on_branch): A1111 cannot read a detached one's branch and shows
+nothing for it. Every install is recorded in the manifest before the clone is renamed into place
+(and every branch move before the checkout changes). Installing also takes the folder out of
+config.json's `disabled_extensions` (every other key kept).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -279,7 +281,7 @@ def _existing(webui: Path, entry: RegistryEntry, path: Path, manifest: Manifest,
     state = gitops.repo_state(path)
     name = path.name
     if state.head and state.head == entry.ref:
-        return _result(entry, "up-to-date", "", name, state.head)
+        return _at_pin(entry, path, state, manifest, source=source, update=update, dry_run=dry_run)
     at = (state.head or "no commit")[:12]
     if not update:
         return _result(entry, "kept", f"extensions/{name} is at {at}, lowvram pins {entry.ref[:12]}; "
@@ -291,18 +293,62 @@ def _existing(webui: Path, entry: RegistryEntry, path: Path, manifest: Manifest,
     if dry_run:
         return _result(entry, "updated", f"would move {at} to {entry.ref[:12]} (dry run)", name, state.head)
     commit = gitops.fetch_commit(path, source, entry.ref)
+    if gitops.head_would_lose(path, commit):
+        return _result(entry, "kept", f"extensions/{name} is detached at {at}, on commits no branch holds; left "
+                                      "as it is (put them on a branch, then run with --update again)", name,
+                       state.head)
     previous = manifest.extensions.get(entry.name, {})
     record = {"dir": name, "url": entry.url, "ref": entry.ref, "commit": commit, "source": source,
               "action": previous.get("action", "updated"),
               "updated_from": previous.get("updated_from", state.head),
-              "updated_from_branch": previous.get("updated_from_branch", gitops.head_branch(path))}
+              "updated_from_branch": previous.get("updated_from_branch", state.branch),
+              "branches": previous.get("branches", {})}
     if record["action"] == "installed":
-        record.pop("updated_from")
-        record.pop("updated_from_branch")
-    manifest.record_extension(entry.name, record)
-    manifest.save()
-    head = gitops.checkout_detached(path, commit)
-    return _result(entry, "updated", f"moved from {at}", name, head)
+        for key in ("updated_from", "updated_from_branch", "branches"):
+            record.pop(key)
+    move = gitops.put_on_branch(path, commit, before_change=_recorder(manifest, entry.name, record, commit))
+    return _result(entry, "updated", f"moved from {at} (on branch {move.name})", name, commit)
+
+
+def _recorder(manifest: Manifest, key: str, record: dict[str, Any],
+              commit: str) -> Callable[[gitops.BranchMove], None]:
+    """The before_change of gitops.put_on_branch: records the move (and the branch it sets, for revert)
+    in the manifest before the checkout changes."""
+
+    def save(move: gitops.BranchMove) -> None:
+        if record.get("action") != "installed":
+            branches = {k: dict(v) for k, v in (record.get("branches") or {}).items() if isinstance(v, dict)}
+            earlier = branches.get(move.name)
+            before = earlier.get("before") if earlier and earlier.get("set") == move.before else move.before
+            branches[move.name] = {"set": commit, "before": before}
+            record["branches"] = branches
+        manifest.record_extension(key, record)
+        manifest.save()
+
+    return save
+
+
+def _at_pin(entry: RegistryEntry, path: Path, state: gitops.RepoState, manifest: Manifest, *, source: str,
+            update: bool, dry_run: bool) -> ExtensionResult:
+    """A checkout at the pin: up to date, and put on a branch when detached (A1111 cannot read it
+    otherwise) where lowvram made it so, or where --update asks."""
+    name, head = path.name, str(state.head)
+    if state.branch is not None:
+        return _result(entry, "up-to-date", "", name, head)
+    previous = manifest.extensions.get(entry.name)
+    ours = isinstance(previous, dict) and previous.get("dir") == name and previous.get("commit") == head
+    if not (ours or update):
+        return _result(entry, "up-to-date", f"extensions/{name} is on a detached HEAD, so A1111 shows no branch or "
+                                            f"version for it; `lowvram install-extensions --update {entry.name}` "
+                                            "puts it on a branch", name, head)
+    if dry_run:
+        return _result(entry, "up-to-date", "would put it on a branch (dry run)", name, head)
+    record: dict[str, Any] = dict(previous) if ours and isinstance(previous, dict) else {
+        "dir": name, "url": entry.url, "ref": entry.ref, "commit": head, "source": source, "action": "updated",
+        "updated_from": head, "updated_from_branch": None}
+    move = gitops.put_on_branch(path, head, before_change=_recorder(manifest, entry.name, record, head))
+    return _result(entry, "up-to-date", f"put on branch {move.name} (it was detached; A1111 cannot read that)",
+                   name, head)
 
 
 def _has_untracked(path: Path) -> bool:
@@ -364,6 +410,10 @@ def remove_installed(webui: Path, name: str, entry: Mapping[str, Any]) -> tuple[
     if state.head != entry.get("commit"):
         return "kept", f"extensions/{directory} was moved to another commit since; left in place"
     if entry.get("action") == "installed":
+        own = gitops.unpublished_branches(path, str(state.head))
+        if own:
+            return "kept", (f"extensions/{directory} has commits of yours on no remote ({', '.join(own[:3])}); "
+                            "left in place (remove it yourself if you want)")
         tmp = fsutil.temp_name(path)
         path.rename(tmp)  # one rename: a kill leaves either the checkout or a stale temp
         fsutil.kill_point("revert:extension:after-rename")
@@ -372,10 +422,10 @@ def remove_installed(webui: Path, name: str, entry: Mapping[str, Any]) -> tuple[
     previous = entry.get("updated_from")
     if isinstance(previous, str) and _SHA.match(previous):
         branch = entry.get("updated_from_branch")
-        if isinstance(branch, str) and branch and gitops.checkout_branch(path, branch, previous) is not None:
-            return "restored", f"moved back to {branch} ({previous[:12]})"
-        gitops.checkout_detached(path, previous)
-        return "restored", f"moved back to {previous[:12]}"
+        branches = entry.get("branches")
+        on = gitops.put_back(path, previous, branch if isinstance(branch, str) and branch else None,
+                             branches if isinstance(branches, dict) else {})
+        return "restored", f"moved back to {on} ({previous[:12]})" if on else f"moved back to {previous[:12]}"
     return "kept", "it was there before lowvram"
 
 

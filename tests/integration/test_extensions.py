@@ -228,3 +228,146 @@ def test_stale_temp_clone_from_a_killed_run_is_removed(cli, tree: Path, remotes:
     res = cli("install-extensions", "giant-kitten", "--webui", str(tree), "--json")
     assert res.code == 0
     assert not stale.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# What A1111 reads from each extension's checkout (issue 13 §3): on a detached HEAD it fails, caches
+# the failure ("Failed reading extension data from Git repository") and shows nothing for it.
+
+
+def a1111_reads(path: Path) -> dict[str, object]:
+    """The fields A1111 1.8's `Extension.do_read_info_from_repo` reads, with the GitPython calls it makes
+    (`Repo(path)`, `next(repo.remote().urls)`, `repo.head.commit`, `repo.active_branch.name`): what its
+    Extensions tab and /sdapi/v1/extensions show. Raises where A1111's reading raises."""
+    import git as gitpython
+
+    assert (path / ".git").exists()
+    with gitpython.Repo(path) as repo:
+        assert not repo.bare
+        remote = next(repo.remote().urls, None)
+        commit = repo.head.commit
+        commit_date = commit.committed_date
+        branch = repo.active_branch.name if repo.active_branch else None  # TypeError on a detached HEAD
+        return {"remote": remote, "commit_hash": commit.hexsha, "commit_date": commit_date, "branch": branch,
+                "version": commit.hexsha[:8]}
+
+
+def _commit_date(bare: Path, commit: str) -> int:
+    return int(git("show", "-s", "--format=%ct", commit, cwd=bare))
+
+
+GH = {"vram-estimator": "https://github.invalid/space-nuko/a1111-stable-diffusion-webui-vram-estimator",
+      "giant-kitten": "https://github.invalid/klimaleksus/stable-diffusion-webui-giant-kitten"}
+
+
+def _gh_registry(tmp_path: Path, remotes: Remotes, monkeypatch: pytest.MonkeyPatch, pin: int) -> None:
+    reg = write_registry(tmp_path / f"gh-{pin}.json", {
+        "vram-estimator": registry_entry(remotes.vram, url=GH["vram-estimator"], ref=remotes.vram.commits[pin]),
+        "giant-kitten": registry_entry(remotes.kitten, url=GH["giant-kitten"], ref=remotes.kitten.commits[pin]),
+    })
+    monkeypatch.setattr(ext_mod, "REGISTRY_FILE", reg)
+
+
+def _assert_a1111_reads(tree: Path, remotes: Remotes, pin: int) -> None:
+    for repo in (remotes.vram, remotes.kitten):
+        got = a1111_reads(tree / "extensions" / repo.dir)
+        assert got == {"remote": GH[repo.key], "commit_hash": repo.commits[pin],
+                       "commit_date": _commit_date(repo.bare, repo.commits[pin]), "branch": "master",
+                       "version": repo.commits[pin][:8]}, repo.key
+
+
+def test_a1111_reads_branch_version_and_remote_after_install_update_and_rerun(
+        cli, tree: Path, remotes: Remotes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sources = ["--source", f"vram-estimator={remotes.vram.url}", "--source", f"giant-kitten={remotes.kitten.url}"]
+    _gh_registry(tmp_path, remotes, monkeypatch, pin=1)  # the pin is one commit behind master upstream
+    data = _json(cli("install-extensions", *sources, "--webui", str(tree), "--json"))
+    assert _statuses(data) == {"vram-estimator": "installed", "giant-kitten": "installed"}
+    _assert_a1111_reads(tree, remotes, pin=1)
+    kitten = tree / "extensions" / remotes.kitten.dir
+    assert git("rev-parse", "--abbrev-ref", "master@{upstream}", cwd=kitten) == "origin/master"
+
+    again = _json(cli("install-extensions", *sources, "--webui", str(tree), "--json"))
+    assert _statuses(again) == {"vram-estimator": "up-to-date", "giant-kitten": "up-to-date"}
+    assert all(not e["reason"] for e in again["extensions"])
+    _assert_a1111_reads(tree, remotes, pin=1)
+
+    _gh_registry(tmp_path, remotes, monkeypatch, pin=2)  # a newer lowvram pins the newest commits
+    data = _json(cli("install-extensions", "--update", *sources, "--webui", str(tree), "--json"))
+    assert _statuses(data) == {"vram-estimator": "updated", "giant-kitten": "updated"}
+    _assert_a1111_reads(tree, remotes, pin=2)
+
+    res = cli("revert", "--webui", str(tree), "--json")
+    assert res.code == 0, res.err
+    assert not (tree / "extensions" / remotes.vram.dir).exists()
+    assert not kitten.exists()
+
+
+def test_a_detached_install_from_an_older_lowvram_is_put_on_a_branch_by_a_rerun(
+        cli, tree: Path, remotes: Remotes) -> None:
+    cli("install-extensions", "giant-kitten", "--webui", str(tree), "--json")
+    kitten = tree / "extensions" / remotes.kitten.dir
+    git("checkout", "-q", "--detach", remotes.kitten.pin, cwd=kitten)  # what lowvram did before
+    git("branch", "-q", "-D", "master", cwd=kitten)
+    with pytest.raises(TypeError):
+        a1111_reads(kitten)
+    data = _json(cli("install-extensions", "giant-kitten", "--webui", str(tree), "--json"))
+    assert data["extensions"][0]["status"] == "up-to-date"
+    assert "branch master" in data["extensions"][0]["reason"]
+    assert a1111_reads(kitten)["branch"] == "master"
+    assert head_of(kitten) == remotes.kitten.pin
+    assert cli("revert", "--webui", str(tree)).code == 0
+    assert not kitten.exists()
+
+
+def test_a_users_detached_clone_at_the_pin_moves_only_with_update_and_comes_back(
+        cli, tree: Path, remotes: Remotes) -> None:
+    kitten = tree / "extensions" / remotes.kitten.dir
+    git("clone", "-q", remotes.kitten.url, str(kitten))
+    git("checkout", "-q", "--detach", remotes.kitten.pin, cwd=kitten)
+    data = _json(cli("install-extensions", "giant-kitten", "--webui", str(tree), "--json"))
+    assert data["extensions"][0]["status"] == "up-to-date"
+    assert "--update giant-kitten" in data["extensions"][0]["reason"]
+    assert git("rev-parse", "--abbrev-ref", "HEAD", cwd=kitten) == "HEAD"  # the user's: not moved
+    data = _json(cli("install-extensions", "giant-kitten", "--update", "--webui", str(tree), "--json"))
+    assert data["extensions"][0]["status"] == "up-to-date"
+    # master held only published commits (origin/master has them): moved to the pin, as `git reset` would
+    assert a1111_reads(kitten)["branch"] == "master"
+    assert head_of(kitten) == remotes.kitten.pin
+    assert cli("revert", "--webui", str(tree)).code == 0
+    assert git("rev-parse", "--abbrev-ref", "HEAD", cwd=kitten) == "HEAD"  # detached again, as it was
+    assert head_of(kitten) == remotes.kitten.pin
+    assert git("rev-parse", "master", cwd=kitten) == remotes.kitten.commits[-1]
+
+
+def test_update_never_moves_a_branch_with_the_users_own_commits(cli, tree: Path, remotes: Remotes) -> None:
+    kitten = tree / "extensions" / remotes.kitten.dir
+    git("clone", "-q", remotes.kitten.url, str(kitten))
+    (kitten / "notes.md").write_text("mine\n")
+    git("add", "notes.md", cwd=kitten)
+    git("commit", "-q", "-m", "my notes", cwd=kitten)
+    mine = head_of(kitten)
+    data = _json(cli("install-extensions", "giant-kitten", "--update", "--webui", str(tree), "--json"))
+    assert data["extensions"][0]["status"] == "updated"
+    branch = f"lowvram-{remotes.kitten.pin[:8]}"
+    assert a1111_reads(kitten)["branch"] == branch
+    assert head_of(kitten) == remotes.kitten.pin
+    assert git("rev-parse", "master", cwd=kitten) == mine  # the user's branch, untouched
+    assert cli("revert", "--webui", str(tree)).code == 0
+    assert git("symbolic-ref", "--short", "HEAD", cwd=kitten) == "master"
+    assert head_of(kitten) == mine
+    assert git("branch", "--list", branch, cwd=kitten) == ""
+
+
+def test_revert_keeps_an_install_that_holds_the_users_commits_on_a_branch(cli, tree: Path, remotes: Remotes) -> None:
+    cli("install-extensions", "giant-kitten", "--webui", str(tree), "--json")
+    kitten = tree / "extensions" / remotes.kitten.dir
+    git("checkout", "-q", "-b", "my-fix", cwd=kitten)
+    (kitten / "fix.txt").write_text("fix\n")
+    git("add", "fix.txt", cwd=kitten)
+    git("commit", "-q", "-m", "my fix", cwd=kitten)
+    git("checkout", "-q", "master", cwd=kitten)  # back at the pin, clean: only the branch is the user's
+    data = _json(cli("revert", "--webui", str(tree), "--json"))
+    entry = next(e for e in data["extensions"] if e["name"] == "giant-kitten")
+    assert entry["status"] == "kept"
+    assert "my-fix" in entry["reason"]
+    assert kitten.is_dir()

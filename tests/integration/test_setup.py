@@ -99,6 +99,20 @@ def test_setup_clones_the_pinned_release_and_applies_the_plan(cli, with_mirror: 
     _no_temps(target.parent)
 
 
+def test_the_clone_is_on_a_branch_as_a_users_would_be(cli, with_mirror: UiMirror, tmp_path: Path) -> None:
+    """A1111's config_states (its Extensions tab's backups) reads `webui_repo.active_branch.name` and, on
+    a detached HEAD, records no remote, commit or branch for the UI; `git pull` refuses to run there."""
+    import git as gitpython
+
+    target = tmp_path / "w"
+    assert cli("setup", "--ui", "a1111", "--dir", str(target), "--json").code == 0
+    with gitpython.Repo(target) as repo:  # the GitPython calls A1111 1.8's get_webui_config makes
+        assert next(repo.remote().urls, None) == setup_ui.ui_spec("a1111").url
+        assert repo.head.commit.hexsha == with_mirror["a1111"].commit  # the release, not the branch tip
+        assert repo.active_branch.name == "master"
+    assert git(target, "rev-parse", "--abbrev-ref", "master@{upstream}") == "origin/master"
+
+
 def test_setup_json_contract_keys(cli, with_mirror: UiMirror, tmp_path: Path) -> None:
     r = cli("setup", "--dir", str(tmp_path / "w"), "--json")
     assert r.code == 0, r.err
@@ -177,6 +191,7 @@ def test_gtx1070_gets_its_flags_and_extensions_from_the_mirror(cli, with_mirror:
         checkout = target / "extensions" / ext["dir"]
         assert git(checkout, "rev-parse", "HEAD") == with_mirror.extensions[name]
         assert "github.com" in _origin(checkout)  # origin is the registry URL, not the mirror
+        assert git(checkout, "symbolic-ref", "--short", "HEAD") == "master"  # A1111 reads active_branch
     # No checkpoint yet: planned for the model A1111's first start downloads, and said so.
     model = next(d for d in plan["decisions"] if d["setting"] == "model")
     assert model["value"] == "sd15"

@@ -83,19 +83,90 @@ def test_source_for_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         gitops.source_for("k", reg, {"k": "ext::sh"})
 
 
-def test_clone_pinned_checks_out_the_pin_detached_and_sets_origin(tmp_path: Path) -> None:
+def test_clone_pinned_checks_out_the_pin_on_a_branch_and_sets_origin(tmp_path: Path) -> None:
     repo = make_extension_repo(tmp_path, "giant-kitten")
     dest = tmp_path / "ext" / "kitten"
     seen: list[str] = []
     got = gitops.clone_pinned(repo.url, repo.pin, dest, origin_url="https://github.com/k/kitten",
                               before_rename=lambda c: seen.append(c) or None)  # type: ignore[func-returns-value]
     assert got == repo.pin == head_of(dest) == seen[0]
-    assert git("rev-parse", "--abbrev-ref", "HEAD", cwd=dest) == "HEAD"  # detached at the pin
+    # On the remote's default branch, as a user's clone is (A1111 reads repo.active_branch), at the pin
+    # although the branch's tip upstream is one commit newer; its upstream is origin/master.
+    assert git("symbolic-ref", "--short", "HEAD", cwd=dest) == "master"
+    assert git("rev-parse", "master", cwd=dest) == repo.pin != repo.commits[-1]
+    assert git("rev-parse", "--abbrev-ref", "master@{upstream}", cwd=dest) == "origin/master"
     assert git("remote", "get-url", "origin", cwd=dest) == "https://github.com/k/kitten"
     assert "REVISION = 1" in (dest / repo.file).read_text()
     state = gitops.repo_state(dest)
-    assert (state.head, state.dirty, state.untracked) == (repo.pin, False, False)
+    assert (state.head, state.dirty, state.untracked, state.branch) == (repo.pin, False, False, "master")
     assert not [p for p in dest.parent.iterdir() if fsutil.TEMP_MARK in p.name]
+
+
+def _work_clone(repo_url: str, path: Path) -> Path:
+    git("clone", "-q", repo_url, str(path))
+    git("config", "user.name", "t", cwd=path)
+    git("config", "user.email", "t@t.invalid", cwd=path)
+    return path
+
+
+def test_clone_from_a_detached_or_feature_branch_source_still_lands_on_master(tmp_path: Path) -> None:
+    repo = make_extension_repo(tmp_path, "giant-kitten")
+    src = _work_clone(repo.url, tmp_path / "src")
+    git("checkout", "-q", "-b", "feature", repo.commits[0], cwd=src)  # a branch that lacks the pin
+    (src / "x.txt").write_text("x")
+    git("add", "x.txt", cwd=src)
+    git("commit", "-q", "-m", "feature", cwd=src)
+    gitops.clone_pinned(str(src), repo.pin, tmp_path / "a")
+    assert git("symbolic-ref", "--short", "HEAD", cwd=tmp_path / "a") == "master"
+    git("checkout", "-q", "--detach", repo.pin, cwd=src)  # a source on a detached HEAD
+    gitops.clone_pinned(str(src), repo.pin, tmp_path / "b")
+    assert git("symbolic-ref", "--short", "HEAD", cwd=tmp_path / "b") == "master"
+    assert head_of(tmp_path / "b") == repo.pin
+
+
+def test_put_on_branch_moves_a_published_branch_and_back(tmp_path: Path) -> None:
+    repo = make_extension_repo(tmp_path, "giant-kitten")
+    user = _work_clone(repo.url, tmp_path / "user")  # A1111's installer's clone: master at the newest
+    seen: list[gitops.BranchMove] = []
+    move = gitops.put_on_branch(user, repo.pin, before_change=seen.append)
+    assert seen == [move] == [gitops.BranchMove("master", repo.commits[-1])]
+    assert git("symbolic-ref", "--short", "HEAD", cwd=user) == "master"
+    assert head_of(user) == repo.pin
+    branches = {move.name: {"set": repo.pin, "before": move.before}}
+    assert gitops.put_back(user, repo.commits[-1], "master", branches) == "master"
+    assert head_of(user) == repo.commits[-1] == git("rev-parse", "master", cwd=user)
+
+
+def test_a_branch_with_unpublished_commits_is_never_moved(tmp_path: Path) -> None:
+    repo = make_extension_repo(tmp_path, "giant-kitten")
+    user = _work_clone(repo.url, tmp_path / "user")
+    (user / "mine.txt").write_text("my work")
+    git("add", "mine.txt", cwd=user)
+    git("commit", "-q", "-m", "mine", cwd=user)
+    mine = head_of(user)
+    move = gitops.put_on_branch(user, repo.pin)
+    assert move == gitops.BranchMove(f"lowvram-{repo.pin[:8]}", None)
+    assert git("rev-parse", "master", cwd=user) == mine  # the user's branch as it was
+    assert git("symbolic-ref", "--short", "HEAD", cwd=user) == move.name
+    assert gitops.unpublished_branches(user, repo.pin) == ["master"]
+    assert gitops.put_back(user, mine, "master", {move.name: {"set": repo.pin, "before": None}}) == "master"
+    assert head_of(user) == mine
+    assert git("branch", "--list", move.name, cwd=user) == ""  # the branch lowvram made is gone
+
+
+def test_put_back_leaves_a_branch_the_user_moved_since(tmp_path: Path) -> None:
+    repo = make_extension_repo(tmp_path, "giant-kitten")
+    dest = tmp_path / "ext"
+    gitops.clone_pinned(repo.url, repo.pin, dest)
+    git("checkout", "-q", "--detach", repo.commits[0], cwd=dest)
+    move = gitops.put_on_branch(dest, repo.commits[0])  # master moved back from the pin
+    assert move == gitops.BranchMove("master", repo.pin)
+    git("branch", "-q", "-f", "other", repo.commits[-1], cwd=dest)
+    branches = {"master": {"set": repo.commits[0], "before": repo.pin},
+                "other": {"set": repo.commits[0], "before": None}}  # `other` points elsewhere now: theirs
+    assert gitops.put_back(dest, repo.pin, "master", branches) == "master"
+    assert git("rev-parse", "other", cwd=dest) == repo.commits[-1]
+    assert head_of(dest) == repo.pin
 
 
 def test_clone_pinned_missing_commit_leaves_nothing(tmp_path: Path) -> None:

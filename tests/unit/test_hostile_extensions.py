@@ -130,3 +130,22 @@ def test_cli_refuses_in_one_line(cli: Any, tmp_path: Path, args: list[str]) -> N
 
 def test_errors_are_lowvram_errors() -> None:
     assert issubclass(gitops.CloneError, LowvramError)
+
+
+def test_a_tampered_manifest_cannot_smuggle_git_options_into_put_back(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    remotes = make_remotes(tmp_path / "remotes", monkeypatch)
+    dest = tmp_path / "ext"
+    gitops.clone_pinned(remotes.kitten.url, remotes.kitten.pin, dest)
+    newest = remotes.kitten.commits[-1]
+    hostile: dict[str, Any] = {
+        "-D": {"set": remotes.kitten.pin, "before": None},
+        "--upload-pack=touch x": {"set": remotes.kitten.pin, "before": None},
+        "master": {"set": remotes.kitten.pin, "before": f"--upload-pack=touch /tmp/{SENTINEL}"},
+        "x": "not a mapping",
+    }
+    assert gitops.put_back(dest, newest, "--help", hostile) is None
+    assert gitops.repo_state(dest).head == newest
+    assert gitops.repo_state(dest).branch is None
+    assert not Path(f"/tmp/{SENTINEL}").exists()
+    assert not (dest / "x").exists()
