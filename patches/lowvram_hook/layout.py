@@ -128,13 +128,34 @@ def giant_kitten_active(namespace: Any) -> bool:
     return getattr(getattr(namespace, "empty_cache", None), "__name__", "") == GK_NOOP
 
 
-class TorchMover:
-    """The real boundary: CUDA storages copied to host memory and back."""
+def copy_storage(storage: Any, device: Any) -> Any:
+    """A new copy of an untyped storage on `device`.
 
-    def __init__(self, device: Any = None, patch: CachePatch | None = None) -> None:
-        self.device = torch.device(device if device is not None else "cuda")
-        if self.device.type != "cuda":
-            self.device = torch.device("cuda")
+    Done through a uint8 tensor over the whole storage because `UntypedStorage.to()` only exists
+    from torch 2.2 on (A1111 1.8–1.10 install 2.1.2), while `Tensor.set_(UntypedStorage)`,
+    `Tensor.to(..., copy=True)` and `Tensor.untyped_storage()` exist in every torch from 2.0 on.
+    One path for every version: nothing to pick by feature, nothing that only some versions run.
+    `copy=True` always allocates, so the result never aliases the source (as `.to()` would when
+    the storage already sits on `device`).
+    """
+    whole = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+    return whole.to(device=device, copy=True).untyped_storage()
+
+
+class TorchMover:
+    """The real boundary: CUDA storages copied to host memory and back.
+
+    `device_type` is the kind of device the layout empties: "cuda" in the UI; the tests pass "cpu"
+    so the real copy path (copy_storage, _rebind, the rollback) runs without a GPU, with only the
+    `torch.cuda` calls faked. Host copies are not pinned: the caching host allocator would keep
+    a whole model's worth of page-locked RAM in the UI process (torch 2.1 cannot release it).
+    """
+
+    def __init__(self, device: Any = None, patch: CachePatch | None = None, *, device_type: str = "cuda") -> None:
+        self.device = torch.device(device if device is not None else device_type)
+        if self.device.type != device_type:
+            self.device = torch.device(device_type)
+        self.host = torch.device("cpu")
         self.patch = patch
 
     def available(self) -> bool:
@@ -145,15 +166,15 @@ class TorchMover:
 
     def on_device(self, tensor: Any) -> bool:
         dev = tensor.device
-        if dev.type != "cuda":
+        if dev.type != self.device.type:
             return False
         return self.device.index is None or dev.index == self.device.index
 
     def to_host(self, storage: Any) -> Any:
-        return storage.cpu()
+        return copy_storage(storage, self.host)
 
     def to_device(self, storage: Any) -> Any:
-        return storage.to(device=self.device)
+        return copy_storage(storage, self.device)
 
     def _call_real(self, name: str) -> None:
         func = self.patch.real(name) if self.patch is not None else getattr(torch.cuda, name, None)
@@ -271,8 +292,14 @@ def collect(unet: Any, mover: Mover, *, scan: bool = True,
 
 
 def _rebind(group: Group, storage: Any) -> None:
-    for t, offset, size, stride in group.members:
-        t.data = torch.empty(0, dtype=t.dtype, device=storage.device).set_(storage, offset, size, stride)
+    """Re-point every member at `storage`, keeping offset, size and stride (views stay views).
+
+    Outside inference mode: a tensor made inside it is an inference tensor, and a parameter whose
+    `.data` became one would be skipped by every later layout (collect() leaves those alone).
+    """
+    with torch.inference_mode(False):
+        for t, offset, size, stride in group.members:
+            t.data = torch.empty(0, dtype=t.dtype, device=storage.device).set_(storage, offset, size, stride)
 
 
 def _move(group: Group, copy: Callable[[Any], Any]) -> None:

@@ -385,6 +385,155 @@ def test_free_is_not_inflated_by_a_model_tail_an_earlier_reserve_pushed_into_sha
     assert all(dev.holds(p) for p in unet.parameters())
 
 
+# -- the real TorchMover copy path, with the device side on the CPU ---------------------------
+# SimDevice above clones storages its own way; these drive TorchMover's own copies (copy_storage,
+# _rebind, the rollback) on whatever torch runs the suite (tests/unit/test_torch_matrix.py runs this
+# file under torch 2.1.2 and the newest too). Only the torch.cuda calls are faked.
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.bool)
+
+
+@pytest.fixture
+def cpu_cuda(monkeypatch):
+    """The torch.cuda functions TorchMover calls, made harmless on a CPU build; records syncs."""
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (6 * 1024 * MIB, 8 * 1024 * MIB))
+    return calls
+
+
+def _real_scene():
+    """A model of mixed dtypes, strays of every dtype, views into both; what each held before."""
+    model = make_model()
+    unet = model.model.diffusion_model
+    unet.out.half()
+    unet.time_embed.to(torch.bfloat16)
+    strays = [(torch.arange(40) % 7 == 0).to(dt) if dt is torch.bool else (torch.arange(40) * 3).to(dt)
+              for dt in DTYPES]
+    base = torch.randn(64, 8)
+    views = {"row": base[5], "col": base[:, 3], "t": base.t(), "unet": unet.middle.weight[7], "bias": unet.out.bias[1:3]}
+    tensors = {**{f"p.{n}": p for n, p in model.named_parameters()}, **{f"b.{n}": b for n, b in model.named_buffers()},
+               **{f"stray.{i}": t for i, t in enumerate(strays)}, "base": base, **{f"view.{k}": v for k, v in views.items()}}
+    # The old storage itself is kept: alive, its address cannot be handed to a copy.
+    before = {k: (t.detach().clone(), t.dtype, t.storage_offset(), tuple(t.size()), tuple(t.stride()),
+                  t.untyped_storage()) for k, t in tensors.items()}
+    extra = [*model.parameters(), *model.buffers(), *strays, base, *views.values()]  # what the gc scan finds
+    return types.SimpleNamespace(model=model, unet=unet, tensors=tensors, before=before, extra=extra, base=base,
+                                 views=views)
+
+
+def _check_real_scene(s, *, moved: bool) -> None:
+    """Same values, dtypes and geometry; views still share their base's storage; `moved`: every
+    storage is a new one (the copies really happened)."""
+    for k, t in s.tensors.items():
+        value, dtype, offset, size, stride, old = s.before[k]
+        assert t.dtype == dtype, k
+        assert (t.storage_offset(), tuple(t.size()), tuple(t.stride())) == (offset, size, stride), k
+        assert torch.equal(t.detach(), value), f"{k} changed value"
+        assert not t.is_inference(), k
+        if moved:
+            assert t.untyped_storage().data_ptr() != old.data_ptr(), f"{k} was not copied"
+    for name, v in s.views.items():
+        owner = s.unet.middle.weight if name == "unet" else s.unet.out.bias if name == "bias" else s.base
+        assert v.untyped_storage().data_ptr() == owner.untyped_storage().data_ptr(), f"view {name} lost its base"
+    s.base[5, 0] = 1234.0  # written through the base, seen through the views
+    assert s.views["row"][0].item() == 1234.0 and s.views["t"][0, 5].item() == 1234.0
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in s.model.parameters())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_mover_copies_a_storage_out_and_back_byte_for_byte(dtype, cpu_cuda) -> None:
+    t = (torch.arange(1000) % 5 == 1).to(dtype) if dtype is torch.bool else (torch.arange(1000) - 300).to(dtype)
+    storage = t.untyped_storage()
+    mover = TorchMover("cpu", CachePatch(RecordingCuda()), device_type="cpu")
+    out = mover.to_host(storage)
+    back = mover.to_device(out)
+    for copy in (out, back):
+        assert copy.nbytes() == storage.nbytes() and copy.device == storage.device
+        assert copy.data_ptr() not in (storage.data_ptr(), out.data_ptr() if copy is back else 0)
+        assert torch.equal(torch.empty(0, dtype=dtype).set_(copy, 0, t.size(), t.stride()), t)
+
+
+def test_torch_mover_copies_an_empty_storage() -> None:
+    mover = TorchMover("cpu", device_type="cpu")
+    assert mover.to_host(torch.empty(0).untyped_storage()).nbytes() == 0
+
+
+def test_torch_mover_keeps_to_cuda_in_the_ui() -> None:
+    """The UI passes devices.device, which may be "cpu" or "mps": the layout still means CUDA."""
+    assert TorchMover("cpu").device.type == "cuda"
+    assert TorchMover(None).device.type == "cuda"
+    assert TorchMover("cuda:1").device == torch.device("cuda:1")
+
+
+def test_the_real_mover_lays_out_every_dtype_and_view_and_keeps_them(cpu_cuda) -> None:
+    s = _real_scene()
+    cuda = RecordingCuda()
+    patch = CachePatch(cuda)
+    mover = TorchMover("cpu", patch, device_type="cpu")
+    try:
+        result = run_layout(s.unet, 1, mover, patch, objects=lambda: s.extra)
+        assert result.ok, result.reason
+        assert result.patched and cuda.calls[:1] == ["empty_cache"] and cpu_cuda == ["synchronize"]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in s.tensors.values()}
+        assert result.groups == len(storages) and result.moved_bytes == sum(storages.values())
+        _check_real_scene(s, moved=True)
+    finally:
+        patch.lift()
+
+
+class FailingMover(TorchMover):
+    """The real mover, failing once at the n-th call of one step; the rollback copies for real."""
+
+    def __init__(self, step: str, n: int) -> None:
+        super().__init__("cpu", CachePatch(RecordingCuda()), device_type="cpu")
+        self.step, self.n, self.seen = step, n, 0
+
+    def _maybe_fail(self, step: str) -> None:
+        if step == self.step:
+            self.seen += 1
+            if self.seen == self.n:
+                raise InjectedFailure(f"injected failure on {step} #{self.n}")
+
+    def to_host(self, storage):
+        self._maybe_fail("to_host")
+        return super().to_host(storage)
+
+    def to_device(self, storage):
+        self._maybe_fail("to_device")
+        return super().to_device(storage)
+
+    def synchronize(self) -> None:
+        self._maybe_fail("synchronize")
+        super().synchronize()
+
+
+@pytest.mark.parametrize(("step", "n"), [("to_host", 1), ("to_host", 9), ("to_device", 1), ("to_device", 6),
+                                         ("synchronize", 1)])
+def test_the_real_mover_rolls_a_failure_back_with_every_tensor_intact(step, n, cpu_cuda) -> None:
+    s = _real_scene()
+    mover = FailingMover(step, n)
+    result = run_layout(s.unet, 1, mover, mover.patch, objects=lambda: s.extra)
+    assert not result.ok and result.rolled_back, result.reason
+    assert f"injected failure on {step}" in result.reason and "could not be put back" not in result.reason
+    assert not mover.patch.active
+    _check_real_scene(s, moved=False)
+
+
+def test_a_layout_inside_inference_mode_leaves_no_inference_tensors(cpu_cuda) -> None:
+    """Tensors made inside inference mode are inference tensors, which collect() skips: had the
+    parameters become some, the next layout would find no UNet to move."""
+    s = _real_scene()
+    patch = CachePatch(RecordingCuda())
+    mover = TorchMover("cpu", patch, device_type="cpu")
+    with torch.inference_mode():
+        first = run_layout(s.unet, 0, mover, patch, objects=lambda: s.extra)
+    assert first.ok, first.reason
+    _check_real_scene(s, moved=True)
+    second = run_layout(s.unet, 0, mover, patch, objects=lambda: s.extra)
+    assert second.ok and second.unet_groups == first.unet_groups
+
+
 # -- the same on a real GPU ---------------------------------------------------------------------
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
