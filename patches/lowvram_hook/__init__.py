@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-HOOK_VERSION = "1"
+HOOK_VERSION = "2"
 PREFIX = "[lowvram-layout]"
 
 

@@ -5,8 +5,14 @@ fires `on_model_loaded` after the model is already visible to jobs, so laying ou
 callback could race the first generation. The callback only marks the layout pending; the
 AlwaysVisible script's `process()` runs it at the start of the next job, when nothing samples.
 A switch to a checkpoint A1111 still has cached fires no callback, so `process()` also compares
-the model object. `postprocess()` records the observation; after an OOM A1111 skips it, so the
-next `process()` records the failed job from the allocator's `num_ooms`.
+the model object.
+
+Records: `postprocess()` records a job that finished. A job that failed never reaches it, but A1111
+1.6+ runs every job (UI and API) inside `with closing(p):`, so `process()` wraps `p.close` on the
+instance: a close that comes before postprocess records the job as failed, with the exception in
+flight and the allocator's peaks read then (A1111's memory monitor resets them when the next UI job
+starts). On a host without that close, the next `process()` still records a job the allocator
+counted an OOM for (`num_ooms`), without peaks.
 
 Every entry point is wrapped: an exception in the hook is logged, never raised into the UI.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import sys
 import threading
 import time
 import weakref
@@ -36,6 +43,9 @@ from lowvram_hook.observe import (
 )
 
 PDH_INTERVAL_S = 0.25
+LATENT_FACTOR = 8  # pixels per latent cell in every family the hook lays out (SD1.x, SD2, SDXL)
+MAX_REASON = 400
+CLOSE_MARK = "_lowvram_close"
 
 
 def guarded(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -64,11 +74,38 @@ class Job:
     steps: int | None
     first_pass_only: bool
     layout_s: float | None
+    cfg: HookConfig
     shared_peak: int | None = None
-    # Taken when the job starts: an OOM'd job is recorded at the *next* job, by when the user may
-    # have switched checkpoints, and its record must name the model that ran out of memory.
+    # Taken when the job starts: an OOM'd job may be recorded at the *next* job, by when the user may
+    # have switched checkpoints or configs, and its record must describe the job that ran.
     checkpoint: str | None = None
     family: str | None = None
+    laid_out: bool = False
+    layout_error: str | None = None  # why the layout the config asked for is not in force
+    images: int | None = None
+    device: str | None = None
+    owner: Any = None  # weak reference to the job's `p`, so a close of another p is not taken for it
+
+
+def exception_reason(exc: BaseException | None) -> str:
+    """One line for the record; an OOM says so in words the policy looks for."""
+    if exc is None:
+        return "the job ended without reaching postprocess (no error was in flight)"
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())[:MAX_REASON]
+    if "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc).lower():
+        return f"out of memory (OOM): {text}"
+    return text
+
+
+def _latent_size(x: Any) -> tuple[int, int] | None:
+    """(width, height) of the latent the denoiser is called with (x is (batch, channels, h, w))."""
+    shape = getattr(x, "shape", None)
+    try:
+        if shape is not None and len(shape) >= 3:
+            return int(shape[-1]), int(shape[-2])
+    except (TypeError, ValueError):
+        pass
+    return None
 
 
 def _int_attr(obj: Any, name: str) -> int | None:
@@ -99,6 +136,7 @@ class Hook:
         self.pending = False
         self.model_ref: Callable[[], Any] | None = None
         self.laid_out: tuple[int, str, bool] | None = None  # HookConfig.layout_key of the layout in force
+        self.layout_error: str | None = None  # why the layout the config asks for is not in force
         # (reserve_mb, order) whose layout failed on this model: not retried at every job (each try
         # copies the whole model out and back), only once the model or the config changes.
         self.failed_for: tuple[int, str, bool] | None = None
@@ -190,13 +228,20 @@ class Hook:
     def on_cfg_denoiser(self, params: Any) -> None:
         if self.job is None:
             return
-        step = getattr(params, "sampling_step", None)
-        if isinstance(step, int):
-            self.steps.tick(step, self.clock())
         now = self.clock()
+        self.steps.call(now, denoiser=getattr(params, "denoiser", None),
+                        sampling_step=getattr(params, "sampling_step", None),
+                        total_steps=getattr(params, "total_sampling_steps", None),
+                        latent=_latent_size(getattr(params, "x", None)))
         if not self.shared_reader.failed and now - self._last_pdh >= PDH_INTERVAL_S:
             self._last_pdh = now
             self._sample_shared()
+
+    @guarded
+    def on_cfg_after_cfg(self, params: Any) -> None:
+        """The end of a denoiser call (A1111 1.3+): the end of a 1-step job's only step."""
+        if self.job is not None:
+            self.steps.call_ended(self.clock())
 
     def _sample_shared(self) -> None:
         if self.job is None:
@@ -226,21 +271,66 @@ class Hook:
                     self._layout(model, cfg)
             else:
                 self._undo("the config says layout: false")
+                self.layout_error = None
             if model is not None:
                 self._remember_model(model)
             self.pending = False
             if self.free_mb is None:
                 self.free_mb = self._free_now_mb()
-            self._start_job(p, model)
+            self._start_job(p, model, cfg)
+            self._watch_close(p)
 
     @guarded
     def postprocess(self, p: Any, processed: Any = None) -> None:
         with self.lock:
             job, self.job = self.job, None
-            if job is None or self._cfg is None:
+            if job is None:
                 return
             self._sample_shared()
-            self._record(job, self._cfg, ok=True, reason="")
+            self._record(job, ok=True, reason="")
+
+    @guarded
+    def job_closed(self, p: Any) -> None:
+        """`p.close()` came: when this p's job never reached postprocess, it failed; record it now,
+        with the exception in flight (`closing.__exit__` runs inside the `except` of the with)."""
+        with self.lock:
+            job = self.job
+            if job is None or job.owner is None or job.owner() is not p:
+                return
+            self.job = None
+            self._sample_shared()
+            self._record(job, ok=False, reason=exception_reason(sys.exc_info()[1]))
+
+    def _watch_close(self, p: Any) -> None:
+        """Wrap `p.close` on the instance (chained, then put back) so a failed job is recorded."""
+        try:
+            current = p.close
+            if not callable(current) or getattr(current, CLOSE_MARK, False):
+                return
+            had_own = "close" in vars(p)
+        except Exception:  # no close, or no instance dict: the next-job fallback covers it
+            return
+        hook = self
+
+        def close(*args: Any, **kwargs: Any) -> Any:
+            try:
+                hook.job_closed(p)
+            finally:
+                try:
+                    if vars(p).get("close") is close:
+                        if had_own:
+                            p.close = current
+                        else:
+                            del p.close
+                except Exception:
+                    pass
+            return current(*args, **kwargs)
+
+        setattr(close, CLOSE_MARK, True)
+        try:
+            p.close = close
+        except Exception:
+            pass
 
     # -- the layout -----------------------------------------------------------------------------
 
@@ -251,6 +341,7 @@ class Hook:
             self._undo(why)
             self.say_once(f"layout skipped: {why}")
             self.laid_out = None
+            self.layout_error = why
             return
         unet = model.model.diffusion_model
         result = run_layout(unet, cfg.reserve_mb, self.mover, self.patch, order=cfg.order,
@@ -258,6 +349,7 @@ class Hook:
                             clock=self.clock)
         self.last_layout = result
         self.failed_for = None if result.ok else cfg.layout_key
+        self.layout_error = None if result.ok else (result.reason or "the layout failed")
         if result.ok:
             self.laid_out = cfg.layout_key
             self.free_mb = result.free_mb
@@ -284,7 +376,14 @@ class Hook:
 
     # -- jobs and records -----------------------------------------------------------------------
 
-    def _start_job(self, p: Any, model: Any) -> None:
+    def _device_type(self) -> str:
+        """What the UI generates on: A1111's `devices.device` (`--use-cpu all` makes it cpu)."""
+        kind = getattr(getattr(self.devices, "device", None), "type", None)
+        if isinstance(kind, str) and kind:
+            return kind
+        return "cuda" if self._cuda() else "cpu"
+
+    def _start_job(self, p: Any, model: Any, cfg: HookConfig) -> None:
         self.steps.reset()
         ooms = non_torch = total = None
         if self._cuda():
@@ -297,33 +396,44 @@ class Hook:
             except Exception:
                 pass
         layout_s, self.layout_s_unreported = self.layout_s_unreported, None
+        laid_out = cfg.layout and self.laid_out is not None
+        batch = _int_attr(p, "batch_size")
+        n_iter = _int_attr(p, "n_iter")
+        try:
+            owner: Any = weakref.ref(p)
+        except TypeError:
+            owner = None
         self.job = Job(started=self.clock(), ooms_at_start=ooms, non_torch=non_torch, total=total,
                        width=_int_attr(p, "width"), height=_int_attr(p, "height"),
-                       batch=_int_attr(p, "batch_size"), steps=_int_attr(p, "steps"),
-                       first_pass_only=bool(getattr(p, "enable_hr", False)), layout_s=layout_s,
-                       checkpoint=model_checkpoint_key(model),
-                       family=model_family(model, self._cfg.family if self._cfg is not None else None))
+                       batch=batch, steps=_int_attr(p, "steps"),
+                       first_pass_only=bool(getattr(p, "enable_hr", False)), layout_s=layout_s, cfg=cfg,
+                       checkpoint=model_checkpoint_key(model), family=model_family(model, cfg.family),
+                       laid_out=laid_out, layout_error=None if laid_out or not cfg.layout else self.layout_error,
+                       images=max(1, batch or 1) * max(1, n_iter or 1), device=self._device_type(), owner=owner)
         self._sample_shared()
 
     def _close_unfinished_job(self) -> None:
-        """A job whose postprocess never came: record it when the allocator counted an OOM."""
+        """A job whose postprocess and close never came (a host without `with closing(p)`): record
+        it when the allocator counted an OOM. Its peaks are gone by now (A1111's memory monitor
+        resets them when a UI job starts), so the record has none."""
         job, self.job = self.job, None
-        if job is None or self._cfg is None or job.ooms_at_start is None or not self._cuda():
+        if job is None or job.ooms_at_start is None or not self._cuda():
             return
         try:
             ooms = self.mover.num_ooms()
         except Exception:
             return
         if ooms > job.ooms_at_start:
-            self._record(job, self._cfg, ok=False, reason="out of memory (the job did not finish)")
+            self._record(job, ok=False, reason="out of memory (OOM; the job did not finish)", peaks=False)
 
-    def _record(self, job: Job, cfg: HookConfig, *, ok: bool, reason: str) -> None:
+    def _memory(self, job: Job, peaks: bool) -> dict[str, Any]:
+        """The allocator's readings for the record, taken now (at the job's end or failure)."""
         peak_alloc = peak_reserved = ooms = None
-        overflow = None
-        overflow_source = None
+        overflow = overflow_source = None
         if self._cuda():
             try:
-                peak_alloc, peak_reserved = self.mover.peaks()
+                if peaks:
+                    peak_alloc, peak_reserved = self.mover.peaks()
                 if job.ooms_at_start is not None:
                     ooms = max(0, self.mover.num_ooms() - job.ooms_at_start)
             except Exception:
@@ -332,32 +442,47 @@ class Hook:
             overflow, overflow_source = job.shared_peak, "pdh"
         elif peak_reserved is not None and job.total is not None and job.non_torch is not None:
             overflow, overflow_source = overflow_estimate(peak_reserved, job.non_torch, job.total), "estimate"
-        laid_out = cfg.layout and self.laid_out is not None
+        return {
+            "overflow_mb": None if overflow is None else int(overflow // MIB),
+            "overflow_source": overflow_source,
+            "peak_allocated_mb": None if peak_alloc is None else int(peak_alloc // MIB),
+            "peak_reserved_mb": None if peak_reserved is None else int(peak_reserved // MIB),
+            "ooms": ooms or 0,
+        }
+
+    def _record(self, job: Job, *, ok: bool, reason: str, peaks: bool = True) -> None:
+        cfg = job.cfg
+        memory = self._memory(job, peaks)
+        ooms = memory["ooms"]
+        wall = self.clock() - job.started
+        latent = None
+        if job.width and job.height:
+            latent = (job.width // LATENT_FACTOR, job.height // LATENT_FACTOR)
         record = {
             "schema": 1,
             "time": self.wall(),
             "source": "hook",
             "checkpoint": job.checkpoint,
-            "family": job.family if job.family is not None else cfg.family,
+            "family": job.family,
             "flags": list(cfg.flags),
             "road": cfg.road,
             "offload": cfg.offload,
-            "layout": laid_out,
-            "reserve_mb": cfg.reserve_mb if laid_out else None,
+            "layout": job.laid_out,
+            "layout_error": job.layout_error,
+            "reserve_mb": cfg.reserve_mb if job.laid_out else None,
             "free_mb": self.free_mb,
-            "overflow_mb": None if overflow is None else int(overflow // MIB),
-            "overflow_source": overflow_source,
-            "peak_allocated_mb": None if peak_alloc is None else int(peak_alloc // MIB),
-            "peak_reserved_mb": None if peak_reserved is None else int(peak_reserved // MIB),
+            **memory,
             "vram_total_mb": None if job.total is None else int(job.total // MIB),
-            "sit": self.steps.seconds_per_iteration(job.first_pass_only),
+            "sit": self.steps.seconds_per_iteration(job.first_pass_only, latent),
+            "wall_s": max(0.0, wall) / job.images if job.images else None,
+            "images": job.images,
+            "device": job.device,
             "width": job.width,
             "height": job.height,
             "batch": job.batch,
             "steps": job.steps,
-            "ooms": ooms or 0,
             "ok": ok and not ooms,
-            "reason": reason or ("out of memory during the job" if ooms else ""),
+            "reason": reason or ("out of memory (OOM) during the job" if ooms else ""),
             "driver": cfg.driver,
             "layout_s": job.layout_s,
             "tag": cfg.tag,
@@ -385,9 +510,10 @@ def accepts_name(register: Callable[..., Any]) -> bool:
 
 
 def register(script_callbacks: Any, hook: Hook) -> list[str]:
-    """Register on_model_loaded, on_cfg_denoiser and on_script_unloaded; returns the names registered."""
+    """Register the hook's callbacks where the host has them; returns the names registered."""
     done = []
     for what, callback in (("on_model_loaded", hook.on_model_loaded), ("on_cfg_denoiser", hook.on_cfg_denoiser),
+                           ("on_cfg_after_cfg", hook.on_cfg_after_cfg),
                            ("on_script_unloaded", hook.on_script_unloaded)):
         register_fn = getattr(script_callbacks, what, None)
         if register_fn is None:

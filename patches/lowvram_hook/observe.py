@@ -8,11 +8,13 @@ else `max(0, peak reserved + non-torch use − dedicated total)`.
 
 from __future__ import annotations
 
-import itertools
 import json
+import math
 import os
 import statistics
 import sys
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 MIB = 1024 * 1024
@@ -58,36 +60,111 @@ def append_record(path: str, record: dict[str, Any]) -> None:
         raise OSError(f"short write ({written} of {len(line)} bytes)")
 
 
-class StepTimer:
-    """Per-step times from on_cfg_denoiser: (sampling_step, time) of each step's first call.
+@dataclass
+class SamplingPass:
+    """One run of the sampler (a batch of n_iter, or hires fix's second pass) as the hook saw it."""
 
-    A sampler may call the denoiser twice per step (Heun, DPM2): only the first call counts. A step
-    number going down starts a new pass (hires fix's second pass, or the next batch of n_iter).
+    starts: list[float]  # when each denoiser call began
+    end: float | None = None  # when the latest call ended (on_cfg_after_cfg), if the host says
+    steps: int | None = None  # sampling steps planned for this pass
+    calls_per_step: int | None = None  # from the denoiser: 2 for Heun/DPM2 (total_steps / steps)
+    latent: tuple[int, int] | None = None  # (width, height) of the latent, to tell hires passes apart
+    key: Any = None  # the denoiser (weakly) that ran it, or None on hosts without params.denoiser
+    last_index: int | None = None  # the denoiser's own call counter at the latest call
+    last_step: int | None = None  # the host's sampling_step at the latest call (fallback)
+
+    def seconds_per_step(self) -> float | None:
+        """Elapsed time over the steps it covered, counted in denoiser calls, never in the host's
+        `sampling_step` (A1111 1.8's lags one step: 0, 0, 1, …)."""
+        n = len(self.starts)
+        if not n:
+            return None
+        cps = self.calls_per_step or (max(1, round(n / self.steps)) if self.steps else 1)
+        if self.end is not None and self.end >= self.starts[-1]:
+            done: float = math.ceil(n / cps)  # Heun's last step is one call: 2N-1 calls are N steps
+            if self.steps:
+                done = min(done, self.steps)
+            span = self.end - self.starts[0]
+        else:  # no end of the last call: the steps between the first call and the last one
+            done = (n - 1) / cps
+            span = self.starts[-1] - self.starts[0]
+        return span / done if done > 0 and span >= 0 else None
+
+
+def _ref(obj: Any) -> Any:
+    try:
+        return weakref.ref(obj)  # never keep the sampler (and its latents) alive past the job
+    except TypeError:
+        return id(obj)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class StepTimer:
+    """Seconds per sampling step from the timestamps of the denoiser calls (on_cfg_denoiser) and
+    the end of the last one (on_cfg_after_cfg).
+
+    A new pass starts when the denoiser object changes or its call counter restarts; on a host
+    without `params.denoiser`, when `sampling_step` goes down, the planned steps or the latent
+    size change.
     """
 
     def __init__(self) -> None:
-        self.passes: list[list[tuple[int, float]]] = [[]]
-        self.last: int | None = None
+        self.passes: list[SamplingPass] = []
 
     def reset(self) -> None:
-        self.passes = [[]]
-        self.last = None
+        self.passes = []
 
-    def tick(self, step: int, now: float) -> None:
-        if self.last is not None and step == self.last:
-            return
-        if self.last is not None and step < self.last:
-            self.passes.append([])
-        self.passes[-1].append((step, now))
-        self.last = step
+    def _new_pass(self, key: Any, index: int | None, step: int | None, total: int | None,
+                  latent: tuple[int, int] | None) -> bool:
+        if not self.passes:
+            return True
+        cur = self.passes[-1]
+        if latent is not None and cur.latent is not None and latent != cur.latent:
+            return True
+        if key is not None or cur.key is not None:
+            if key is None or cur.key is None:
+                return True
+            same = cur.key() is key if isinstance(cur.key, weakref.ref) else cur.key == id(key)
+            return not same or (index is not None and cur.last_index is not None and index <= cur.last_index)
+        if step is not None and cur.last_step is not None and step < cur.last_step:
+            return True
+        return total is not None and cur.steps is not None and total != cur.steps
 
-    def seconds_per_iteration(self, first_pass_only: bool = False) -> float | None:
-        deltas: list[float] = []
-        for ticks in self.passes[:1] if first_pass_only else self.passes:
-            for (s1, t1), (s2, t2) in itertools.pairwise(ticks):
-                if s2 > s1 and t2 >= t1:
-                    deltas.append((t2 - t1) / (s2 - s1))
-        return statistics.median(deltas) if deltas else None
+    def call(self, now: float, *, denoiser: Any = None, sampling_step: Any = None, total_steps: Any = None,
+             latent: tuple[int, int] | None = None) -> None:
+        """One denoiser call starts. `denoiser` is A1111 1.6+'s CFGDenoiser (`step`: calls so far this
+        pass, `steps`, `total_steps`: calls expected); the rest is the fallback for other hosts."""
+        index = steps = calls = None
+        if denoiser is not None:
+            index = _int_or_none(getattr(denoiser, "step", None))
+            steps = _int_or_none(getattr(denoiser, "steps", None))
+            calls = _int_or_none(getattr(denoiser, "total_steps", None))
+        step = _int_or_none(sampling_step)
+        total = _int_or_none(total_steps)
+        if self._new_pass(denoiser, index, step, total if denoiser is None else None, latent):
+            self.passes.append(SamplingPass([], latent=latent, key=None if denoiser is None else _ref(denoiser)))
+        cur = self.passes[-1]
+        cur.starts.append(now)
+        cur.last_index, cur.last_step = index, step
+        cur.steps = (steps or total) if denoiser is not None else total
+        if steps and calls and calls >= steps:
+            cur.calls_per_step = max(1, round(calls / steps))
+
+    def call_ended(self, now: float) -> None:
+        if self.passes and self.passes[-1].starts:
+            self.passes[-1].end = now
+
+    def seconds_per_iteration(self, first_pass_only: bool = False, latent: tuple[int, int] | None = None) -> float | None:
+        """The median over the job's passes of the job's own size (hires fix's second pass is
+        another size: its latent tells it apart; without latent sizes, `first_pass_only`)."""
+        chosen = [p for p in self.passes if latent is not None and p.latent == latent]
+        if not chosen:
+            chosen = self.passes[:1] if first_pass_only else self.passes
+        values = [v for v in (p.seconds_per_step() for p in chosen) if v is not None]
+        return statistics.median(values) if values else None
 
 
 def overflow_estimate(peak_reserved: int, non_torch: int, total: int) -> int:
