@@ -5,15 +5,26 @@ on a free loopback port. Each candidate reserve is written into the hook config 
 it at the next job), then one warm-up txt2img and K measured ones are sent; s/it is the median wall
 time over the steps, or the hook's own per-step timing of those jobs when it recorded one. What to
 try next comes from the pure search in `lowvram.tuning`. Whatever happens (done, Ctrl-C, SIGTERM, a
-time limit, an error) the UI's process group is stopped, the plan's block and hook config come
-back, and every probe is kept as an observation with source `tuning`, which the next plan uses.
+time limit, an error) the UI's process group is stopped, what tune changed in the tree and the
+state dir (webui-user, the hook and its config, the manifest and its backups) is put back byte for
+byte as it was before tune, and every probe is kept as an observation with source `tuning`, which
+the next plan uses.
+
+The UI listens on loopback only: `--server-name 127.0.0.1` ends the COMMANDLINE_ARGS tune's block
+sets (later flags win in A1111's argparse, and a server name beats `--listen`), `--ngrok` is
+refused, and once the UI answers, what it really listens on is checked (Linux: /proc/net/tcp*).
+A probe counts only for what the hook really did: a resident probe whose layout did not run is a
+failed probe, not a resident measurement.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import ipaddress
 import json
 import os
+import shlex
 import signal
 import socket
 import statistics
@@ -22,15 +33,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowvram import paths
 from lowvram.errors import LowvramError, UsageError
-from lowvram.fsutil import FileLock, atomic_write_bytes
-from lowvram.observations import Observation, append_observation, load_observations
+from lowvram.fsutil import FileLock, atomic_write_bytes, remove_tree, temp_name
+from lowvram.observations import Observation, append_observation, load_observations, measured_road, run_failed
 
 if TYPE_CHECKING:
     from lowvram.facts import Facts
@@ -42,9 +53,11 @@ NEGATIVE = "blurry"
 SEED = 1234567
 SAMPLER = "Euler a"
 LOOPBACK = "127.0.0.1"
+LOOPBACK_NAMES = ("127.0.0.1", "::1", "localhost")
 MAX_PER_ROAD = 12  # DESIGN.md §9: tune may probe up to 12 reserves per road
 FAMILY_SIZES = {"sd15": 512, "sd2": 768, "sdxl": 1024, "sdxl-refiner": 1024}
 UI_RESTARTS = 2  # per road, after a probe that killed or wedged the UI
+RESTORED = "webui-user, the hook and its config, and lowvram's manifest restored byte for byte as they were before tune"
 
 
 class TuneError(LowvramError):
@@ -98,11 +111,14 @@ class Probe:
     free_mb: int | None = None
     overflow_mb: int | None = None
     ooms: int = 0
+    layout_error: str = ""  # a resident probe whose layout did not run: what the hook said (failed)
+    device: str | None = None  # what the hook recorded (cuda | cpu), None without a hook record
 
     def to_dict(self) -> dict[str, Any]:
         return {"road": self.road, "reserve_mb": self.reserve_mb, "sit": self.sit, "ok": self.ok,
                 "reason": self.reason, "walls": [round(w, 4) for w in self.walls], "sit_source": self.sit_source,
-                "free_mb": self.free_mb, "overflow_mb": self.overflow_mb, "ooms": self.ooms}
+                "free_mb": self.free_mb, "overflow_mb": self.overflow_mb, "ooms": self.ooms,
+                "layout_error": self.layout_error or None, "device": self.device}
 
 
 @dataclass(frozen=True)
@@ -199,6 +215,243 @@ def _block_port(plan: Plan, facts: Facts) -> int | None:
     except ValueError:
         return None
     return port if port is not None and 0 < port < 65536 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loopback only: tune's UI is never reachable from another machine
+
+
+def loopback_plan(plan: Plan) -> Plan:
+    """The plan as tune writes it into the block while it measures.
+
+    Its flags end with `--server-name 127.0.0.1`: A1111 1.8 reads COMMANDLINE_ARGS after its own
+    command line, argparse keeps a flag's last value, and a server name beats `--listen`, so no
+    user flag above the block widens it (without a server name A1111's API-only start binds
+    0.0.0.0 and [::]). No extensions are fetched: tune measures, the UI's tabs are not needed.
+    """
+    return replace(plan, args=(*plan.args, "--server-name", LOOPBACK), extensions=())
+
+
+def user_flags(facts: Facts) -> tuple[tuple[str, ...], bool]:
+    """(the user's COMMANDLINE_ARGS as the UI will see them, whether they could all be read).
+
+    Where webui-user assigns none, the value in lowvram's own environment passes through to it.
+    """
+    webui = facts.webui
+    args = webui.user_args if webui is not None else None
+    literal = webui.user_args_literal if webui is not None else True
+    if args is None:
+        try:
+            args = tuple(shlex.split(os.environ.get("COMMANDLINE_ARGS", "")))
+        except ValueError:
+            args, literal = (), False
+    return tuple(args), literal
+
+
+def exposing_flags(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(refused, overridden): flags that would open A1111 1.8's API-only UI beyond loopback.
+
+    `--ngrok TOKEN` opens a tunnel to the UI's port at start-up even with --nowebui (modules/ui.py
+    connects on import, and the API imports it) and no later flag turns it off: refused.
+    `--listen` and `--server-name HOST` pick the address the API binds, which tune's final
+    `--server-name 127.0.0.1` overrides; `--share` reaches only Gradio's launch, which --nowebui
+    never calls.
+    """
+    refused: list[str] = []
+    overridden: list[str] = []
+    items = list(args)
+    for i, arg in enumerate(items):
+        name, eq, inline = arg.partition("=")
+        value = inline if eq else (items[i + 1] if i + 1 < len(items) else "")
+        if name == "--ngrok":
+            refused.append("--ngrok")
+        elif name in ("--listen", "--share") and not eq:
+            overridden.append(name)
+        elif name == "--server-name" and value not in LOOPBACK_NAMES:
+            overridden.append(f"--server-name {value}".strip())
+    return refused, overridden
+
+
+def check_user_flags(facts: Facts, report: Reporter) -> None:
+    """Refuse what tune cannot keep on loopback; say what it overrides (before anything changes)."""
+    args, literal = user_flags(facts)
+    refused, overridden = exposing_flags(args)
+    if refused:
+        raise TuneError("your COMMANDLINE_ARGS has --ngrok: A1111 opens an ngrok tunnel to its port even when "
+                        "only its API runs, which would put tune's UI on the internet",
+                        "take --ngrok out of webui-user's COMMANDLINE_ARGS (or your environment's) while tuning")
+    if overridden:
+        report(TuneEvent("note", f"your COMMANDLINE_ARGS has {', '.join(overridden)}: tune's UI still listens on "
+                                 f"{LOOPBACK} only (--server-name {LOOPBACK} comes last; --share does nothing "
+                                 "without the web UI); your webui-user file is left as it is"))
+    if not literal:
+        report(TuneEvent("note", "your COMMANDLINE_ARGS is not literal, so tune cannot read it: tune's UI gets "
+                                 f"--server-name {LOOPBACK} last, and what it listens on is checked once it answers"))
+
+
+def listen_addresses(port: int, net: Path = Path("/proc/net")) -> list[str] | None:
+    """The addresses something listens on at TCP `port` (Linux's /proc/net/tcp and tcp6), or
+    None where that cannot be read (another OS)."""
+    found: list[str] = []
+    readable = False
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = (net / name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 4 or fields[3] != "0A":  # 0A: LISTEN
+                continue
+            address, _, hex_port = fields[1].rpartition(":")
+            with contextlib.suppress(ValueError):
+                if int(hex_port, 16) == port:
+                    found.append(_proc_net_address(address))
+    return found if readable else None
+
+
+def _proc_net_address(text: str) -> str:
+    """/proc/net/tcp* prints an address as 32-bit words in the host's byte order."""
+    raw = bytes.fromhex(text)
+    if sys.byteorder == "little":
+        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return str(ipaddress.ip_address(raw))
+
+
+def beyond_loopback(addresses: Sequence[str]) -> list[str]:
+    out = []
+    for text in addresses:
+        address = ipaddress.ip_address(text)
+        mapped = getattr(address, "ipv4_mapped", None)
+        if not (address.is_loopback or (mapped is not None and mapped.is_loopback)):
+            out.append(text)
+    return out
+
+
+def check_listening(port: int) -> None:
+    """After the UI answered: it must listen on loopback only (a flag tune could not see, e.g. a
+    user line after the block, must not expose it)."""
+    addresses = listen_addresses(port)
+    wide = beyond_loopback(addresses or [])
+    if wide:
+        shown = ", ".join(f"[{a}]" if ":" in a else a for a in wide)
+        raise TuneError(f"the UI listened on {shown} port {port}, beyond loopback: tune stopped it",
+                        "something in COMMANDLINE_ARGS after lowvram's block (a --server-name?) widens it; take it "
+                        "out while tuning")
+
+
+# ---------------------------------------------------------------------------------------------
+# What tune changes, put back byte for byte afterwards
+
+_Saved = tuple[bytes, int]  # a file's bytes and mode
+_CACHES = ("__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache")
+
+
+def _save_file(path: Path) -> _Saved | None:
+    try:
+        return path.read_bytes(), path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise TuneError(f"cannot read {path} to put it back after tuning: {exc.strerror or exc}",
+                        "check its permissions") from exc
+
+
+def _save_dir(root: Path) -> dict[str, _Saved] | None:
+    """Every file under `root` (Python's caches left out, as the hook's install leaves them)."""
+    if not root.is_dir():
+        return None
+    out: dict[str, _Saved] = {}
+    for path in sorted(root.rglob("*")):
+        relpath = path.relative_to(root)
+        if any(part in _CACHES for part in relpath.parts) or relpath.suffix in (".pyc", ".pyo"):
+            continue
+        if path.is_file() and not path.is_symlink():
+            saved = _save_file(path)
+            if saved is not None:
+                out[relpath.as_posix()] = saved
+    return out
+
+
+def _put_file(path: Path, saved: _Saved | None) -> None:
+    if saved is None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    elif _save_file(path) != saved:
+        atomic_write_bytes(path, saved[0], saved[1])
+
+
+def _put_dir(root: Path, saved: dict[str, _Saved] | None) -> None:
+    """`root` holding exactly `saved` again (absent for None), swapped in through a temp dir."""
+    if _save_dir(root) == saved:
+        return
+    old = temp_name(root) if root.exists() else None
+    if old is not None:
+        root.rename(old)
+    if saved is not None:
+        tmp = temp_name(root)
+        tmp.mkdir(parents=True)
+        for relpath, (data, mode) in saved.items():
+            target = tmp / relpath
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            os.chmod(target, mode)
+        tmp.rename(root)
+    if old is not None:
+        remove_tree(old)
+
+
+@dataclass(frozen=True)
+class TreeSnapshot:
+    """What tune may change, as it was before tune: the webui-user files, the hook and its config,
+    lowvram's manifest and backups. `restore` puts it all back byte for byte (DESIGN.md §9)."""
+
+    webui: Path
+    files: tuple[tuple[Path, _Saved | None], ...]
+    hook_dir: dict[str, _Saved] | None
+    extensions_dir: bool
+    backups: dict[str, _Saved] | None
+    manifest: _Saved | None
+
+    @classmethod
+    def take(cls, webui: Path) -> TreeSnapshot:
+        from lowvram.apply.hook import hook_dir
+
+        webui = Path(webui).resolve()
+        names = ("webui-user.sh", "webui-user.bat", "webui.settings.bat")
+        files = [webui / n for n in names] + [paths.hook_config_path(webui)]
+        return cls(webui=webui, files=tuple((f, _save_file(f)) for f in files), hook_dir=_save_dir(hook_dir(webui)),
+                   extensions_dir=(webui / "extensions").is_dir(), backups=_save_dir(paths.backups_dir(webui)),
+                   manifest=_save_file(paths.manifest_path(webui)))
+
+    def restore(self) -> list[str]:
+        """The tree first, the manifest last (it must name at least what the tree holds from
+        lowvram, DESIGN.md §6). Returns what could not be put back."""
+        from lowvram.apply.hook import hook_dir
+
+        extensions = self.webui / "extensions"
+        steps: list[tuple[str, Callable[[], None]]] = [
+            (str(path), functools.partial(_put_file, path, saved)) for path, saved in self.files]
+        steps.append((str(hook_dir(self.webui)), lambda: _put_dir(hook_dir(self.webui), self.hook_dir)))
+        if not self.extensions_dir:
+            steps.append((str(extensions), lambda: _rmdir_if_empty(extensions)))
+        steps.append((str(paths.backups_dir(self.webui)), lambda: _put_dir(paths.backups_dir(self.webui),
+                                                                           self.backups)))
+        steps.append((str(paths.manifest_path(self.webui)), lambda: _put_file(paths.manifest_path(self.webui),
+                                                                             self.manifest)))
+        problems = []
+        for what, step in steps:
+            try:
+                step()
+            except Exception as exc:
+                problems.append(f"{what} could not be put back ({exc})")
+        return problems
+
+
+def _rmdir_if_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):  # gone, or not empty: what someone else put there stays
+        path.rmdir()
 
 
 class ApiClient:
@@ -394,6 +647,56 @@ def txt2img_payload(width: int, height: int, steps: int) -> dict[str, Any]:
             "save_images": False, "send_images": False, "do_not_save_samples": True, "do_not_save_grid": True}
 
 
+NO_HOOK_RECORD = ("the hook recorded none of these jobs, so the layout cannot have run (is "
+                  "extensions/lowvram-layout loaded? the UI's output is in tune-ui.log)")
+
+
+def judge_probe(road: str, reserve: int, walls: Sequence[float], failure: str, *, hook: Sequence[Observation],
+                measured: Sequence[Observation], steps: int) -> Probe:
+    """One probe from what the API answered (`walls`, `failure`) and what the hook recorded of its
+    jobs (`hook`: all of them, `measured`: those after the warm-up).
+
+    It counts only for what the hook really did: on the resident road a job whose layout did not
+    run (refused, failed and rolled back, or no hook record at all) makes the probe a failed one,
+    not a resident measurement. The swap road needs no hook: wall time ÷ steps stands in for it.
+    """
+    ooms = sum(o.ooms for o in hook)
+    common: dict[str, Any] = {
+        "walls": tuple(walls), "free_mb": _median_int([o.free_mb for o in hook]),
+        "overflow_mb": max((o.overflow_mb for o in hook if o.overflow_mb is not None), default=None),
+        "ooms": ooms, "device": next((o.device for o in reversed(hook) if o.device), None)}
+    if failure:
+        return Probe(road, reserve, None, False, failure, sit_source="wall", **common)
+    if road == "resident":
+        skipped = [o for o in hook if measured_road(o) != "resident"]
+        why = next((o.layout_error for o in skipped if o.layout_error), "") if skipped else ""
+        if skipped or not hook:
+            why = why or ("the hook did not lay the model out" if skipped else NO_HOOK_RECORD)
+            return Probe(road, reserve, None, False, f"the layout did not run: {why}", sit_source="hook",
+                         layout_error=why, **common)
+    good = [o for o in measured if not run_failed(o)]
+    failed = [o for o in hook if run_failed(o)]
+    if failed and not good:
+        reason = (f"out of memory (the hook counted {ooms})" if ooms
+                  else failed[-1].reason or "the job failed (the hook's record)")
+        return Probe(road, reserve, None, False, reason, sit_source="hook", **common)
+    sits = [o.sit for o in good if o.sit is not None]
+    if sits:
+        return Probe(road, reserve, round(statistics.median(sits), 6), True, sit_source="hook", **common)
+    return Probe(road, reserve, round(statistics.median(walls) / steps, 6), True, sit_source="wall", **common)
+
+
+def road_outcome(road: str, probes: Sequence[Probe], done: bool, why: str) -> tuple[bool, str]:
+    """(closed, reason) for one road, saying what failed: a road none of whose probes succeeded was
+    not measured, whatever the search said."""
+    failed = [p for p in probes if not p.ok]
+    if probes and len(failed) == len(probes):
+        return False, f"{road} road not measured: {failed[-1].reason}"
+    if failed:
+        return done, f"{why} ({len(failed)} of {len(probes)} probes failed)"
+    return done, why
+
+
 # ---------------------------------------------------------------------------------------------
 # The session: plans per road, the UI, the probes, and putting everything back
 
@@ -428,8 +731,7 @@ class _Session:
         self.obs_path = paths.observations_path(self.webui)
         self.hook_path = paths.hook_config_path(self.webui)
         self.log_path = paths.webui_state_dir(self.webui) / "tune-ui.log"
-        self.hook_before: bytes | None = None
-        self.applied_any = False
+        self.snapshot = TreeSnapshot.take(self.webui)  # before anything changes: restore() puts it back
         self.ui: UiProcess | None = None
         self.client: ApiClient | None = None
         self.probes: list[Probe] = []
@@ -439,7 +741,6 @@ class _Session:
         self.start_probe: Probe | None = None
         self.restarts = 0
         self._pending_restart = ""
-        self.failed_extensions: set[str] = set()
 
     # -- roads ---------------------------------------------------------------------------------
 
@@ -478,7 +779,7 @@ class _Session:
     # -- the run -------------------------------------------------------------------------------
 
     def run(self) -> TuneResult:
-        self.hook_before = _read_bytes(self.hook_path)
+        check_user_flags(self.facts, self.report)
         self.report(TuneEvent("plan", f"tuning {self.webui} at {self.width}×{self.height}, {self.settings.steps} "
                                       f"steps, {self.settings.repeats} measured runs per candidate"))
         roads = self.roads()
@@ -496,15 +797,18 @@ class _Session:
 
     def _run_road(self, road: _Road) -> tuple[bool, str]:
         self.restarts = 0
+        first = len(self.probes)
         self._apply(road.plan)
         self._start_ui(road.plan)
         try:
             if road.name == "swap":
                 self._probe(road, 0)
-                return True, "swap road measured"
-            return self._search_resident(road)
+                done, why = True, "swap road measured"
+            else:
+                done, why = self._search_resident(road)
         finally:
             self._stop_ui()
+        return road_outcome(road.name, self.probes[first:], done, why)
 
     def _search_resident(self, road: _Road) -> tuple[bool, str]:
         """Reserve 0 first, the profile's starting reserve next, then what the pure search proposes."""
@@ -537,7 +841,9 @@ class _Session:
                 if nxt in measured:
                     return True, f"resident road: converged ({state.reason})"
             measured.append(nxt)
-            self._probe(road, nxt)
+            probe = self._probe(road, nxt)
+            if probe.layout_error and nxt == 0:  # not even the smallest reserve: the layout does not run here
+                return False, f"resident road not measured: {probe.reason}"
 
     def _probe(self, road: _Road, reserve: int) -> Probe:
         from lowvram.hookconfig import with_reserve, write_hook_config
@@ -546,8 +852,8 @@ class _Session:
         assert self.client is not None
         tag = f"{self.run_tag}-{len(self.probes) + 1}"
         layout = road.name == "resident"
-        cfg = _read_json(self.hook_path) or {}
-        write_hook_config(self.hook_path, with_reserve(cfg, reserve, layout=layout, tag=tag))
+        cfg = with_reserve(_read_json(self.hook_path) or {}, reserve, layout=layout, tag=tag)
+        write_hook_config(self.hook_path, {**cfg, "flags": list(road.plan.args)})  # the road's, as the hook records
         self.report(TuneEvent("probing", f"{road.name} road, reserve {reserve} MiB"))
         payload = txt2img_payload(self.width, self.height, self.settings.steps)
         walls: list[float] = []
@@ -590,28 +896,19 @@ class _Session:
         hook = [o for o in load_observations(self.obs_path).items
                 if o.source == "hook" and o.tag == tag]
         measured = [o for o in hook if o.time >= measure_from] if measure_from else []
-        ooms = sum(o.ooms for o in hook)
-        free = _median_int([o.free_mb for o in hook])
-        overflow = max((o.overflow_mb for o in hook if o.overflow_mb is not None), default=None)
-        if failure:
-            return Probe(road, reserve, None, False, failure, tuple(walls), "wall", free, overflow, ooms)
-        if ooms and not [o for o in measured if o.ooms == 0 and o.ok]:
-            return Probe(road, reserve, None, False, f"out of memory (the hook counted {ooms})", tuple(walls),
-                         "hook", free, overflow, ooms)
-        hook_sits = [o.sit for o in measured if o.sit is not None and o.ok]
-        if hook_sits:
-            return Probe(road, reserve, round(statistics.median(hook_sits), 6), True, "", tuple(walls), "hook",
-                         free, overflow, ooms)
-        sit = statistics.median(walls) / self.settings.steps
-        return Probe(road, reserve, round(sit, 6), True, "", tuple(walls), "wall", free, overflow, ooms)
+        probe = judge_probe(road, reserve, walls, failure, hook=hook, measured=measured, steps=self.settings.steps)
+        # One UI, one device: a probe the hook recorded nothing of (it hung, the UI died) ran where the others did.
+        known = next((p.device for p in self.probes if p.device), None)
+        return replace(probe, device=known) if probe.device is None and known else probe
 
     def _observation(self, plan: Plan | None, probe: Probe) -> Observation:
         return Observation(
             time=time.time(), source="tuning", checkpoint=self.checkpoint,
             family=plan.model_family if plan is not None else None,
             flags=tuple(plan.args) if plan is not None else (), road=probe.road,
-            offload=plan.offload if plan is not None else None, layout=probe.road == "resident",
-            reserve_mb=probe.reserve_mb if probe.road == "resident" else None,
+            offload=plan.offload if plan is not None else None,
+            layout=probe.road == "resident" and not probe.layout_error, layout_error=probe.layout_error or None,
+            device=probe.device, reserve_mb=probe.reserve_mb if probe.road == "resident" else None,
             free_mb=probe.free_mb, overflow_mb=probe.overflow_mb, vram_total_mb=self.vram_total_mb,
             sit=probe.sit, width=self.width, height=self.height, batch=1, steps=self.settings.steps,
             ooms=probe.ooms, ok=probe.ok, reason=probe.reason, driver=self.driver, tag="tune")
@@ -624,14 +921,11 @@ class _Session:
     # -- the UI --------------------------------------------------------------------------------
 
     def _apply(self, plan: Plan) -> None:
+        """The road's block (loopback only) and the hook, through the normal apply path; restore()
+        puts back what was there before."""
         from lowvram.apply import apply_plan
 
-        self.applied_any = True
-        result = apply_plan(plan, self.webui, self.facts, lock_held=True)
-        for ext in getattr(result, "extensions", []):
-            if _status(ext) == "failed" and _name(ext) not in self.failed_extensions:
-                self.failed_extensions.add(_name(ext))
-                self.report(TuneEvent("note", f"extension {_name(ext)} could not be installed; tuning goes on"))
+        apply_plan(loopback_plan(plan), self.webui, self.facts, lock_held=True)
 
     def _start_ui(self, plan: Plan) -> None:
         from lowvram.launch import build_launch
@@ -655,6 +949,7 @@ class _Session:
         self.ui.start()
         took = min(self.settings.ready_timeout_s, max(1.0, self._time_left()))
         seconds = wait_ready(self.ui, self.client, took, self.report)
+        check_listening(port)
         self.report(TuneEvent("ready", f"the UI answered after {seconds:.1f} s"))
 
     def _exited_within(self, seconds: float) -> int | None:
@@ -694,25 +989,13 @@ class _Session:
     # -- putting things back -------------------------------------------------------------------
 
     def restore(self) -> list[str]:
-        """Stop the UI, put the plan's block and the hook config back. Returns what failed."""
+        """Stop the UI, then put back everything as it was before tune. Returns what failed."""
         problems: list[str] = []
         try:
             self._stop_ui()
         except Exception as exc:
             problems.append(f"stopping the UI: {exc}")
-        if self.applied_any:
-            try:
-                from lowvram.apply import apply_plan
-
-                apply_plan(self.base_plan, self.webui, self.facts, lock_held=True)
-            except Exception as exc:
-                problems.append(f"re-applying the plan's block: {exc}")
-        try:
-            if self.hook_before is not None:
-                atomic_write_bytes(self.hook_path, self.hook_before)
-        except Exception as exc:
-            problems.append(f"restoring the hook config: {exc}")
-        return problems
+        return problems + self.snapshot.restore()
 
     def _time_left(self) -> float:
         return self.deadline - time.monotonic()
@@ -734,7 +1017,9 @@ class _Session:
         ok = [p for p in self.probes if p.ok and p.sit is not None]
         if not ok:
             return None
-        judged = tuning.best_probe(tuning.make_probes([self._observation(None, p) for p in ok]))
+        runs = tuning.like_with_like([self._observation(None, p) for p in ok])
+        ok = [p for p in ok if p.device == runs[0].device] if runs else ok
+        judged = tuning.best_probe(tuning.make_probes(runs))
         if judged is None:
             return min(ok, key=lambda p: (p.sit or 0.0, p.reserve_mb))
         same = [p for p in ok if p.road == judged.road and (p.road == "swap" or p.reserve_mb == judged.reserve_mb)]
@@ -775,17 +1060,18 @@ def run_tune(*, webui: Path | None, facts_file: Path | None, overrides: Override
                 problems = _quietly(session.restore)
                 raise TuneInterruptedError(
                     f"interrupted: {len(session.probes)} probes kept as observations; the UI was stopped"
-                    + (" and the plan's block and hook config restored" if not problems
-                       else f", but {'; '.join(problems)}"),
+                    + (f" and {RESTORED}" if not problems else f", but {'; '.join(problems)}"),
                     "run `lowvram tune` again to finish the search (`lowvram reserve` shows where it stands)",
                 ) from None
             except BaseException:
-                _quietly(session.restore)
+                for problem in _quietly(session.restore):
+                    emit(TuneEvent("note", problem))
                 raise
             problems = _quietly(session.restore)
             if problems:
                 raise TuneError(f"tuning finished but {'; '.join(problems)}",
-                                "run `lowvram apply` to put the plan's block back")
+                                "put those back by hand (`lowvram revert` takes lowvram's block and hook out; "
+                                "`lowvram apply` writes them afresh)")
             return result
     finally:
         lock.release()
@@ -896,10 +1182,3 @@ def _median_int(values: list[int | None]) -> int | None:
     present = [v for v in values if v is not None]
     return int(statistics.median(present)) if present else None
 
-
-def _status(ext: Any) -> str:
-    return str(ext.get("status") if isinstance(ext, dict) else getattr(ext, "status", ""))
-
-
-def _name(ext: Any) -> str:
-    return str(ext.get("name") if isinstance(ext, dict) else getattr(ext, "name", "?"))

@@ -15,7 +15,11 @@ next and when to stop:
 - the search closes once the best has been confirmed twice (two later candidates did not beat
   it), when nothing is left to try, or after 6 candidates (the passive search between launches;
   `lowvram tune` allows 12 per road); it reopens when the checkpoint or the driver changes, since
-  observations are only counted for this checkpoint and driver.
+  observations are only counted for this checkpoint and driver;
+- a run counts only for what the hook really did (`observations.measured_road`): a run planned for
+  the resident road whose layout did not happen measured neither road, and one whose layout failed
+  (`layout_error`) is a failed resident run at its reserve; runs are compared only with runs of the
+  same size, batch and device (`observations.comparable_key`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from lowvram.observations import Observation
+from lowvram.observations import Observation, comparable_key, measured_road, run_failed
 from lowvram.reserve import STEP_MB, clamp, formula_inputs, round_down, upper_bound
 
 PASSIVE_CANDIDATES = 6
@@ -119,10 +123,19 @@ def candidate_grid(free_mb: int, overflow_mb: int, **bounds: int | None) -> list
     return list(range(span[0], span[1] + 1, STEP_MB))
 
 
-def _road(obs: Observation) -> str:
-    if obs.road in ("swap", "resident"):
-        return obs.road
-    return "resident" if obs.reserve_mb is not None else "swap"
+def _road(obs: Observation) -> str | None:
+    """The road this run counts for: what the hook really did (None: it measured neither road).
+
+    A resident run whose layout failed or was refused with a reason (`layout_error`) counts as a
+    failed resident run; one whose layout simply did not happen measured nothing. Records from
+    before roads were recorded name no road: a reserve then means the resident road.
+    """
+    if obs.road is None:
+        return "resident" if obs.reserve_mb is not None else "swap"
+    road = measured_road(obs)
+    if road is None and obs.road == "resident" and run_failed(obs):
+        return "resident" if obs.layout_error else None
+    return road
 
 
 def relevant(observations: Iterable[Observation], checkpoint: str | None, driver: str | None) -> list[Observation]:
@@ -133,42 +146,62 @@ def relevant(observations: Iterable[Observation], checkpoint: str | None, driver
             continue
         if driver and obs.driver and obs.driver != driver:
             continue
-        if obs.sit is None and obs.ok:
+        if obs.sit is None and not run_failed(obs):
             continue
-        if _road(obs) == "resident" and obs.reserve_mb is None:
+        road = _road(obs)
+        if road is None or (road == "resident" and obs.reserve_mb is None):
             continue
         out.append(obs)
     return out
 
 
-def pick_size(runs: Sequence[Observation]) -> tuple[int, int] | None:
-    """The size with the most distinct resident reserves measured (the latest on a tie)."""
-    by_size: dict[tuple[int, int], tuple[set[int], float]] = {}
+def _pick(runs: Sequence[Observation], key: Any) -> Any:
+    """The `key(obs)` with the most distinct resident reserves measured (the latest on a tie)."""
+    groups: dict[Any, tuple[set[int], float]] = {}
     for obs in runs:
-        if obs.size is None:
+        k = key(obs)
+        if k is None:
             continue
-        reserves, latest = by_size.get(obs.size, (set(), 0.0))
+        reserves, latest = groups.get(k, (set(), 0.0))
         if _road(obs) == "resident" and obs.reserve_mb is not None:
             reserves.add(obs.reserve_mb)
-        by_size[obs.size] = (reserves, max(latest, obs.time))
-    if not by_size:
+        groups[k] = (reserves, max(latest, obs.time))
+    if not groups:
         return None
-    return max(by_size, key=lambda s: (len(by_size[s][0]), by_size[s][1]))
+    return max(groups, key=lambda k: (len(groups[k][0]), groups[k][1]))
+
+
+def pick_size(runs: Sequence[Observation]) -> tuple[int, int] | None:
+    """The size with the most distinct resident reserves measured (the latest on a tie)."""
+    size: tuple[int, int] | None = _pick(runs, lambda o: o.size)
+    return size
+
+
+def like_with_like(runs: Sequence[Observation], size: tuple[int, int] | None = None) -> list[Observation]:
+    """The runs comparable with each other (`comparable_key`: size, batch, device), at `size` when
+    given: the group with the most resident reserves measured, the latest on a tie."""
+    sized = [o for o in runs if o.size is not None and (size is None or o.size == size)]
+    key = _pick(sized, comparable_key)
+    return [o for o in sized if comparable_key(o) == key]
 
 
 def make_probes(runs: Sequence[Observation]) -> list[Probe]:
     groups: dict[tuple[str, int], list[Observation]] = {}
     for obs in sorted(runs, key=lambda o: o.time):
         road = _road(obs)
+        if road is None:
+            continue
         key = (road, 0 if road == "swap" else int(obs.reserve_mb or 0))
         groups.setdefault(key, []).append(obs)
     probes = []
     for (road, reserve), items in groups.items():
-        sits = [o.sit for o in items if o.ok and o.sit is not None and o.ooms == 0]
-        failed = [o for o in items if not o.ok or o.ooms]
+        sits = [o.sit for o in items if not run_failed(o) and o.sit is not None]
+        failed = [o for o in items if run_failed(o)]
         reason = ""
         if failed and not sits:
-            reason = failed[-1].reason or "out of memory"
+            last = failed[-1]
+            reason = last.reason or (f"the layout did not run: {last.layout_error}" if last.layout_error
+                                     else "out of memory")
         probes.append(Probe(road, reserve, statistics.median(sits) if sits else None, len(items), bool(sits),
                             reason, items[0].time))
     return _mark_unstable(probes)
@@ -241,7 +274,7 @@ def tuning_state(observations: Sequence[Observation], checkpoint: str | None, dr
     if size is None:
         size = pick_size(runs)
     if size is not None:
-        runs = [o for o in runs if o.size == size]
+        runs = like_with_like(runs, size)
     probes = make_probes(runs)
     resident = [p for p in probes if p.road == "resident"]
     measured = [p.reserve_mb for p in resident]

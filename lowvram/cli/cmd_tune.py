@@ -13,7 +13,7 @@ from lowvram.cli.app import app
 from lowvram.cli.options import FactsOpt, JsonOpt, ProfileOpt, WebuiOpt, overrides_from
 
 if TYPE_CHECKING:
-    from lowvram.tune import TuneEvent, TuneResult
+    from lowvram.tune import Probe, TuneEvent, TuneResult
 
 EXAMPLES = """
 Examples:
@@ -64,7 +64,7 @@ def tune_cmd(  # noqa: PLR0917 - typer maps parameters to options
         result = run_tune(webui=webui, facts_file=facts, overrides=overrides, settings=settings, report=reporter)
     failed = None
     if result.best is None:
-        failed = TuneError("no candidate could be measured: every probe failed",
+        failed = TuneError(f"no candidate could be measured, every probe failed ({result.reason})",
                            "see the reasons in the probe table; `lowvram launch` shows the UI's own output")
     if as_json:
         # One document on stdout: the probes (with their reasons) and the error together.
@@ -143,20 +143,33 @@ def _print_result(result: TuneResult) -> None:
                       mark if p.ok else f"failed: {p.reason}")
     console.print(table)
     console.print(chart(result))
-    if result.best is None:
-        return
-    best = result.best
-    where = f"{best.road} road" + (f", reserve {best.reserve_mb} MiB" if best.road == "resident" else "")
-    line = f"best: {where} at {best.sit:.4f} s/it"
-    if result.start is not None and result.gain_pct is not None and result.start is not best:
-        start = result.start
-        start_where = f"{start.road}" + (f" {start.reserve_mb} MiB" if start.road == "resident" else "")
-        line += f", {result.gain_pct:+.1f}% faster than the profile's start ({start_where}, {start.sit:.4f} s/it)"
-    elif result.start is best:
-        line += " (the profile's starting point was already the fastest)"
-    print(line)
-    print(f"search: {'closed' if result.closed else 'open'} ({result.reason}); "
-          f"{result.saved} probes kept as observations (source tuning), which the next plan uses")
+    for line in summary(result):
+        print(line)
+
+
+def _where(p: Probe) -> str:
+    return f"{p.road} road" + (f", reserve {p.reserve_mb} MiB" if p.road == "resident" else "")
+
+
+def summary(result: TuneResult) -> list[str]:
+    """The lines under the table: the best, the start (measured or failed), the search, the tree."""
+    lines: list[str] = []
+    start, best = result.start, result.best
+    if best is not None and best.sit is not None:
+        line = f"best: {_where(best)} at {best.sit:.4f} s/it"
+        if start is not None and start.ok and result.gain_pct is not None and start is not best:
+            line += (f", {result.gain_pct:+.1f}% faster than the profile's start ({_where(start)}, "
+                     f"{start.sit:.4f} s/it)")
+        elif start is best:
+            line += " (the profile's starting point was already the fastest)"
+        lines.append(line)
+    if start is not None and not start.ok:
+        lines.append(f"the profile's starting point ({_where(start)}) failed: {start.reason}")
+    lines.append(f"search: {'closed' if result.closed else 'not closed'} ({result.reason}); "
+                 f"{result.saved} probes kept as observations (source tuning), which the next plan uses")
+    lines.append("tune changed nothing in the WebUI: webui-user, the hook and its config are as they were before; "
+                 "the next `lowvram launch` or `apply` plans with what tune measured")
+    return lines
 
 
 def chart(result: TuneResult, width: int = 40) -> str:

@@ -58,10 +58,55 @@ def _tuning_obs(ui: ApiUi) -> list[Any]:
     return [o for o in load_observations(paths.observations_path(ui.root)).items if o.source == "tuning"]
 
 
+def _files(root: Path) -> dict[str, bytes] | None:
+    """Every file under `root` with its bytes (Python's caches left out), None when there is no `root`."""
+    if not root.is_dir():
+        return None
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and "__pycache__" not in p.parts}
+
+
+def _read(path: Path) -> bytes | None:
+    return path.read_bytes() if path.exists() else None
+
+
+def lowvram_state(ui: ApiUi) -> dict[str, Any]:
+    """What tune must leave as it found it: the webui-user files, the hook config, the manifest and
+    its backups, the extensions (the hook's copy included) and the UI's settings."""
+    root = ui.root
+    return {
+        **{name: _read(root / name) for name in ("webui-user.sh", "webui-user.bat", "webui.settings.bat",
+                                                 "config.json")},
+        "hook.json": _read(paths.hook_config_path(root)),
+        "manifest.json": _read(paths.manifest_path(root)),
+        "backups": _files(paths.backups_dir(root)),
+        "extensions": _files(root / "extensions"),
+    }
+
+
+def _wsl_facts(tmp_path: Path, *, gpu: bool = True) -> Path:
+    """A GTX 1070 under WSL2 (it spills too), so `apply` writes this machine's webui-user.sh;
+    without `gpu` the same machine with no usable GPU (a CPU plan)."""
+    wsl = json.loads(write_gtx1070_windows_facts(tmp_path / "w.json").read_text())
+    wsl["system"].update({"os": "linux", "wsl": True, "sysmem_fallback": "on", "glibc": "2.35"})
+    if not gpu:
+        wsl["gpus"] = []
+    facts = tmp_path / ("wsl.json" if gpu else "wsl-cpu.json")
+    facts.write_text(json.dumps(wsl))
+    return facts
+
+
+def _assert_loopback_only(ui: ApiUi) -> None:
+    binds = ui.binds()
+    assert binds, "the stand-in UI listened"
+    assert [b["bound"] for b in binds] == [["127.0.0.1"]] * len(binds), binds
+    assert all(b["ngrok"] is None for b in binds)
+
+
 def test_finds_the_optimum_and_the_faster_road_then_reserve_reports_it(cli: Any, tree: ApiUi, facts: Path) -> None:
     """The issue's check: GTX 1070 on Windows with sysmem fallback, a manual 600/1000 reading."""
     _add_manual(cli, tree, facts)
-    user_sh = (tree.root / "webui-user.sh").read_bytes()
+    before = lowvram_state(tree)
 
     res = _tune(cli, tree, facts)
     assert res.code == 0, res.err
@@ -89,14 +134,11 @@ def test_finds_the_optimum_and_the_faster_road_then_reserve_reports_it(cli: Any,
     for s in starts:
         assert "--nowebui" in s["argv"] and "--api" in s["argv"]
         assert "--port" in s["argv"]
+    _assert_loopback_only(tree)
 
-    # Nothing left running; the plan's block is back (swap road flags), the user's lines untouched.
+    # Nothing left running; the tree and lowvram's state are as they were before tune.
     assert tree.alive() == []
-    text = (tree.root / "webui-user.sh").read_text()
-    assert text.startswith(user_sh.decode())
-    assert "--medvram-sdxl" in text
-    hook = json.loads(paths.hook_config_path(tree.root).read_text())
-    assert hook["road"] == "swap" and hook["layout"] is False and hook["tag"] is None
+    assert lowvram_state(tree) == before
 
     # Every probe kept as an observation (source tuning), and `reserve` now reports the winner.
     assert len(_tuning_obs(tree)) == len(data["probes"])
@@ -162,7 +204,7 @@ def test_the_ui_dying_mid_run_fails_that_probe_and_restarts_it(cli: Any, tree: A
 
 def test_a_ui_that_never_answers_is_one_clear_error_and_nothing_is_left(cli: Any, tree: ApiUi, facts: Path) -> None:
     tree.set_spec(never_answer=True, ignore_sigterm=True)
-    user_sh = (tree.root / "webui-user.sh").read_bytes()
+    before = lowvram_state(tree)
     t0 = time.monotonic()
     res = _tune(cli, tree, facts, "--ready-timeout", "2", "--stop-timeout", "1")
     assert time.monotonic() - t0 < 30
@@ -172,9 +214,7 @@ def test_a_ui_that_never_answers_is_one_clear_error_and_nothing_is_left(cli: Any
     assert "Traceback" not in res.err
     assert tree.starts(), "the fake UI was started"
     assert tree.alive() == []
-    # The plan's block is what remains (the road's flags are gone again).
-    text = (tree.root / "webui-user.sh").read_text()
-    assert text.startswith(user_sh.decode()) and "--medvram-sdxl" in text
+    assert lowvram_state(tree) == before  # the road's block and the hook taken out again
 
 
 def test_only_the_swap_road_where_memory_cannot_spill(cli: Any, tree: ApiUi, tmp_path: Path) -> None:
@@ -269,18 +309,14 @@ def _wait_for(cond: Any, timeout: float, what: str) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_mid_search_stops_the_ui_restores_and_keeps_probes(
         cli: Any, tree: ApiUi, tmp_path: Path, sig: signal.Signals) -> None:
-    # A GTX 1070 under WSL2 (it spills too), so `apply` writes this machine's webui-user.sh.
-    wsl = json.loads(write_gtx1070_windows_facts(tmp_path / "w.json").read_text())
-    wsl["system"].update({"os": "linux", "wsl": True, "sysmem_fallback": "on", "glibc": "2.35"})
-    facts = tmp_path / "wsl.json"
-    facts.write_text(json.dumps(wsl))
+    facts = _wsl_facts(tmp_path)
     _add_manual(cli, tree, facts)
-    # An applied plan first, so there is a hook config to restore byte for byte.
+    # The user's own applied plan first (a rung tune does not measure), so there is a block, a hook
+    # config and a manifest to put back byte for byte.
     # (exit 1: the extensions cannot be fetched offline; the block and the hook config are written)
-    assert cli("apply", "--webui", str(tree.root), "--facts", str(facts)).code in (0, 1)
-    hook_path = paths.hook_config_path(tree.root)
-    hook_before = hook_path.read_bytes()
-    user_sh_before = (tree.root / "webui-user.sh").read_bytes()
+    assert cli("apply", "--webui", str(tree.root), "--facts", str(facts), "--offload", "lowvram").code in (0, 1)
+    assert "--lowvram" in (tree.root / "webui-user.sh").read_text()
+    before = lowvram_state(tree)
     tree.set_spec(best_sit=0.05, swap_sit=0.06)  # slow enough to be caught mid-search
 
     proc = subprocess.Popen([sys.executable, "-m", "lowvram", "tune", "--webui", str(tree.root), "--facts",
@@ -304,8 +340,7 @@ def test_interrupted_mid_search_stops_the_ui_restores_and_keeps_probes(
     assert "interrupted" in error["message"] and "restored" in error["message"]
     assert "Traceback" not in err.decode()
     assert tree.alive() == []
-    assert hook_path.read_bytes() == hook_before
-    assert (tree.root / "webui-user.sh").read_bytes() == user_sh_before
+    assert lowvram_state(tree) == before
     kept = _tuning_obs(tree)
     assert kept and all(o.tag == "tune" for o in kept)
     # The lock is free again.
@@ -314,17 +349,23 @@ def test_interrupted_mid_search_stops_the_ui_restores_and_keeps_probes(
     lock.release()
 
 
-def test_without_the_hook_s_it_comes_from_wall_time(cli: Any, tree: ApiUi, facts: Path) -> None:
+def test_without_the_hook_s_it_comes_from_wall_time_and_the_resident_road_is_not_credited(
+        cli: Any, tree: ApiUi, facts: Path) -> None:
     _add_manual(cli, tree, facts)
     tree.set_spec(observe=False)  # no hook records: the median wall time over the steps decides
-    res = _tune(cli, tree, facts, "--roads", "resident", "--steps", "10")
+    res = _tune(cli, tree, facts, "--steps", "10")
     assert res.code == 0, res.err
     data = json.loads(res.out)
-    assert {p["sit_source"] for p in data["probes"]} == {"wall"}
-    assert all(len(p["walls"]) == 2 for p in data["probes"])
-    assert abs(data["best"]["reserve_mb"] - OPTIMUM) <= 128
-    best = next(p for p in data["probes"] if p["reserve_mb"] == data["best"]["reserve_mb"])
-    assert best["sit"] == pytest.approx(0.010, rel=0.5)
+    swap, resident = data["probes"]
+    # The swap road needs no hook: wall time ÷ steps.
+    assert swap["ok"] and swap["sit_source"] == "wall" and len(swap["walls"]) == 2
+    assert swap["sit"] == pytest.approx(0.014, rel=0.5)
+    # The resident road without a hook record: the layout cannot have run, so reserve 0 is a
+    # failed probe and the road was not measured (no resident "best" from a UI without the layout).
+    assert not resident["ok"] and resident["sit"] is None and resident["reserve_mb"] == 0
+    assert "the layout did not run" in resident["reason"] and "lowvram-layout" in resident["reason"]
+    assert data["best"]["road"] == "swap"
+    assert data["closed"] is False and "resident road not measured" in data["reason"]
 
 
 def test_max_minutes_ends_an_open_search(cli: Any, tree: ApiUi, facts: Path) -> None:
@@ -353,3 +394,144 @@ def test_no_webui_or_not_a1111_is_one_clear_error(cli: Any, tmp_path: Path, monk
     assert res.code == 1
     assert "A1111" in json.loads(res.out)["error"]["message"]
     assert "Traceback" not in res.err
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 13 §3: loopback only, the tree put back as it was, a probe counts for what the hook did
+
+
+def test_tunes_ui_listens_on_loopback_only_whatever_the_users_flags(tmp_path: Path, cli: Any, facts: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A1111 1.8 with --nowebui and no --server-name binds 0.0.0.0 and [::]; --listen and a
+    --server-name in the user's COMMANDLINE_ARGS (read after tune's command line) must not widen it."""
+    from tests.fixtures.webui_trees import STOCK_WEBUI_USER_SH
+
+    (tmp_path / "mirror").mkdir()
+    monkeypatch.setenv("LOWVRAM_MIRROR", str(tmp_path / "mirror"))
+    ui = make_api_webui(tmp_path / "webui", optimum_mb=OPTIMUM, webui_user_sh=STOCK_WEBUI_USER_SH
+                        + 'export COMMANDLINE_ARGS="--listen --server-name 0.0.0.0 --share"\n')
+    before = lowvram_state(ui)
+    try:
+        res = _tune(cli, ui, facts, "--roads", "swap")
+        assert res.code == 0, res.err
+        _assert_loopback_only(ui)
+        assert [b["host"] for b in ui.binds()] == ["127.0.0.1"]
+        # Said what it overrode, and left the user's line alone.
+        assert "--listen" in res.err and "--server-name 0.0.0.0" in res.err and "127.0.0.1 only" in res.err
+        assert lowvram_state(ui) == before
+        assert ui.alive() == []
+    finally:
+        ui.kill_all()
+
+
+def test_ngrok_in_the_users_flags_is_refused_before_anything_starts(tmp_path: Path, cli: Any, facts: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A1111 1.8 connects --ngrok's tunnel when modules.ui is imported, API-only too: no later flag undoes it."""
+    from tests.fixtures.webui_trees import STOCK_WEBUI_USER_SH
+
+    (tmp_path / "mirror").mkdir()
+    monkeypatch.setenv("LOWVRAM_MIRROR", str(tmp_path / "mirror"))
+    ui = make_api_webui(tmp_path / "webui", optimum_mb=OPTIMUM,
+                        webui_user_sh=STOCK_WEBUI_USER_SH + 'export COMMANDLINE_ARGS="--ngrok 2abc"\n')
+    before = lowvram_state(ui)
+    try:
+        res = _tune(cli, ui, facts, "--roads", "swap")
+        assert res.code == 1
+        error = json.loads(res.out)["error"]
+        assert "--ngrok" in error["message"] and "--ngrok" in error["hint"]
+        assert ui.starts() == []
+        assert lowvram_state(ui) == before
+    finally:
+        ui.kill_all()
+
+
+def test_a_user_line_after_the_block_that_widens_the_ui_is_caught_and_stopped(cli: Any, tree: ApiUi,
+                                                                             tmp_path: Path) -> None:
+    """A flag tune cannot see coming (a user line below lowvram's block): what the UI really listens
+    on is checked once it answers, and a UI beyond loopback is stopped at once."""
+    facts = _wsl_facts(tmp_path)
+    assert cli("apply", "--webui", str(tree.root), "--facts", str(facts)).code in (0, 1)
+    user_sh = tree.root / "webui-user.sh"
+    user_sh.write_bytes(user_sh.read_bytes() + b'export COMMANDLINE_ARGS="$COMMANDLINE_ARGS --server-name 0.0.0.0"\n')
+    before = lowvram_state(tree)
+    res = _tune(cli, tree, facts, "--roads", "swap")
+    assert res.code == 1
+    error = json.loads(res.out)["error"]
+    assert "beyond loopback" in error["message"] and "0.0.0.0" in error["message"]
+    assert [b["bound"] for b in tree.binds()] == [["0.0.0.0"]]  # the stand-in did bind it...
+    assert tree.requests() == []  # ...and tune sent it nothing
+    assert tree.alive() == []
+    assert lowvram_state(tree) == before
+
+
+@pytest.mark.parametrize("setup", ["offload", "cpu", "none"])
+def test_tune_puts_back_exactly_what_was_there(cli: Any, tree: ApiUi, tmp_path: Path, facts: Path,
+                                               setup: str) -> None:
+    """webui-user.sh, the hook config, the manifest and its backups, the extensions: byte for byte
+    (seen: a user's --offload block lost; a CPU block replaced by GPU flags, so the next start failed)."""
+    if setup == "offload":
+        assert cli("apply", "--webui", str(tree.root), "--facts", str(_wsl_facts(tmp_path)),
+                   "--offload", "lowvram").code in (0, 1)
+        assert "--lowvram" in (tree.root / "webui-user.sh").read_text()
+    elif setup == "cpu":
+        assert cli("apply", "--webui", str(tree.root), "--facts", str(_wsl_facts(tmp_path, gpu=False))).code in (0, 1)
+        assert "--use-cpu all" in (tree.root / "webui-user.sh").read_text()
+    else:
+        assert not paths.manifest_path(tree.root).exists()
+    _add_manual(cli, tree, facts)
+    before = lowvram_state(tree)
+
+    res = _tune(cli, tree, facts)  # the GTX 1070 stands in: both GPU roads are measured
+    assert res.code == 0, res.err
+    assert {s["road"] for s in tree.starts()} == {"swap", "resident"}
+    assert lowvram_state(tree) == before
+    assert tree.alive() == []
+    if setup == "none":
+        assert not (tree.root / "extensions" / "lowvram-layout").exists()
+        assert not paths.manifest_path(tree.root).exists()
+
+
+@pytest.mark.parametrize("error_field", [True, False], ids=["layout_error", "layout-false-only"])
+def test_a_refused_layout_is_a_failed_resident_probe_not_the_best(cli: Any, tree: ApiUi, facts: Path,
+                                                                  error_field: bool) -> None:
+    """The hook refused the layout (`layout: false`): the jobs ran fast, but not on the resident road."""
+    _add_manual(cli, tree, facts)
+    tree.set_spec(refuse_layout="no CUDA device: the layout needs one", layout_error_field=error_field,
+                  no_layout_sit=0.004)  # faster than the swap road's 0.014: a lie if credited
+    res = _tune(cli, tree, facts)
+    assert res.code == 0, res.err
+    data = json.loads(res.out)
+    assert data["best"]["road"] == "swap"
+    swap, resident = data["probes"]
+    assert swap["ok"] and swap["road"] == "swap"
+    assert resident["road"] == "resident" and not resident["ok"] and resident["sit"] is None
+    assert resident["reason"].startswith("the layout did not run")
+    if error_field:
+        assert "no CUDA device" in resident["reason"] and "no CUDA device" in resident["layout_error"]
+    assert len(data["probes"]) == 2  # reserve 0 refused: the other reserves would be refused too
+    # Not "closed": the result says what failed.
+    assert data["closed"] is False
+    assert "resident road not measured: the layout did not run" in data["reason"]
+    assert "swap road measured" in data["reason"]
+    # Kept as a failed resident run: the next plan's search does not count it as a resident speed.
+    saved = {o.road: o for o in _tuning_obs(tree)}
+    assert saved["resident"].ok is False and saved["resident"].layout is False
+    assert saved["resident"].layout_error
+    state = json.loads(cli("reserve", "--webui", str(tree.root), "--facts", str(facts), "--json").out)
+    best_resident = (state.get("tuning") or {}).get("best_resident")
+    assert best_resident is None
+
+
+def test_the_human_report_says_what_failed(cli: Any, tree: ApiUi, facts: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "300")  # the table's rows on one line each
+    _add_manual(cli, tree, facts)
+    tree.set_spec(refuse_layout="no CUDA device", no_layout_sit=0.004)
+    res = cli("tune", "--webui", str(tree.root), "--facts", str(facts))
+    assert res.code == 0, res.err
+    out = res.out
+    assert "failed: the layout did not run: no CUDA device" in out
+    assert "best: swap road at" in out
+    assert "search: not closed (" in out and "resident road not measured" in out
+    assert "tune changed nothing in the WebUI" in out
+    assert "closed (" not in out.replace("not closed (", "")

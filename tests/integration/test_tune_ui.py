@@ -14,7 +14,17 @@ from pathlib import Path
 import pytest
 
 from lowvram.launch import LaunchSpec
-from lowvram.tune import ApiClient, TuneError, TuneEvent, UiProcess, free_port, txt2img_payload, wait_ready
+from lowvram.tune import (
+    ApiClient,
+    TuneError,
+    TuneEvent,
+    UiProcess,
+    beyond_loopback,
+    free_port,
+    listen_addresses,
+    txt2img_payload,
+    wait_ready,
+)
 from tests.fixtures.api_ui import ApiUi, make_api_webui
 
 
@@ -26,21 +36,22 @@ def started() -> Iterator[list[ApiUi]]:
         ui.kill_all()
 
 
-def _spec(ui: ApiUi, port: int, config: Path) -> LaunchSpec:
+def _spec(ui: ApiUi, port: int, config: Path, *extra: str) -> LaunchSpec:
     tree = ui.root
-    argv = ["bash", "webui.sh"] + (["-f"] if os.geteuid() == 0 else []) + ["--api", "--nowebui", "--port", str(port)]
+    argv = (["bash", "webui.sh"] + (["-f"] if os.geteuid() == 0 else []) + ["--api", "--nowebui", "--port", str(port)]
+            + list(extra))
     return LaunchSpec(argv=tuple(argv), cwd=tree,
                       env_changes={"install_dir": str(tree.parent), "clone_dir": tree.name,
                                    "LOWVRAM_CONFIG": str(config)})
 
 
-def _ui(tmp_path: Path, started: list[ApiUi], **spec: object) -> tuple[ApiUi, UiProcess, ApiClient]:
+def _ui(tmp_path: Path, started: list[ApiUi], *extra: str, **spec: object) -> tuple[ApiUi, UiProcess, ApiClient]:
     ui = make_api_webui(tmp_path / "sd", **spec)  # type: ignore[arg-type]
     started.append(ui)
     config = tmp_path / "hook.json"
     config.write_text(json.dumps({"layout": True, "reserve_mb": 1216, "observations": str(tmp_path / "obs.jsonl")}))
     port = free_port()
-    proc = UiProcess(_spec(ui, port, config), tmp_path / "ui.log", None)
+    proc = UiProcess(_spec(ui, port, config, *extra), tmp_path / "ui.log", None)
     return ui, proc, ApiClient(port)
 
 
@@ -101,3 +112,27 @@ def test_a_ui_that_exits_at_start_says_so(tmp_path: Path, started: list[ApiUi]) 
         proc.stop(5)
     assert "exited" in info.value.message
     assert "torch is not able to use GPU" in info.value.message
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc/net/tcp")
+@pytest.mark.parametrize(("extra", "expected"), [
+    ((), {"0.0.0.0", "::"}),  # A1111 1.8 API-only, no --server-name: uvicorn host None = every interface
+    (("--listen",), {"0.0.0.0"}),
+    (("--listen", "--server-name", "127.0.0.1"), {"127.0.0.1"}),  # a server name beats --listen
+    (("--server-name", "0.0.0.0", "--server-name", "127.0.0.1"), {"127.0.0.1"}),  # the last one wins
+])
+def test_the_stand_in_binds_what_a1111_binds_and_tune_sees_it(tmp_path: Path, started: list[ApiUi],
+                                                              extra: tuple[str, ...], expected: set[str]) -> None:
+    ui, proc, client = _ui(tmp_path, started, *extra)
+    proc.start()
+    try:
+        wait_ready(proc, client, timeout=30, report=lambda _e: None)
+        bound = set(ui.binds()[0]["bound"])
+        seen = set(listen_addresses(int(client.base.rsplit(":", 1)[1])) or [])
+    finally:
+        proc.stop(5)
+    if "::" in expected and "::" not in bound:
+        expected = expected - {"::"}  # no IPv6 here: asyncio skips that family (EADDRNOTAVAIL)
+    assert bound == expected
+    assert seen == bound  # tune's reading of /proc/net/tcp* names what the UI bound
+    assert bool(beyond_loopback(sorted(seen))) == (expected != {"127.0.0.1"})

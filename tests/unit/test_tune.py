@@ -5,25 +5,34 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
 from lowvram.errors import UsageError
 from lowvram.facts import Facts, SystemFacts
+from lowvram.observations import Observation
 from lowvram.tune import (
     ApiClient,
     Probe,
+    TreeSnapshot,
     TuneError,
     TuneResult,
     TuneSettings,
     _local_facts,
     _quietly,
     _sigterm_as_interrupt,
+    beyond_loopback,
+    exposing_flags,
     failure_reason,
+    judge_probe,
+    listen_addresses,
+    road_outcome,
     txt2img_payload,
 )
 
@@ -192,3 +201,140 @@ def test_restore_runs_to_its_end_through_another_ctrl_c_or_sigterm() -> None:
     except KeyboardInterrupt:
         pytest.fail(f"restore was interrupted after {steps}")
     assert steps == ["SIGTERM", "SIGINT"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 13 §3: a probe counts only for what the hook did; loopback only; the tree put back
+
+
+def _hook(t: float, *, road: str = "resident", layout: bool = True, sit: float | None = 0.01, ok: bool = True,
+          layout_error: str | None = None, ooms: int = 0, device: str | None = "cuda") -> Observation:
+    return Observation(time=t, source="hook", road=road, layout=layout, reserve_mb=1216 if layout else None,
+                       sit=sit, ok=ok, ooms=ooms, layout_error=layout_error, device=device, free_mb=600,
+                       overflow_mb=1000, width=1024, height=1024, batch=1, tag="t")
+
+
+def _judge(road: str, hook: list[Observation], failure: str = "") -> Probe:
+    return judge_probe(road, 1216 if road == "resident" else 0, [0.2, 0.2], failure, hook=hook, measured=hook[1:],
+                       steps=4)
+
+
+def test_a_resident_probe_counts_when_the_layout_ran() -> None:
+    p = _judge("resident", [_hook(1), _hook(2, sit=0.012), _hook(3, sit=0.010)])
+    assert p.ok and p.sit == 0.011 and p.sit_source == "hook" and p.device == "cuda" and not p.layout_error
+
+
+@pytest.mark.parametrize(("hook", "words"), [
+    ([_hook(1, layout=False, sit=0.004), _hook(2, layout=False, sit=0.004)], "did not lay the model out"),
+    ([_hook(1, layout=False, layout_error="no CUDA device"), _hook(2, layout=False, layout_error="no CUDA device")],
+     "no CUDA device"),
+    ([_hook(1), _hook(2, layout_error="failed and rolled back")], "failed and rolled back"),
+    ([], "recorded none of these jobs"),
+])
+def test_a_resident_probe_whose_layout_did_not_run_is_failed_not_measured(hook: list[Observation],
+                                                                          words: str) -> None:
+    p = _judge("resident", hook)
+    assert not p.ok and p.sit is None
+    assert p.reason.startswith("the layout did not run: ") and words in p.reason
+    assert words in p.layout_error
+
+
+def test_the_swap_road_needs_no_hook_and_failed_jobs_fail() -> None:
+    p = _judge("swap", [])
+    assert p.ok and p.sit == pytest.approx(0.05) and p.sit_source == "wall"
+    p = _judge("swap", [_hook(1, road="swap", layout=False), _hook(2, road="swap", layout=False, ok=False,
+                                                                   sit=None)])
+    assert not p.ok and p.reason == "the job failed (the hook's record)"
+    p = _judge("swap", [_hook(1, road="swap", layout=False, ooms=1, sit=None, ok=False)] * 2)
+    assert not p.ok and "out of memory" in p.reason
+    assert _judge("swap", [], failure="HTTP 500: boom").reason == "HTTP 500: boom"
+
+
+def test_a_road_none_of_whose_probes_worked_was_not_measured() -> None:
+    bad = Probe("resident", 0, None, False, "the layout did not run: no CUDA device")
+    good = Probe("resident", 1216, 0.01, True)
+    assert road_outcome("resident", [bad], True, "resident road: closed after 1 candidates") == (
+        False, "resident road not measured: the layout did not run: no CUDA device")
+    assert road_outcome("resident", [good, bad], True, "resident road: closed") == (
+        True, "resident road: closed (1 of 2 probes failed)")
+    assert road_outcome("swap", [Probe("swap", 0, 0.01, True)], True, "swap road measured") == (
+        True, "swap road measured")
+
+
+def test_flags_that_would_widen_tunes_ui() -> None:
+    assert exposing_flags(["--xformers", "--port", "7861"]) == ([], [])
+    assert exposing_flags(["--listen", "--share", "--server-name", "0.0.0.0"]) == (
+        [], ["--listen", "--share", "--server-name 0.0.0.0"])
+    assert exposing_flags(["--server-name=192.168.1.5", "--server-name", "127.0.0.1"]) == (
+        [], ["--server-name 192.168.1.5"])
+    assert exposing_flags(["--ngrok", "2abc", "--ngrok-region", "eu"]) == (["--ngrok"], [])
+    assert exposing_flags(["--ngrok=2abc"]) == (["--ngrok"], [])
+
+
+def test_listen_addresses_read_linux_proc_net(tmp_path: Path) -> None:
+    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    (tmp_path / "tcp").write_text(header
+                                  + "   0: 00000000:1EB5 00000000:0000 0A 0 0 0 0 0 1\n"  # 0.0.0.0:7861 LISTEN
+                                  + "   1: 0100007F:1EB5 0100007F:D4E0 01 0 0 0 0 0 2\n"  # established: skipped
+                                  + "   2: 0100007F:1EB6 00000000:0000 0A 0 0 0 0 0 3\n")  # another port
+    (tmp_path / "tcp6").write_text(header
+                                   + "   0: 00000000000000000000000001000000:1EB5 "
+                                     "00000000000000000000000000000000:0000 0A 0 0 0 0 0 4\n")  # [::1]:7861
+    if sys.byteorder != "little":
+        pytest.skip("the rows above are written as a little-endian kernel writes them")
+    assert listen_addresses(7861, tmp_path) == ["0.0.0.0", "::1"]
+    assert listen_addresses(7862, tmp_path) == ["127.0.0.1"]
+    assert listen_addresses(7861, tmp_path / "nowhere") is None
+    assert beyond_loopback(["0.0.0.0", "::1", "127.0.0.1", "::ffff:127.0.0.1", "::", "192.168.1.5"]) == [
+        "0.0.0.0", "::", "192.168.1.5"]
+
+
+def test_the_snapshot_puts_back_every_byte_and_takes_away_what_tune_added(tmp_path: Path) -> None:
+    from lowvram import paths
+
+    webui = tmp_path / "webui"
+    (webui / "extensions" / "lowvram-layout" / "scripts").mkdir(parents=True)
+    (webui / "extensions" / "lowvram-layout" / "scripts" / "hook.py").write_bytes(b"old hook\r\n")
+    sh = webui / "webui-user.sh"
+    sh.write_bytes(b"#!/bin/bash\nexport COMMANDLINE_ARGS='--lowvram'")  # no final newline
+    sh.chmod(0o750)
+    paths.manifest_path(webui).parent.mkdir(parents=True, exist_ok=True)
+    paths.manifest_path(webui).write_bytes(b'{"schema": 1}')
+    snap = TreeSnapshot.take(webui)
+
+    sh.write_bytes(b"changed")
+    sh.chmod(0o644)
+    (webui / "webui.settings.bat").write_bytes(b"added")
+    (webui / "extensions" / "lowvram-layout" / "scripts" / "hook.py").write_bytes(b"new hook")
+    (webui / "extensions" / "lowvram-layout" / "new.py").write_bytes(b"new")
+    (webui / "extensions" / "lowvram-layout" / "__pycache__").mkdir()
+    paths.hook_config_path(webui).write_bytes(b"{}")
+    paths.backups_dir(webui).mkdir(parents=True)
+    (paths.backups_dir(webui) / "webui-user.sh.orig").write_bytes(b"x")
+    paths.manifest_path(webui).write_bytes(b'{"schema": 1, "files": {}}')
+
+    assert snap.restore() == []
+    assert sh.read_bytes() == b"#!/bin/bash\nexport COMMANDLINE_ARGS='--lowvram'" and sh.stat().st_mode & 0o777 == 0o750
+    assert not (webui / "webui.settings.bat").exists()
+    hook = webui / "extensions" / "lowvram-layout"
+    assert sorted(p.relative_to(hook).as_posix() for p in hook.rglob("*")) == ["scripts", "scripts/hook.py"]
+    assert (hook / "scripts" / "hook.py").read_bytes() == b"old hook\r\n"
+    assert not paths.hook_config_path(webui).exists() and not paths.backups_dir(webui).exists()
+    assert paths.manifest_path(webui).read_bytes() == b'{"schema": 1}'
+    assert [p.name for p in webui.iterdir() if p.name.startswith(".")] == []  # no temp left behind
+
+
+def test_the_snapshot_of_a_tree_without_lowvram_removes_the_hook_and_extensions_dir(tmp_path: Path) -> None:
+    from lowvram import paths
+
+    webui = tmp_path / "webui"
+    webui.mkdir()
+    snap = TreeSnapshot.take(webui)
+    (webui / "extensions" / "lowvram-layout").mkdir(parents=True)
+    (webui / "extensions" / "lowvram-layout" / "x.py").write_bytes(b"x")
+    (webui / "webui-user.sh").write_bytes(b"block")
+    paths.manifest_path(webui).parent.mkdir(parents=True, exist_ok=True)
+    paths.manifest_path(webui).write_bytes(b"{}")
+    assert snap.restore() == []
+    assert sorted(p.name for p in webui.iterdir()) == []
+    assert not paths.manifest_path(webui).exists()

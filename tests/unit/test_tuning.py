@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from lowvram.observations import Observation
@@ -10,6 +12,7 @@ from lowvram.tuning import (
     TUNE_CANDIDATES,
     candidate_grid,
     candidate_range,
+    like_with_like,
     make_probes,
     next_candidate,
     pick_size,
@@ -166,3 +169,37 @@ def test_the_state_serialises_for_reserve_json() -> None:
     assert set(data) >= {"best", "probes", "closed", "next_candidate", "reason", "size"}
     assert set(data["best"]) == {"road", "reserve_mb", "sit"}
     assert set(data["probes"][0]) >= {"road", "reserve_mb", "sit", "ok", "reason"}
+
+
+# A probe counts only for what the hook really did (issue 13 §3).
+
+
+def test_a_resident_run_whose_layout_did_not_happen_measured_nothing() -> None:
+    """`layout: false` on the resident road (the hook refused it, an older hook wrote no reason):
+    the model was not laid out, so its s/it says nothing about that reserve, however fast."""
+    refused = replace(probe(2, 1216, 0.5, source="hook"), layout=False)
+    obs = [probe(1, 0, 3.0), refused]
+    state = tuning_state(obs, CK, DRIVER, SIZE)
+    assert [p.reserve_mb for p in state.probes] == [0]
+    assert state.best is not None and state.best.reserve_mb == 0 and state.measured_reserves == 1
+
+
+def test_a_failed_or_refused_layout_is_a_failed_resident_run_at_its_reserve() -> None:
+    failed = replace(probe(2, 1216, 0.5), layout=False, layout_error="layout failed and was rolled back: OOM")
+    state = tuning_state([probe(1, 0, 3.0), failed], CK, DRIVER, SIZE)
+    at = {p.reserve_mb: p for p in state.probes}
+    assert not at[1216].ok and at[1216].sit is None and "rolled back" in at[1216].reason
+    assert state.best is not None and state.best.reserve_mb == 0
+    assert state.measured_reserves == 2  # tried (and failed): not proposed again
+    assert state.next_candidate not in (0, 1216)
+
+
+def test_runs_on_another_device_are_not_compared() -> None:
+    """Like with like (`comparable_key`): the CPU runs of a test UI are never the GPU's best."""
+    gpu = [replace(probe(t, r, curve(r)), device="cuda") for t, r in ((1, 0), (2, 1600), (3, 1216))]
+    cpu = [replace(probe(4, 1024, 0.5), device="cpu")]
+    state = tuning_state(gpu + cpu, CK, DRIVER, SIZE)
+    assert {p.reserve_mb for p in state.probes} == {0, 1600, 1216}
+    assert state.best is not None and state.best.reserve_mb == 1216
+    assert like_with_like(gpu + cpu, SIZE) == gpu
+    assert like_with_like([*cpu, replace(probe(0.5, 0, 1.0), batch=4, device="cpu")], SIZE) == cpu  # the latest
