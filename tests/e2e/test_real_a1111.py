@@ -30,6 +30,7 @@ from tests.e2e.conftest import (
     txt2img,
     wait_api,
 )
+from tests.fixtures.faults import install_noext_profile, write_gtx1070_facts
 
 
 def _sha(path: Path) -> str:
@@ -184,9 +185,15 @@ def _listening_addresses(root_pid: int, stop: threading.Event, seen: set[str]) -
 
 
 def test_tune_on_the_real_api_listens_on_loopback_and_leaves_the_tree_as_it_was(a1111: Tree) -> None:
-    # A user's own webui-user.sh (hand-edited, no lowvram block) and an applied plan afterwards.
+    # A user's own webui-user.sh (hand-edited), then a block planned for their GTX 1070 with
+    # --offload medvram (written from that box's facts): tune, which runs here on the CPU, must
+    # put that block back, not its own CPU plan (seen: a user's --offload block lost).
     a1111.webui_user.write_bytes(a1111.webui_user.read_bytes() + b'export COMMANDLINE_ARGS="--no-half-vae"\n')
-    a1111.lowvram("apply", "--webui", str(a1111.path), check=True)
+    facts = write_gtx1070_facts(a1111.path.parent / "gtx1070.json")
+    profile = install_noext_profile(a1111.env_home)
+    a1111.lowvram("apply", "--webui", str(a1111.path), "--facts", str(facts), "--profile", profile,
+                  "--offload", "medvram", check=True)
+    assert "--medvram" in a1111.webui_user.read_text()
     hook_json = next(a1111.env_home.rglob("hook.json"))
     before = {p: p.read_bytes() for p in (a1111.webui_user, hook_json)}
     proc = a1111.start([sys.executable, "-m", "lowvram", "tune", "--webui", str(a1111.path), "--width", "64",
