@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from lowvram.errors import ApplyError, LockError
+from lowvram.errors import ApplyError, LockError, LowvramError
 
 TEMP_MARK = ".lowvram-tmp-"
 
@@ -129,6 +129,64 @@ def atomic_write_json(path: Path, obj: Any, mode: int | None = None) -> None:
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+class UnsafeFileError(LowvramError):
+    """A path that must not be opened as a regular file: a FIFO, socket, device, folder or a file
+    over the size limit. Raised before anything blocks or fills memory (DESIGN.md §8)."""
+
+
+KIND_NAMES = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+def special_kind(mode: int) -> str | None:
+    """What a non-regular file is, in words; None for a regular file."""
+    for test, name in KIND_NAMES:
+        if test(mode):
+            return name
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def read_regular_bytes(path: Path, limit: int, what: str = "file") -> bytes | None:
+    """The bytes of a regular file of at most `limit` bytes; None when it does not exist.
+
+    Checks the type before opening (a FIFO would block the open forever) and opens with
+    O_NONBLOCK as well, in case the path is swapped between the check and the open; a link is
+    followed for reading only. Anything else is one UnsafeFileError naming the path.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise UnsafeFileError(f"cannot read the {what} {path}: {exc.strerror or exc}", "check its permissions") from exc
+    kind = special_kind(st.st_mode)
+    if kind is not None:
+        raise UnsafeFileError(f"the {what} {path} is {kind}, not a file", "move it away (or replace it with a file) "
+                              "and run again")
+    if st.st_size > limit:
+        raise UnsafeFileError(f"the {what} {path} is {st.st_size // (1024 * 1024)} MiB, over the "
+                              f"{max(1, limit // (1024 * 1024))} MiB lowvram reads", "check that it is the right file")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise UnsafeFileError(f"cannot read the {what} {path}: {exc.strerror or exc}", "check its permissions") from exc
+    with os.fdopen(fd, "rb") as fh:
+        if special_kind(os.fstat(fh.fileno()).st_mode) is not None:
+            raise UnsafeFileError(f"the {what} {path} changed into a special file while being read",
+                                  "run again when nothing else is changing it")
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise UnsafeFileError(f"the {what} {path} grew over the {limit // (1024 * 1024)} MiB lowvram reads",
+                              "check that it is the right file")
+    return data
 
 
 def clean_stale_temps(directory: Path) -> list[Path]:
