@@ -8,6 +8,9 @@ and revert gives back the original tree. Prints, per operation, how many trials 
 kill points were covered.
 
     .venv/bin/python benchmarks/fault_injection.py [--trials 200] [--workers 2] [--seed N] [--ops apply,revert]
+
+`--linked`: the same trials on a tree whose webui-user.sh, config.json and extensions/ are links to
+places inside it (tests/fixtures/links_special.py LinkedLab): each link must stay the same link.
 """
 
 from __future__ import annotations
@@ -26,9 +29,17 @@ sys.path.insert(0, str(REPO))
 from tests.fixtures.faults import OPS, Lab, TrialResult  # noqa: E402
 
 
-def _worker(args: tuple[str, str, list[dict[str, float | int]]]) -> list[TrialResult]:
-    root, op, kills = args
-    lab = Lab(Path(root))
+def _lab(root: Path, linked: bool) -> Lab:
+    if linked:
+        from tests.fixtures.links_special import LinkedLab
+
+        return LinkedLab(root)
+    return Lab(root)
+
+
+def _worker(args: tuple[str, str, list[dict[str, float | int]], bool]) -> list[TrialResult]:
+    root, op, kills, linked = args
+    lab = _lab(Path(root), linked)
     lab.reference(op)
     return [lab.trial(op, **k) for k in kills]  # type: ignore[arg-type]
 
@@ -39,6 +50,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="labs run side by side (default 2)")
     parser.add_argument("--seed", type=int, default=20240607)
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {', '.join(OPS)}")
+    parser.add_argument("--linked", action="store_true",
+                        help="webui-user.sh, config.json and extensions/ as links inside the tree")
     args = parser.parse_args()
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     failed_total = 0
@@ -47,7 +60,7 @@ def main() -> int:
         # One lab to draw the schedule from (the kill points and timings of an uninterrupted run).
         from tests.fixtures.faults import schedule
 
-        planner = Lab(tmp / "planner")
+        planner = _lab(tmp / "planner", args.linked)
         print(f"fault injection: {args.trials} trials per operation, seed {args.seed}, {args.workers} workers")
         print(f"{'operation':<20}{'passed':>10}{'killed':>8}{'points':>9}{'indices':>10}{'seconds':>9}")
         for op in ops:
@@ -56,7 +69,7 @@ def main() -> int:
             chunks = [kills[i::args.workers] for i in range(args.workers)]
             start = time.monotonic()
             with ProcessPoolExecutor(max_workers=args.workers) as pool:
-                jobs = [(str(tmp / f"{op}-{i}"), op, chunk) for i, chunk in enumerate(chunks) if chunk]
+                jobs = [(str(tmp / f"{op}-{i}"), op, chunk, args.linked) for i, chunk in enumerate(chunks) if chunk]
                 results = [r for batch in pool.map(_worker, jobs) for r in batch]
             elapsed = time.monotonic() - start
             passed = sum(r.ok for r in results)

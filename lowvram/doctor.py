@@ -402,6 +402,9 @@ def check_webui(facts: Facts) -> Check:
     if w.python is None:
         extra.append("no venv yet (the UI creates it on first start)")
     message = f"{name} {version} at {w.path}" + (f"; {', '.join(extra)}" if extra else "")
+    if w.config_error:  # a damaged config.json: the UI resets it to its defaults (detect/webui.py)
+        return Check("webui.found", "warn", f"{message}; {w.config_error}",
+                     "fix it, or move it away (the UI writes a fresh one at start-up)")
     return Check("webui.found", "ok", message)
 
 
@@ -561,6 +564,10 @@ def check_checkpoint(facts: Facts) -> Check:
         return Check("webui.checkpoint", "warn", f"selected checkpoint {w.checkpoint} is not on disk",
                      "select another in the UI, or give --model sd15|sd2|sdxl")
     family = w.model_family
+    if w.checkpoint_error:  # a damaged safetensors header (detect/checkpoint.py)
+        return Check("webui.checkpoint", "warn", f"{w.checkpoint_error}; model family unknown",
+                     "re-download it or select another in the UI; until then say the family with "
+                     "--model sd15|sd2|sdxl")
     if family is None or family == "unknown":
         why = "a pickle (.ckpt), never opened" if not w.checkpoint.lower().endswith(".safetensors") else \
             "not SD 1.5 / SD 2 / SDXL keys (SD3, Flux, …)"
@@ -585,18 +592,91 @@ CHECKS = (
 )
 
 
-def check_lowvram_applied(problems: Sequence[str] | None) -> Check:
-    """Is what `lowvram apply` put into the tree still there? (A1111 #12915, Forge #1566.)
+def check_lowvram_applied(problems: Sequence[str] | None, conflicts: Sequence[str] = ()) -> Check:
+    """Is what `lowvram apply` put into the tree still there, and does it still fit the user's own
+    COMMANDLINE_ARGS? (A1111 #12915, Forge #1566; issue 14: the user's line stays live, so a flag
+    they add after apply can contradict the block.)
 
     `problems` comes from lowvram.apply.check_applied(); None means nothing was ever applied.
+    `conflicts` from `applied_conflicts`: the user's current flags against the block's.
     """
     if problems is None:
         return Check("lowvram.applied", "skip", "lowvram has not applied a plan to this WebUI",
                      "run `lowvram apply` (or `lowvram launch`) to write the plan into it")
-    if not problems:
-        return Check("lowvram.applied", "ok", "lowvram's managed block, hook and extensions are in place", "")
-    return Check("lowvram.applied", "warn", "; ".join(problems),
-                 "a UI update or `git reset` dropped lowvram's changes: run `lowvram apply` again")
+    if problems:
+        return Check("lowvram.applied", "warn", "; ".join([*problems, *conflicts]),
+                     "a UI update or `git reset` dropped lowvram's changes: run `lowvram apply` again")
+    if conflicts:
+        return Check("lowvram.applied", "warn",
+                     "lowvram's managed block is in place, but your COMMANDLINE_ARGS now disagree with it: "
+                     + "; ".join(conflicts),
+                     "run `lowvram apply` again (it plans around your flags), or take the flag out of your line")
+    return Check("lowvram.applied", "ok", "lowvram's managed block, hook and extensions are in place", "")
+
+
+def flag_conflicts(user_args: Sequence[str], block_args: Sequence[str], ui_key: str,
+                   version: str | None, *, pinned: bool = False) -> list[str]:
+    """Where the user's flags and the ones lowvram's block appends after them disagree.
+
+    An on/off flag of another kind (`--lowvram` vs the block's `--medvram-sdxl`, `--xformers` vs
+    `--opt-sdp-attention`): both are in effect, and the UI picks one by its own rules. A valued flag
+    (`--port 7000` vs `--port 7861`): the block's comes later, so the user's is ignored. `pinned`:
+    the block pins the GPU with CUDA_VISIBLE_DEVICES, so its device flag is the user's GPU renumbered.
+    """
+    from lowvram import ui
+    from lowvram.errors import FlagError
+
+    try:
+        adapter = ui.adapter(ui_key)
+    except FlagError:
+        return []
+    flagset = adapter.flagset(version)
+    mine = ui.parse_args(list(user_args), flagset, strict=False)
+    theirs = ui.parse_args(list(block_args), flagset, strict=False)
+    out: list[str] = []
+    for c in adapter.cross_contradictions(mine, theirs, flagset):
+        yours, block = " ".join(c.first), " ".join(c.second)
+        if pinned and c.category == f"{adapter.device_flag} value":
+            continue
+        if c.category.endswith(" value"):
+            out.append(f"your {yours} is overridden by the block's {block}, which comes after it")
+        else:
+            out.append(f"your {yours} contradicts the block's {block} ({c.category}): both are in effect")
+    return out
+
+
+def applied_conflicts(tree: Path, facts: Facts) -> list[str]:
+    """`flag_conflicts` between each webui-user file's live COMMANDLINE_ARGS (outside the block) and
+    the flags lowvram's block in it appends, re-read now: the user may have edited their line since
+    apply. A value that is not literal ($VAR, %VAR%) cannot be checked."""
+    from lowvram.apply import webui_user
+    from lowvram.apply.manifest import Manifest
+    from lowvram.detect.webui import parse_bat_args, parse_sh_args
+    from lowvram.errors import LowvramError
+
+    manifest = Manifest.load(tree, read_only=True)
+    if not manifest.exists or manifest.broken:
+        return []
+    ui_key = facts.webui.flavor if facts.webui is not None and facts.webui.flavor else "a1111"
+    version = facts.webui.version if facts.webui is not None else None
+    out: list[str] = []
+    for key, entry in sorted(manifest.files.items()):
+        if "block_sha256" not in entry or key not in ("webui-user.sh", "webui-user.bat"):
+            continue  # webui.settings.bat: the user's value comes from wherever they start webui.bat
+        kind = webui_user.SH if key.endswith(".sh") else webui_user.BAT
+        try:
+            data = webui_user.read_bytes(tree / key)
+            block = webui_user.block_bytes(data, kind, recorded=str(entry["block_sha256"])) if data else None
+        except LowvramError:
+            continue  # check_applied says what is wrong with the file
+        if data is None or block is None:
+            continue
+        text = data.decode("utf-8", "replace")
+        user, literal = parse_sh_args(text) if kind == webui_user.SH else parse_bat_args(text)
+        if literal and user:
+            pinned = bool(webui_user.parse_block_vars(block, kind).get("CUDA_VISIBLE_DEVICES"))
+            out += flag_conflicts(user, webui_user.block_args(block, kind), ui_key, version, pinned=pinned)
+    return out
 
 
 def run_checks(facts: Facts, extra_checks: Sequence[Check] = ()) -> tuple[Check, ...]:

@@ -4,10 +4,19 @@ The JSON form is the `doctor --json` contract (DESIGN.md §1). Reading it back i
 purpose: a missing key reads as null, an unknown key is ignored (facts from a newer lowvram), and
 `sysmem_fallback` missing is derived from OS and driver. A value of the wrong type is an error that
 names the key.
+
+A facts file is something the user hands lowvram to act on, so damage stops the command before
+anything is written: one FactsError line naming the file with a hint. Damage covers what the
+JSON parser refuses (truncation, trailing garbage, nesting too deep, a number over Python's
+4300-digit limit), a key given twice, a value of the wrong type, a number that is not finite, below
+0 or over 2^40, a string over 4096 characters or holding a lone surrogate ("\\ud800": it cannot be
+printed or written). A UTF-8 or UTF-16 byte-order mark is read (Windows PowerShell's `>` writes
+UTF-16): the JSON is lowvram's own either way.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -33,7 +42,7 @@ def parse_driver(driver: str | None) -> Version | None:
         return None
     try:
         return Version(driver.strip())
-    except InvalidVersion:
+    except (InvalidVersion, ValueError):  # ValueError: a part over Python's 4300-digit limit
         return None
 
 
@@ -141,6 +150,11 @@ class WebuiFacts:
     user_args_literal: bool = True
     extensions: tuple[str, ...] = ()
     disabled_extensions: tuple[str, ...] = ()
+    # Damaged optional inputs read past (one line each, naming the file; DESIGN.md §8): the selected
+    # checkpoint's safetensors header (its family is then "unknown") and the UI's config.json (the
+    # UI's defaults are then planned for, as the UI itself resets a settings file it cannot read).
+    checkpoint_error: str | None = None
+    config_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -177,13 +191,23 @@ class Facts:
 # Reading facts back (lenient, but a wrong type is a clear error naming the key)
 
 
+MAX_FACT_NUMBER = 1 << 40  # MiB, counts, indices: anything larger is not a machine's fact
+MAX_FACT_STRING = 4096  # names, versions, paths (PATH_MAX)
+
+
 class _Reader:
     def __init__(self, source: str) -> None:
         self.source = source
 
     def fail(self, key: str, expected: str, value: Any) -> FactsError:
+        try:
+            shown = json.dumps(value)
+        except (ValueError, RecursionError):
+            shown = type(value).__name__
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
         return FactsError(
-            f"{self.source}: `{key}` should be {expected}, not {json.dumps(value)[:60]}",
+            f"{self.source}: `{key}` should be {expected}, not {shown}",
             "use the JSON that `lowvram doctor --json` printed, unchanged",
         )
 
@@ -194,15 +218,26 @@ class _Reader:
             raise self.fail(key, "an object", data)
         return data
 
+    def text(self, value: str, key: str) -> str:
+        if len(value) > MAX_FACT_STRING:
+            raise self.fail(key, f"at most {MAX_FACT_STRING} characters", value)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise self.fail(key, "text (it holds a lone surrogate escape such as \\ud800)", value) from None
+        return value
+
     def str_(self, d: dict[str, Any], key: str, path: str) -> str | None:
         value = d.get(key)
         if value is None:
             return None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if (isinstance(value, int) and value.bit_length() > 64) or not math.isfinite(value):
+                raise self.fail(f"{path}.{key}", "a string", value)
             return str(value)
         if not isinstance(value, str):
             raise self.fail(f"{path}.{key}", "a string", value)
-        return value
+        return self.text(value, f"{path}.{key}")
 
     def int_(self, d: dict[str, Any], key: str, path: str) -> int | None:
         value = d.get(key)
@@ -210,12 +245,12 @@ class _Reader:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(f"{path}.{key}", "a number", value)
-        if isinstance(value, int) and value.bit_length() > 64:  # math.isfinite would raise OverflowError
-            raise self.fail(f"{path}.{key}", "a number that fits in 64 bits", value)
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise self.fail(f"{path}.{key}", "a finite number", value)
         if value < 0:
             raise self.fail(f"{path}.{key}", "a number ≥ 0", value)
+        if value > MAX_FACT_NUMBER:
+            raise self.fail(f"{path}.{key}", f"a number up to 2^40 ({MAX_FACT_NUMBER})", value)
         return int(value)
 
     def bool_(self, d: dict[str, Any], key: str, path: str) -> bool | None:
@@ -232,7 +267,7 @@ class _Reader:
             return None
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise self.fail(f"{path}.{key}", "a list of strings", value)
-        return tuple(value)
+        return tuple(self.text(v, f"{path}.{key}[{i}]") for i, v in enumerate(value))
 
     def choice(self, d: dict[str, Any], key: str, path: str, choices: tuple[str, ...]) -> str | None:
         value = self.str_(d, key, path)
@@ -324,6 +359,8 @@ def facts_from_dict(data: Any, source: str = "facts") -> Facts:
             user_args_literal=r.bool_(w, "user_args_literal", "webui") is not False,
             extensions=r.strs(w, "extensions", "webui") or (),
             disabled_extensions=r.strs(w, "disabled_extensions", "webui") or (),
+            checkpoint_error=r.str_(w, "checkpoint_error", "webui"),
+            config_error=r.str_(w, "config_error", "webui"),
         )
     return Facts(
         system=system,
@@ -339,33 +376,58 @@ def facts_from_dict(data: Any, source: str = "facts") -> Facts:
 MAX_FACTS_BYTES = 4 * 1024 * 1024
 
 
+_FACTS_HINT = "use the JSON that `lowvram doctor --json` printed, unchanged"
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _decode_facts(raw: bytes, path: Path) -> str:
+    """UTF-8, or UTF-8/UTF-16 with a byte-order mark (Windows PowerShell's `>` writes UTF-16)."""
+    boms = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+    codec = next((name for bom, name in boms if raw.startswith(bom)), "utf-8")
+    try:
+        return raw.decode(codec)
+    except UnicodeDecodeError as exc:
+        raise FactsError(f"facts file {path} is not {codec.upper().replace('-SIG', '')} text (byte {exc.start})",
+                         "save it as UTF-8, e.g. `lowvram doctor --json | Out-File -Encoding utf8 facts.json` in "
+                         "PowerShell, `lowvram doctor --json > facts.json` elsewhere") from exc
+
+
 def load_facts_file(path: Path) -> Facts:
-    """Read the JSON `doctor --json` printed (here or on another machine)."""
+    """Read the JSON `doctor --json` printed (here or on another machine); damage is one FactsError."""
+    from lowvram.fsutil import UnsafeFileError, read_regular_bytes
+
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > MAX_FACTS_BYTES:
-            raise FactsError(f"facts file {path} is {size} bytes, too large to be facts",
-                             "use the JSON that `lowvram doctor --json` printed")
-        raw = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise FactsError(f"facts file {path} does not exist", "run `lowvram doctor --json > facts.json` first") from exc
-    except IsADirectoryError as exc:
-        raise FactsError(f"facts file {path} is a directory", "give the path of a JSON file") from exc
-    except OSError as exc:
-        raise FactsError(f"cannot read facts file {path}: {exc.strerror}", "check the path") from exc
+        raw = read_regular_bytes(path, MAX_FACTS_BYTES, "facts file")
+    except UnsafeFileError as exc:
+        raise FactsError(exc.message, exc.hint) from exc
+    if raw is None:
+        raise FactsError(f"facts file {path} does not exist", "run `lowvram doctor --json > facts.json` first")
+    text = _decode_facts(raw, path)
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise FactsError(f"facts file {path} is not UTF-8 text", "use the JSON that `lowvram doctor --json` printed") from exc
+        data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as exc:
-        raise FactsError(
-            f"facts file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
-            "use the JSON that `lowvram doctor --json` printed",
-        ) from exc
+        raise FactsError(f"facts file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
+                         _FACTS_HINT) from exc
+    except _DuplicateKeyError as exc:
+        raise FactsError(f"facts file {path} gives the key {json.dumps(exc.key)[:60]} twice in one object",
+                         _FACTS_HINT) from exc
     except RecursionError as exc:
-        raise FactsError(f"facts file {path} is nested too deeply", "use the JSON that `lowvram doctor --json` printed") from exc
+        raise FactsError(f"facts file {path} is nested too deeply to be facts", _FACTS_HINT) from exc
     except ValueError as exc:  # an integer over Python's 4300-digit limit
-        raise FactsError(f"facts file {path} is not valid facts JSON ({exc})",
-                         "use the JSON that `lowvram doctor --json` printed") from exc
+        raise FactsError(f"facts file {path} holds a number with thousands of digits; not facts", _FACTS_HINT) from exc
     return facts_from_dict(data, source=str(path))

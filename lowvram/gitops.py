@@ -17,6 +17,9 @@ import contextlib
 import logging
 import os
 import re
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,129 @@ _FULL_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
 class CloneError(ExtensionError):
     """A clone that could not be made (unreachable source, missing commit, bad URL)."""
+
+
+class GitSetupError(ExtensionError):
+    """git itself cannot be used (not installed, or refusing a folder another user owns): the same
+    for every extension, so the command stops with this one line before it changes anything."""
+
+
+class GitMissingError(GitSetupError):
+    """No git on PATH (or GIT_PYTHON_GIT_EXECUTABLE names one that does not run)."""
+
+
+class GitOwnershipError(GitSetupError):
+    """git's "detected dubious ownership" refusal: the repository belongs to another user."""
+
+
+# ---------------------------------------------------------------------------------------------
+# git itself: found before GitPython is imported (whose import fails without git), and its
+# refusals turned into one line with the right hint
+
+
+def git_executable() -> str | None:
+    """The git GitPython would run (GIT_PYTHON_GIT_EXECUTABLE, else `git` on PATH), or None."""
+    return shutil.which(os.environ.get("GIT_PYTHON_GIT_EXECUTABLE") or "git")
+
+
+def install_git_hint() -> str:
+    if sys.platform == "win32":
+        return "install Git for Windows (https://git-scm.com/download/win) and open a new terminal"
+    if sys.platform == "darwin":
+        return "install git: `xcode-select --install` (or `brew install git`)"
+    return "install git (Debian/Ubuntu: `sudo apt install git`; Fedora: `sudo dnf install git`) and run again"
+
+
+_RUNS: dict[str, str | None] = {}  # git executable -> why it does not run (None: it runs)
+
+
+def _does_not_run(exe: str) -> str | None:
+    """Why `exe --version` fails (a broken shim, a wrong GIT_PYTHON_GIT_EXECUTABLE), or None; asked once."""
+    if exe not in _RUNS:
+        try:
+            done = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10, check=False)
+            ok = done.returncode == 0 and done.stdout.startswith("git version")
+            _RUNS[exe] = None if ok else (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1][:200]
+        except (OSError, subprocess.SubprocessError) as exc:
+            _RUNS[exe] = str(exc)[:200]
+    return _RUNS[exe]
+
+
+def require_git(why: str = "to read and change the extensions' git checkouts") -> Any:
+    """GitPython, imported only once a git that runs is there (its import raises without one).
+
+    GitMissingError (one line: "git is not installed; lowvram needs it <why>", and how to install
+    it) when there is none, or it does not run.
+    """
+    hint = install_git_hint()
+    exe = git_executable()
+    if exe is None:
+        where = os.environ.get("GIT_PYTHON_GIT_EXECUTABLE")
+        what = f"git is not installed ({where} is not a program)" if where else "git is not installed (or not on PATH)"
+        raise GitMissingError(f"{what}; lowvram needs it {why}", hint)
+    broken = _does_not_run(exe)
+    if broken is not None:
+        raise GitMissingError(f"git ({exe}) does not run ({broken}); lowvram needs it {why}", hint)
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # GitPython's own check raises ImportError
+    try:
+        import git
+    except ImportError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GitMissingError(f"git ({exe}) does not work ({first}); lowvram needs it {why}", hint) from exc
+    return git
+
+
+def _git() -> Any:
+    return require_git()
+
+
+_DUBIOUS_RE = re.compile(r"detected dubious ownership in repository at '([^'\n]+)'")
+
+
+def _user(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def ownership_error(exc: BaseException) -> GitOwnershipError | None:
+    """git's dubious-ownership refusal in `exc` (a GitCommandError) as one line, else None."""
+    text = f"{getattr(exc, 'stderr', '') or ''}\n{exc}"
+    m = _DUBIOUS_RE.search(text)
+    if m is None:
+        return None
+    repo = m.group(1)
+    try:
+        owner = _user(os.stat(repo).st_uid)
+    except OSError:
+        owner = "another user"
+    me = _user(os.geteuid()) if hasattr(os, "geteuid") else "you"
+    as_owner = f"run lowvram as {owner}" + (" (not with sudo)" if os.environ.get("SUDO_UID") else "")
+    return GitOwnershipError(
+        f"git refuses to work in {repo}: it belongs to {owner} and lowvram runs as {me} "
+        "(git's \"dubious ownership\" check)",
+        f"{as_owner}; or, if you trust that folder: git config --global --add safe.directory {repo}",
+    )
+
+
+def _reraise_ownership(exc: BaseException) -> None:
+    own = ownership_error(exc)
+    if own is not None:
+        raise own from exc
+
+
+@contextlib.contextmanager
+def _git_errors() -> Any:
+    """GitPython's GitCommandError for a dubious-ownership refusal becomes GitOwnershipError."""
+    git = _git()
+    try:
+        yield git
+    except git.GitCommandError as exc:
+        _reraise_ownership(exc)
+        raise
 
 
 @dataclass(frozen=True)
@@ -237,8 +363,7 @@ def clone_pinned(
     runs after the clone is verified and before it appears at `dest` (the manifest is written
     there). On failure nothing is left behind and CloneError says why.
     """
-    import git
-
+    git = _git()
     url = validate_source_url(url)
     dest = Path(dest)
     if dest.exists() or dest.is_symlink():
@@ -248,20 +373,17 @@ def clone_pinned(
     ref = ref.strip()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = fsutil.temp_name(dest)
+    # Our own progress instance: with one, git's stderr goes to it (its error_lines), not the exception.
+    from git.util import CallableRemoteProgress
+
+    prog = CallableRemoteProgress(_ProgressAdapter(progress)) if progress else None
     try:
         try:
-            repo = git.Repo.clone_from(
-                url,
-                tmp,
-                progress=_ProgressAdapter(progress) if progress else None,  # type: ignore[arg-type]
-                env=_git_env(),
-                no_checkout=True,
-            )
+            repo = git.Repo.clone_from(url, tmp, progress=prog, env=_git_env(), no_checkout=True)
         except git.GitCommandError as exc:
-            raise CloneError(
-                f"cannot clone {url}: {_git_error_text(exc)}",
-                "check the URL and your network; offline, use --source NAME=<local clone> or LOWVRAM_MIRROR=DIR",
-            ) from exc
+            if prog is not None and not str(getattr(exc, "stderr", "") or "").strip():
+                exc.stderr = "\n".join([*prog.error_lines, *prog.other_lines])
+            raise _clone_failure(exc, url, dest) from exc
         fsutil.kill_point("gitops:clone:after-fetch")
         commit = resolve_commit(repo, ref)
         if commit is None or not _matches(commit, ref):
@@ -271,9 +393,13 @@ def clone_pinned(
             )
         try:
             _put_on_branch(repo, commit)
-        except (git.GitCommandError, ExtensionError) as exc:
+        except git.GitCommandError as exc:
+            if str(dest.parent) in str(getattr(exc, "stderr", "") or ""):
+                raise _clone_failure(exc, url, dest) from exc
             raise CloneError(f"cannot check out {ref} from {url}: {_git_error_text(exc)}", "run again") from exc
-        head = repo.head.commit.hexsha
+        except ExtensionError as exc:
+            raise CloneError(f"cannot check out {ref} from {url}: {exc.message}", "run again") from exc
+        head = str(repo.head.commit.hexsha)
         if head != commit or repo.head.is_detached:
             raise CloneError(f"{url}: HEAD is {head} after checking out {commit}", "run again")
         if origin_url and origin_url != url:
@@ -294,20 +420,94 @@ def clone_pinned(
             fsutil.remove_tree(tmp)
         if isinstance(exc, OSError):  # GitPython writes .git/config itself: a full disk, a read-only folder
             raise CloneError(f"cannot clone {url} into {dest.parent}: {exc.strerror or exc}",
-                             "check the free disk space and that the folder is writable, then run again") from exc
+                             local_write_hint(dest.parent)) from exc
         raise
+
+
+def local_write_hint(folder: Path) -> str:
+    return (f"git could not write in {folder}: check the free disk space and that the folder is writable "
+            "(not a read-only mount, not another user's folder) and on a drive that keeps Unix file modes "
+            "(not FAT/exFAT), then run again")
+
+
+def _clone_failure(exc: BaseException, url: str, dest: Path) -> ExtensionError:
+    """A failed `git clone` as one line: git's refusal of a source another user owns, a destination
+    git cannot write in (a read-only or full disk, a FAT drive), or else the source itself."""
+    own = ownership_error(exc)
+    if own is not None:
+        return own
+    text = _git_error_text(exc)  # type: ignore[arg-type]
+    if str(dest.parent) in str(getattr(exc, "stderr", "") or ""):
+        return CloneError(f"cannot clone {url} into {dest.parent}: {text}", local_write_hint(dest.parent))
+    return CloneError(f"cannot clone {url}: {text}",
+                      "check the URL and your network; offline, use --source NAME=<local clone> or LOWVRAM_MIRROR=DIR")
+
+
+def check_source(url: str) -> None:
+    """GitOwnershipError now, before anything is written, for a local source git would refuse to
+    clone (a mirror or --source clone another user owns). Anything else wrong with it (a missing
+    folder) is left to the clone, which reports it for that extension."""
+    if _split_url(url)[0] != "local":
+        return  # a network source is only checked by cloning it
+    with _git_errors() as git:
+        try:
+            git.Git().ls_remote("--heads", validate_source_url(url), env=_git_env())
+        except git.GitCommandError as exc:
+            _reraise_ownership(exc)
 
 
 def is_git_repo(path: Path) -> bool:
     return (Path(path) / ".git").exists()
 
 
-def repo_state(path: Path) -> RepoState:
-    """Origin URL, HEAD and whether anything in the checkout is not as git would check it out."""
-    import git
-
+def origin_url(path: Path) -> str | None:
+    """The checkout's `origin` URL, read from its config by GitPython (no git command runs, so a
+    checkout another user owns can still be recognised), or None."""
+    git = _git()
     try:
         repo = git.Repo(path)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        return None
+    try:
+        return str(repo.remote("origin").url)
+    except Exception:
+        return None
+    finally:
+        repo.close()
+
+
+def _open(git: Any, path: Path) -> Any:
+    """git.Repo(path), once git agrees to work there: GitOwnershipError for a checkout another user
+    owns. Asked first with one git command, because GitPython's own readers (a `cat-file` process
+    kept running) die on that refusal with a broken pipe, which says nothing. Its commands never
+    take optional locks: reading a checkout must not rewrite its .git/index."""
+    repo = git.Repo(path)
+    repo.git.update_environment(GIT_OPTIONAL_LOCKS="0")
+    try:
+        repo.git.rev_parse("--git-dir")
+    except git.GitCommandError as exc:
+        repo.close()
+        _reraise_ownership(exc)
+        raise ExtensionError(f"cannot read the git checkout {path}: {_git_error_text(exc)}",
+                             "look at it with `git status`") from exc
+    return repo
+
+
+def has_untracked(path: Path) -> bool:
+    """Untracked files that are not ignored (ignored ones, like __pycache__, do not block --update)."""
+    with _git_errors() as git:
+        repo = _open(git, path)
+        try:
+            return bool(repo.untracked_files)
+        finally:
+            repo.close()
+
+
+def repo_state(path: Path) -> RepoState:
+    """Origin URL, HEAD and whether anything in the checkout is not as git would check it out."""
+    git = _git()
+    try:
+        repo = _open(git, path)
     except (git.InvalidGitRepositoryError, git.NoSuchPathError) as exc:
         raise ExtensionError(f"{path} is not a git checkout", "move it away or remove it") from exc
     try:
@@ -320,7 +520,12 @@ def repo_state(path: Path) -> RepoState:
         except ValueError:
             head = None
         branch = None if head is None or repo.head.is_detached else str(repo.active_branch.name)
-        status = repo.git.status("--porcelain=v1", "-z", "--ignored", "--untracked-files=all")
+        try:
+            status = repo.git.status("--porcelain=v1", "-z", "--ignored", "--untracked-files=all")
+        except git.GitCommandError as exc:
+            _reraise_ownership(exc)
+            raise ExtensionError(f"cannot read the git checkout {path}: {_git_error_text(exc)}",
+                                 "look at it with `git status`") from exc
         dirty = untracked = ignored = False
         listed: list[str] = []
         entries = iter(status.split("\0"))
@@ -346,9 +551,8 @@ def repo_state(path: Path) -> RepoState:
 
 def fetch_commit(path: Path, url: str, ref: str) -> str:
     """Make `ref` available in the checkout at `path`, fetching it from `url` when missing."""
-    import git
-
-    repo = git.Repo(path)
+    git = _git()
+    repo = _open(git, path)
     try:
         commit = resolve_commit(repo, ref)
         if commit is None:
@@ -361,6 +565,7 @@ def fetch_commit(path: Path, url: str, ref: str) -> str:
                 try:
                     repo.git.fetch("--quiet", source, "refs/heads/*", "refs/tags/*", env=_git_env())
                 except git.GitCommandError as exc:
+                    _reraise_ownership(exc)
                     raise CloneError(f"cannot fetch from {url}: {_git_error_text(exc)}",
                                      "check the URL and your network, or use --source NAME=<local clone>") from exc
             commit = resolve_commit(repo, ref)
@@ -470,13 +675,13 @@ def put_on_branch(path: Path, commit: str, before_change: Callable[[BranchMove],
     """Check out `commit` on a local branch (see `choose_branch`); the upstream is set to
     origin/<name> when lowvram creates the branch and that ref exists. `before_change(move)` runs
     before anything in the checkout changes (the manifest is written there)."""
-    import git
-
-    repo = git.Repo(path)
+    git = _git()
+    repo = _open(git, path)
     try:
         try:
             return _put_on_branch(repo, commit, before_change)
         except git.GitCommandError as exc:
+            _reraise_ownership(exc)
             raise ExtensionError(f"cannot check out {commit[:12]} in {path}: {_git_error_text(exc)}",
                                  "look at the checkout with `git status`") from exc
     finally:
@@ -485,15 +690,17 @@ def put_on_branch(path: Path, commit: str, before_change: Callable[[BranchMove],
 
 def head_would_lose(path: Path, commit: str) -> bool:
     """Whether HEAD is detached on commits that no branch, remote, tag or `commit` holds."""
-    import git
-
-    repo = git.Repo(path)
+    git = _git()
+    repo = _open(git, path)
     try:
         if not repo.head.is_detached:
             return False
         out = repo.git.rev_list("--max-count=1", "HEAD", "--not", commit, "--branches", "--remotes", "--tags")
         return bool(str(out).strip())
-    except (git.GitCommandError, ValueError):
+    except git.GitCommandError as exc:
+        _reraise_ownership(exc)
+        return False
+    except ValueError:
         return False
     finally:
         repo.close()
@@ -502,9 +709,8 @@ def head_would_lose(path: Path, commit: str) -> bool:
 def unpublished_branches(path: Path, commit: str) -> list[str]:
     """Local branches (and a detached HEAD) holding commits that no remote, tag or `commit` holds:
     the user's own work, which removing the checkout would lose."""
-    import git
-
-    repo = git.Repo(path)
+    git = _git()
+    repo = _open(git, path)
     try:
         refs = str(repo.git.for_each_ref("--format=%(refname)", "refs/heads/")).splitlines()
         if repo.head.is_detached:
@@ -515,7 +721,10 @@ def unpublished_branches(path: Path, commit: str) -> list[str]:
             if str(out).strip():
                 found.append(ref.removeprefix("refs/heads/"))
         return found
-    except (git.GitCommandError, ValueError):
+    except git.GitCommandError as exc:
+        _reraise_ownership(exc)
+        return []
+    except ValueError:
         return []
     finally:
         repo.close()
@@ -526,9 +735,8 @@ def put_back(path: Path, commit: str, branch: str | None, branches: Mapping[str,
     each branch in `branches` ({name: {"set": commit, "before": commit | None}}) that still points
     where lowvram set it goes back to `before`, or is deleted where lowvram created it.
     Returns the branch HEAD is on afterwards (None: detached)."""
-    import git
-
-    repo = git.Repo(path)
+    git = _git()
+    repo = _open(git, path)
     try:
         try:
             repo.git.checkout("--detach", "--quiet", commit)
@@ -547,6 +755,7 @@ def put_back(path: Path, commit: str, branch: str | None, branches: Mapping[str,
                 return branch
             return None
         except git.GitCommandError as exc:
+            _reraise_ownership(exc)
             raise ExtensionError(f"cannot put {path} back at {commit[:12]}: {_git_error_text(exc)}",
                                  "look at the checkout with `git status`") from exc
     finally:

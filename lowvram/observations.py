@@ -1,7 +1,10 @@
 """Observations: what the hook (inside the UI), `reserve --add` and `tune` recorded, one JSON line each.
 
 The file is append-only JSON lines in the WebUI's state dir. Reading skips a corrupt line with a
-warning and keeps the rest (DESIGN.md §8). Writers append each line with ONE `write()` on an
+warning naming the file and the line and keeps the rest (DESIGN.md §8): broken or cut-short JSON,
+nesting too deep, numbers over Python's 4300-digit limit, not finite or over 2^40, wrong types, lone
+surrogates. The first few damaged lines are named one by one, the rest counted in one more warning,
+so a file of garbage never floods a plan. Observations only refine a plan: damage never stops one. Writers append each line with ONE `write()` on an
 `O_APPEND` descriptor, so two processes appending at once (the hook inside the UI and a
 `reserve --add` beside it) never interleave inside a line. The hook (patches/) writes the same
 format without importing this module.
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lowvram.errors import ObservationError
+from lowvram.fsutil import special_kind
 
 SOURCES = ("hook", "manual", "tuning")
 ROADS = ("swap", "resident")
@@ -116,16 +120,39 @@ def observation_to_dict(obs: Observation) -> dict[str, Any]:
     return {"schema": SCHEMA, **data}
 
 
+MAX_LINES_WARNED = 5  # damaged lines named one by one; the rest are counted in one more warning
+MAX_NUMBER = float(1 << 40)  # MiB, pixels, steps, seconds: anything larger is damage, not a measurement
+
+
+def _show(value: Any) -> str:
+    try:
+        return json.dumps(value)[:40]
+    except (ValueError, TypeError, RecursionError):
+        return type(value).__name__
+
+
 def _number(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"`{key}` should be a number, not {json.dumps(value)[:40]}")
+        raise ValueError(f"`{key}` should be a number, not {_show(value)}")
     try:
         number = float(value)  # an int too large for a float raises OverflowError
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
         raise ValueError(f"`{key}` should be a finite number")
+    if key != "time" and abs(number) > MAX_NUMBER:
+        raise ValueError(f"`{key}` should be at most 2^40, not {_show(value)}")
     return number
+
+
+def _text(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"`{key}` should be a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"`{key}` holds a lone surrogate (\\ud800...), not text") from None
+    return value
 
 
 def observation_from_dict(data: Any) -> Observation:
@@ -136,7 +163,7 @@ def observation_from_dict(data: Any) -> Observation:
         raise ValueError("`time` is missing")
     source = data.get("source", "hook")
     if source not in SOURCES:
-        raise ValueError(f"`source` should be one of {', '.join(SOURCES)}, not {json.dumps(source)[:40]}")
+        raise ValueError(f"`source` should be one of {', '.join(SOURCES)}, not {_show(source)}")
     kwargs: dict[str, Any] = {"time": _number(data["time"], "time"), "source": source}
     for key, value in data.items():
         if key not in _KNOWN or key in ("time", "source") or value is None:
@@ -152,9 +179,7 @@ def observation_from_dict(data: Any) -> Observation:
                 raise ValueError(f"`{key}` should be ≥ 0")
             kwargs[key] = number
         elif key in _STR_FIELDS or key == "reason":
-            if not isinstance(value, str):
-                raise ValueError(f"`{key}` should be a string")
-            kwargs[key] = value
+            kwargs[key] = _text(value, key)
         elif key in ("layout", "ok"):
             if not isinstance(value, bool):
                 raise ValueError(f"`{key}` should be true or false")
@@ -167,7 +192,7 @@ def observation_from_dict(data: Any) -> Observation:
         elif key == "flags":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError("`flags` should be a list of strings")
-            kwargs[key] = tuple(value)
+            kwargs[key] = tuple(_text(v, key) for v in value)
     if kwargs.get("road") is not None and kwargs["road"] not in ROADS:
         raise ValueError(f"`road` should be swap or resident, not {json.dumps(kwargs['road'])[:40]}")
     return Observation(**kwargs)
@@ -187,6 +212,12 @@ def load_observations(path: Path, *, max_bytes: int = MAX_READ_BYTES) -> LoadedO
     """
     path = Path(path)
     warnings: list[str] = []
+    try:  # the type before opening: a FIFO would block the open, /dev/zero would never end
+        kind = special_kind(os.stat(path).st_mode)
+    except OSError:
+        kind = None  # missing or unreadable: the open below says which
+    if kind is not None and kind != "a folder":
+        return LoadedObservations((), (f"{path} is {kind}, not an observations file; ignored",))
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
@@ -208,23 +239,31 @@ def load_observations(path: Path, *, max_bytes: int = MAX_READ_BYTES) -> LoadedO
         first_line = 0
         warnings.append(f"{path} is over {max_bytes // (1024 * 1024)} MiB: only its most recent lines were read")
     items: list[Observation] = []
+    damaged = 0
     for n, line in enumerate(lines, start=first_line):
         text = line.strip()
         if not text:
             continue
-        where = f"{path.name} line {n}" if not skipped_head else f"{path.name} (a recent line)"
+        where = f"{path} line {n}" if not skipped_head else f"{path} (a recent line)"
+        problem = None
         try:
             data = json.loads(text.decode("utf-8"))
         except UnicodeDecodeError:
-            warnings.append(f"{where}: not UTF-8 text; skipped")
-            continue
-        except (ValueError, RecursionError):  # JSONDecodeError, or an int over Python's 4300-digit limit
-            warnings.append(f"{where}: not valid JSON (a write cut short?); skipped")
-            continue
-        try:
-            items.append(observation_from_dict(data))
-        except (ValueError, TypeError) as exc:
-            warnings.append(f"{where}: {exc}; skipped")
+            problem = "not UTF-8 text"
+        except (ValueError, RecursionError):  # JSONDecodeError, an int over Python's 4300-digit limit, nesting
+            problem = "not valid JSON (a write cut short?)"
+        else:
+            try:
+                items.append(observation_from_dict(data))
+            except (ValueError, TypeError, RecursionError) as exc:
+                problem = str(exc) if not isinstance(exc, RecursionError) else "nested too deeply"
+        if problem is not None:
+            damaged += 1
+            if damaged <= MAX_LINES_WARNED:
+                warnings.append(f"{where}: {problem}; skipped, the other lines are used")
+    if damaged > MAX_LINES_WARNED:
+        warnings.append(f"{path}: {damaged - MAX_LINES_WARNED} more damaged lines skipped "
+                        "(delete the file to start learning afresh)")
     return LoadedObservations(tuple(items), tuple(warnings))
 
 

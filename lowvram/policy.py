@@ -84,12 +84,24 @@ def resolve_family(facts: Facts, overrides: Overrides, profile: ResolvedProfile 
 def require_family(choice: FamilyChoice, facts: Facts) -> str:
     if choice.family:
         return choice.family
+    if facts.webui and facts.webui.checkpoint_error:
+        raise ProfileError(f"{facts.webui.checkpoint_error}; its model family is unknown",
+                           "give --model sd15, sd2 or sdxl (and re-download the checkpoint or select another)")
     if facts.webui and facts.webui.model_family == "unknown":
         raise ProfileError(
             f"cannot tell the model family of {facts.webui.checkpoint or 'the selected checkpoint'}",
             "give --model sd15, sd2 or sdxl",
         )
     raise ProfileError("the model family is unknown (no checkpoint selected)", "give --model sd15, sd2 or sdxl")
+
+
+def _warn_damaged_inputs(b: _Builder, facts: Facts, fam: str, fam_choice: FamilyChoice) -> None:
+    """Damaged optional inputs the WebUI probe read past (detect/webui.py): the plan says so."""
+    w = facts.webui
+    if w is not None and w.config_error:
+        b.warn(f"{w.config_error} (fix it, or move it away)")
+    if w is not None and w.checkpoint_error:
+        b.warn(f"{w.checkpoint_error}: planned as {fam} ({fam_choice.reason}); re-download it or select another")
 
 
 def _base_family(family: str | None) -> str | None:
@@ -526,6 +538,7 @@ def plan(
     fam_choice = family or resolve_family(facts, overrides, resolved)
     fam = require_family(fam_choice, facts)
     b.add("model", fam, fam_choice.source, fam_choice.reason)
+    _warn_damaged_inputs(b, facts, fam, fam_choice)
 
     # -- the user's own flags (literal COMMANDLINE_ARGS) --------------------------------------
     flagset = ui.flagset(version)
@@ -825,14 +838,19 @@ def plan(
                 drop_user.add(c.first)
                 b.warn(f"your {' '.join(c.first)} is replaced by {' '.join(c.second)}: the chosen GPU is pinned "
                        "with CUDA_VISIBLE_DEVICES, so it is device 0")
-            elif overrides.explicit_profile:
+            elif overrides.explicit_profile and c.category.endswith(" value"):
+                # The block appends after the user's live line and argparse keeps a flag's last value.
                 drop_user.add(c.first)
                 b.warn(f"your {' '.join(c.first)} contradicts the plan's {' '.join(c.second)}: profile "
-                       f"{prof.name} was given explicitly, so the plan's flag replaces yours")
+                       f"{prof.name} was given explicitly, so the plan's value (after yours) wins")
             else:
+                # An on/off flag cannot be switched off from the block, and the user's line is never
+                # edited or frozen (issue 14): the user's flag wins, at run time.
                 drop_plan.add(c.second)
                 b.warn(f"your {' '.join(c.first)} contradicts the plan's {' '.join(c.second)}: kept yours and "
-                       "left the plan's out (give --profile to override yours)")
+                       + (f"left the plan's out (an on/off flag in your COMMANDLINE_ARGS cannot be overridden; "
+                          f"take {' '.join(c.first)} out of it for profile {prof.name}'s)"
+                          if overrides.explicit_profile else "left the plan's out (give --profile to override yours)"))
                 # The UI runs with the user's rung/backend: say so, and let the hook record that one
                 # (a run on --lowvram must not teach the ladder about the plan's --medvram-sdxl).
                 user_value = ui.categories.get(c.category, {}).get(c.first[0].split("=")[0])
@@ -848,7 +866,8 @@ def plan(
             plan_dropped = [t for p in plan_parsed if p.tokens in drop_plan for t in p.tokens]
             plan_args = [t for p in plan_parsed if p.tokens not in drop_plan for t in p.tokens]
         b.add("merge", merge, "user" if conflicts else "auto",
-              "assign the merged value (your flags minus the overridden ones, plus the plan's)" if merge == "assign"
+              "append the plan's flags to your COMMANDLINE_ARGS at run time; their later values override your "
+              + " ".join(user_dropped) if merge == "assign"
               else "append the plan's flags to your COMMANDLINE_ARGS at run time")
 
     # -- extensions ----------------------------------------------------------------------------------

@@ -4,6 +4,13 @@ A profile is what an experienced user would set for one class of machine (DESIGN
 is refused with one line naming the file, the line, the key path, what was expected and, for a
 typo, the closest real key. YAML is read with a safe loader that refuses anchors/aliases and
 files over 1 MiB: a deep merge of an alias bomb would otherwise eat the machine's memory.
+
+A profile is the user's own instruction, so a damaged one stops the command before anything is
+written, never skipped: also under `auto`, which reads every profile (a damaged user profile that
+overrides a bundled one must not be replaced silently). Damage covers broken YAML, more than one
+document, nesting too deep, a number over Python's 4300-digit limit, non-finite or out-of-range
+values, duplicate or merge (<<) keys, anchors and aliases, tags, escapes that produce a control
+character or a lone surrogate, an `extends` chain that loops, and a file that is not UTF-8.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,21 +189,25 @@ class _Doc:
 def _read_yaml(path: Path) -> _Doc:
     import yaml
 
+    from lowvram.fsutil import UnsafeFileError, read_regular_bytes
+
     try:
         size = path.stat().st_size
-    except OSError as exc:
-        raise ProfileError(f"cannot read profile {path}: {exc.strerror}", "check the path") from exc
+    except OSError:
+        size = 0  # read_regular_bytes says why
     if size > MAX_PROFILE_BYTES:
-        raise ProfileError(
-            f"{path}: {size} bytes is over the 1 MiB limit for a profile",
-            "a profile is a few dozen lines; check you pointed at the right file",
-        )
+        raise ProfileError(f"{path}: {size} bytes is over the 1 MiB limit for a profile",
+                           "a profile is a few dozen lines; check you pointed at the right file")
     try:
-        text = path.read_bytes().decode("utf-8")
+        raw = read_regular_bytes(path, MAX_PROFILE_BYTES, "profile")
+    except UnsafeFileError as exc:  # a FIFO, a folder, over 1 MiB: refused before it is read
+        raise ProfileError(exc.message, "a profile is a few dozen lines; check you pointed at the right file") from exc
+    if raw is None:
+        raise ProfileError(f"cannot read profile {path}: it no longer exists", "check the path")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProfileError(f"{path}: not UTF-8 text", "save the profile as UTF-8") from exc
-    except OSError as exc:
-        raise ProfileError(f"cannot read profile {path}: {exc.strerror}", "check the path") from exc
     try:
         loader = _loader_class()(text)
     except yaml.YAMLError as exc:  # the reader refuses control characters before parsing
@@ -263,6 +275,9 @@ def _check_node(path: Path, node: Any, key_path: tuple[Any, ...], lines: dict[tu
                 raise ProfileError(f"{path}:{line}: keys must be plain words, not {key_node.value!r}",
                                    "write `key: value`")
             key = key_node.value
+            if _BAD_TEXT.search(key):
+                raise ProfileError(f"{path}:{line}: a key holds a control character or a lone surrogate",
+                                   "profiles hold plain text: remove it")
             if key in seen:
                 raise ProfileError(f"{path}:{line}: `{_dotted((*key_path, key))}` is given twice",
                                    "keep one of them")
@@ -272,6 +287,14 @@ def _check_node(path: Path, node: Any, key_path: tuple[Any, ...], lines: dict[tu
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _check_node(path, item, (*key_path, i), lines)
+    elif isinstance(node, yaml.ScalarNode) and _BAD_TEXT.search(node.value):
+        # The reader refuses these characters written out; an escape ("\0", "\e", "\ud800") gets
+        # past it: a lone surrogate cannot be printed or written, a NUL cannot go into a command line.
+        raise ProfileError(f"{path}:{lines[key_path]}: `{_dotted(key_path)}` holds a control character or a lone "
+                           "surrogate (an escape such as \\0 or \\ud800)", "profiles hold plain text: remove it")
+
+
+_BAD_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
 
 def _dotted(key_path: Iterable[Any]) -> str:
@@ -347,7 +370,9 @@ class _V:
         return value
 
     def number(self, value: Any, key_path: tuple[Any, ...], lo: float, hi: float) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(key_path, f"a number from {lo} to {hi}", value)
+        if isinstance(value, float) and not math.isfinite(value):  # (an int too large for a float is out of range below)
             raise self.fail(key_path, f"a number from {lo} to {hi}", value)
         if not lo <= value <= hi:
             raise self.fail(key_path, f"a number from {lo} to {hi}", value)
@@ -382,7 +407,7 @@ def _cc_value(v: _V, value: Any, key_path: tuple[Any, ...]) -> str:
     if not isinstance(text, str):
         raise v.fail(key_path, 'a compute capability like "6.1"', value)
     major, dot, minor = text.partition(".")
-    if not (major.isdigit() and (not dot or minor.isdigit())):
+    if not (major.isdigit() and (not dot or minor.isdigit())) or len(major) > 3 or len(minor) > 3:
         raise v.fail(key_path, 'a compute capability like "6.1"', value)
     return f"{int(major)}.{int(minor or 0)}"
 
@@ -390,6 +415,42 @@ def _cc_value(v: _V, value: Any, key_path: tuple[Any, ...]) -> str:
 def _cc_key(cc: str) -> tuple[int, int]:
     major, _, minor = cc.partition(".")
     return int(major), int(minor or 0)
+
+
+def _validate_match(v: _V, value: Any) -> dict[str, Any]:
+    """The `match:` mapping, checked and normalised."""
+    m = v.mapping(value, ("match",))
+    v.keys(m, MATCH_KEYS, ("match",))
+    mo: dict[str, Any] = {}
+    if "gpu" in m:
+        mo["gpu"] = v.strings(m["gpu"], ("match", "gpu"))
+    if "model" in m:
+        mo["model"] = v.strings(m["model"], ("match", "model"), MODELS)
+    if "os" in m:
+        mo["os"] = v.strings(m["os"], ("match", "os"), OSES)
+    if "nvidia" in m:
+        mo["nvidia"] = v.boolean(m["nvidia"], ("match", "nvidia"))
+    if "vram_mb" in m:
+        rng = m["vram_mb"]
+        if not isinstance(rng, list) or len(rng) != 2:
+            raise v.fail(("match", "vram_mb"), "a range [low, high] in MiB", rng)
+        lo = v.integer(rng[0], ("match", "vram_mb", 0), 0, 1 << 22)
+        hi = v.integer(rng[1], ("match", "vram_mb", 1), 0, 1 << 22)
+        if lo > hi:
+            raise v.fail(("match", "vram_mb"), "a range whose low end is not above its high end", rng)
+        mo["vram_mb"] = [lo, hi]
+    if "compute_capability" in m:
+        rng = m["compute_capability"]
+        if isinstance(rng, (str, int, float)) and not isinstance(rng, bool):
+            rng = [rng, rng]
+        if not isinstance(rng, list) or len(rng) != 2:
+            raise v.fail(("match", "compute_capability"), 'a range ["6.0", "6.2"]', rng)
+        lo_cc = _cc_value(v, rng[0], ("match", "compute_capability", 0))
+        hi_cc = _cc_value(v, rng[1], ("match", "compute_capability", 1))
+        if _cc_key(lo_cc) > _cc_key(hi_cc):
+            raise v.fail(("match", "compute_capability"), "a range whose low end is not above its high end", rng)
+        mo["compute_capability"] = [lo_cc, hi_cc]
+    return mo
 
 
 def validate_raw(doc: _Doc) -> dict[str, Any]:
@@ -407,38 +468,7 @@ def validate_raw(doc: _Doc) -> dict[str, Any]:
             f"rename the file to {out['name']}.yaml or drop the `name:` line",
         )
     if "match" in data:
-        m = v.mapping(data["match"], ("match",))
-        v.keys(m, MATCH_KEYS, ("match",))
-        mo: dict[str, Any] = {}
-        if "gpu" in m:
-            mo["gpu"] = v.strings(m["gpu"], ("match", "gpu"))
-        if "model" in m:
-            mo["model"] = v.strings(m["model"], ("match", "model"), MODELS)
-        if "os" in m:
-            mo["os"] = v.strings(m["os"], ("match", "os"), OSES)
-        if "nvidia" in m:
-            mo["nvidia"] = v.boolean(m["nvidia"], ("match", "nvidia"))
-        if "vram_mb" in m:
-            rng = m["vram_mb"]
-            if not isinstance(rng, list) or len(rng) != 2:
-                raise v.fail(("match", "vram_mb"), "a range [low, high] in MiB", rng)
-            lo = v.integer(rng[0], ("match", "vram_mb", 0), 0, 1 << 22)
-            hi = v.integer(rng[1], ("match", "vram_mb", 1), 0, 1 << 22)
-            if lo > hi:
-                raise v.fail(("match", "vram_mb"), "a range whose low end is not above its high end", rng)
-            mo["vram_mb"] = [lo, hi]
-        if "compute_capability" in m:
-            rng = m["compute_capability"]
-            if isinstance(rng, (str, int, float)) and not isinstance(rng, bool):
-                rng = [rng, rng]
-            if not isinstance(rng, list) or len(rng) != 2:
-                raise v.fail(("match", "compute_capability"), 'a range ["6.0", "6.2"]', rng)
-            lo_cc = _cc_value(v, rng[0], ("match", "compute_capability", 0))
-            hi_cc = _cc_value(v, rng[1], ("match", "compute_capability", 1))
-            if _cc_key(lo_cc) > _cc_key(hi_cc):
-                raise v.fail(("match", "compute_capability"), "a range whose low end is not above its high end", rng)
-            mo["compute_capability"] = [lo_cc, hi_cc]
-        out["match"] = mo
+        out["match"] = _validate_match(v, data["match"])
     if "offload" in data:
         out["offload"] = v.choice(data["offload"], ("offload",), OFFLOADS)
     if "attention" in data:
@@ -463,6 +493,9 @@ def validate_raw(doc: _Doc) -> dict[str, Any]:
         for key, value in a.items():
             if isinstance(value, bool):
                 ao[key] = "True" if value else "False"
+            elif isinstance(value, (int, float)) and not (abs(value) < 2**31 and math.isfinite(value)):
+                # torch reads these with stoi/stod: inf, nan or a huge number stop the UI at start-up
+                raise v.fail(("alloc_conf", key), "a finite number below 2^31", value)
             elif isinstance(value, (int, float, str)) and str(value).strip() and "," not in str(value):
                 ao[key] = str(value)
             else:
@@ -584,11 +617,11 @@ def load_profile(name: str) -> ResolvedProfile:
     while current is not None:
         if current in chain:
             cycle = " → ".join([*chain, current])
-            raise ProfileError(f"profile {name!r} extends itself in a cycle: {cycle}",
+            raise ProfileError(f"{files[chain[-1]][0]}: profile {name!r} extends itself in a cycle: {cycle}",
                                "remove one `extends:` line from the cycle")
         if len(chain) >= MAX_EXTENDS_DEPTH:
-            raise ProfileError(f"profile {name!r} extends more than {MAX_EXTENDS_DEPTH} levels deep",
-                               "flatten the chain of `extends:`")
+            raise ProfileError(f"{files[chain[-1]][0]}: profile {name!r} extends more than {MAX_EXTENDS_DEPTH} "
+                               "levels deep", "flatten the chain of `extends:`")
         if current not in files:
             child = chain[-1]
             raise ProfileError(f"{files[child][0]}: `extends: {current}` names no profile",

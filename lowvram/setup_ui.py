@@ -10,6 +10,7 @@ place), the plan is applied, and the path is remembered. A small marker in lowvr
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shlex
@@ -173,19 +174,41 @@ def _existing_ancestor(path: Path) -> Path:
 
 
 def git_executable() -> str | None:
-    return shutil.which(os.environ.get("GIT_PYTHON_GIT_EXECUTABLE") or "git")
+    from lowvram import gitops
+
+    return gitops.git_executable()
 
 
 def _git_hint() -> str:
-    if sys.platform == "win32":
-        return "install Git for Windows (https://git-scm.com/download/win) and open a new terminal"
-    if sys.platform == "darwin":
-        return "install git: `xcode-select --install` (or `brew install git`)"
-    return "install git (Debian/Ubuntu: `sudo apt install git`; Fedora: `sudo dnf install git`) and run again"
+    from lowvram import gitops
+
+    return gitops.install_git_hint()
 
 
-def _writable(path: Path) -> bool:
-    return os.access(path, os.W_OK | os.X_OK)
+def _write_error(path: Path) -> OSError | None:
+    """Why a file cannot be made in the folder `path` (a temp file is made and removed: as root a
+    mode check proves nothing, a read-only mount or another user's folder shows up here), or None.
+    Refuses `sudo lowvram setup` into the user's own folder (what root made there would be root's)."""
+    from lowvram.apply import refuse_sudo_on_own_folder, write_error
+
+    try:
+        refuse_sudo_on_own_folder(path)
+    except LowvramError as exc:
+        raise SetupError(exc.message, exc.hint) from exc
+    err = write_error(path)
+    if err is not None:
+        return err
+    if not os.access(path, os.W_OK | os.X_OK):  # what the mode bits say, where they count
+        return PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    return None
+
+
+def _not_writable(path: Path, exc: OSError, doing: str) -> SetupError:
+    from lowvram.apply import not_writable
+
+    why, todo = not_writable(path, exc)
+    return SetupError(f"{doing}: {path} is not writable ({why})",
+                      f"{todo}, or choose another folder with --dir; nothing was changed")
 
 
 def preflight(spec: UiSpec, target: TargetInfo, registry: Registry) -> list[str]:
@@ -193,6 +216,12 @@ def preflight(spec: UiSpec, target: TargetInfo, registry: Registry) -> list[str]
     warnings: list[str] = []
     if git_executable() is None:
         raise SetupError("git is not installed (or not on PATH); setup clones the WebUI with it", _git_hint())
+    from lowvram import gitops
+
+    try:
+        gitops.require_git("to clone the WebUI and its extensions")  # a git that is there but does not run
+    except gitops.GitMissingError as exc:
+        raise SetupError(exc.message, exc.hint) from exc
     if target.kind == "foreign":
         if target.flavor:
             raise SetupError(
@@ -205,16 +234,19 @@ def preflight(spec: UiSpec, target: TargetInfo, registry: Registry) -> list[str]
             "choose an empty or new folder with --dir (nothing was changed)",
         )
     if target.kind == "webui":
-        if not _writable(target.path):
-            raise SetupError(f"{target.path} is not writable", "run as the user that owns the WebUI folder, or fix its permissions")
+        err = _write_error(target.path)
+        if err is not None:
+            raise _not_writable(target.path, err, f"cannot configure {target.path}")
         return warnings
     # absent or empty: a clone goes beside the target, then is renamed into place.
     base = _existing_ancestor(target.path.parent if target.kind == "absent" else target.path)
-    if not base.is_dir() or not _writable(base) or (target.kind == "empty" and not _writable(target.path.parent)):
-        raise SetupError(
-            f"cannot create {target.path}: {base} is not writable",
-            "choose a folder you can write to with --dir, or fix its permissions",
-        )
+    if not base.is_dir():
+        raise SetupError(f"cannot create {target.path}: {base} is not a folder",
+                         "choose another folder with --dir (nothing was changed)")
+    for folder in (base, target.path.parent) if target.kind == "empty" else (base,):
+        err = _write_error(folder)
+        if err is not None:
+            raise _not_writable(folder, err, f"cannot create {target.path}")
     try:
         free_mb = shutil.disk_usage(base).free // 2**20
     except OSError:
@@ -328,10 +360,9 @@ def leftover_clones(target: Path) -> list[Path]:
 
 def _finished_clone(tmp: Path, pin: str) -> str | None:
     """The commit of a temp clone that is complete (checked out at `pin`, nothing missing), or None."""
-    import git
-
     from lowvram import gitops
 
+    git = gitops.require_git("to clone the WebUI")
     try:
         repo = git.Repo(tmp)
     except Exception:
@@ -414,10 +445,10 @@ def _tree_commit(path: Path) -> tuple[str | None, str | None]:
     """(commit, tag at that commit) of a checkout, or (None, None) for a tree without git."""
     if not (path / ".git").exists():
         return None, None
-    import git
+    from lowvram import gitops
 
     try:
-        repo = git.Repo(path)
+        repo = gitops.require_git().Repo(path)
     except Exception:
         return None, None
     try:
@@ -490,24 +521,8 @@ def setup(
         tag: str | None = None
 
         if info.kind == "webui":
-            commit, tag = _tree_commit(dest)
-            ours = (marker.get("phase") in ("cloning", "cloned", "applying") and marker.get("commit") in (None, commit)
-                    and not marker.get("adopted"))  # an adopted tree whose apply failed is still the user's
-            if ours and commit is not None:
-                resumed = True  # our own clone, killed before it was configured
-                say(f"resuming the interrupted setup of {dest} (the clone was complete)")
-            else:
-                adopted = True
-                say(f"{dest} already holds {spec.name}: adopting it (not cloning)")
-                if ref is not None:
-                    warnings.append(f"--ref {ref} ignored: {dest} is adopted as it is (check out another "
-                                    "release there with git)")
-                want = spec.commit if not ref else None
-                if commit and want and commit != want and tag != pin:
-                    warnings.append(
-                        f"the adopted tree is at {tag or commit[:12]}, lowvram pins {spec.tag or spec.commit}; "
-                        "it was left as it is (update it with git if you want the pinned release)"
-                    )
+            commit, tag, resumed = _existing_tree(spec, dest, marker, ref=ref, pin=pin, say=say, warnings=warnings)
+            adopted = not resumed
             ref_out = (marker.get("ref") if resumed else None) or tag or commit
         else:
             source = gitops.source_for(spec.key, spec.url, sources)
@@ -552,6 +567,29 @@ def setup(
         return result
     finally:
         lock.release()
+
+
+def _existing_tree(spec: UiSpec, dest: Path, marker: Mapping[str, Any], *, ref: str | None, pin: str,
+                   say: Callable[[str], None], warnings: list[str]) -> tuple[str | None, str | None, bool]:
+    """(commit, tag, resumed) of a tree already at `dest`: our own clone that a kill stopped before
+    it was configured (resumed), or the user's (adopted as it is, with warnings)."""
+    commit, tag = _tree_commit(dest)
+    ours = (marker.get("phase") in ("cloning", "cloned", "applying") and marker.get("commit") in (None, commit)
+            and not marker.get("adopted"))  # an adopted tree whose apply failed is still the user's
+    if ours and commit is not None:
+        say(f"resuming the interrupted setup of {dest} (the clone was complete)")
+        return commit, tag, True
+    say(f"{dest} already holds {spec.name}: adopting it (not cloning)")
+    if ref is not None:
+        warnings.append(f"--ref {ref} ignored: {dest} is adopted as it is (check out another "
+                        "release there with git)")
+    want = spec.commit if not ref else None
+    if commit and want and commit != want and tag != pin:
+        warnings.append(
+            f"the adopted tree is at {tag or commit[:12]}, lowvram pins {spec.tag or spec.commit}; "
+            "it was left as it is (update it with git if you want the pinned release)"
+        )
+    return commit, tag, False
 
 
 def _clone(spec: UiSpec, dest: Path, info: TargetInfo, *, pin: str, source: str, origin: str | None,

@@ -12,13 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from lowvram import paths
-from lowvram.fsutil import atomic_write_json
+from lowvram.fsutil import UnsafeFileError, atomic_write_json, read_regular_bytes
+
+MAX_BYTES = 1024 * 1024
 
 
 def _load() -> dict[str, Any]:
+    """last.json, or {} when it is missing, damaged, huge or not a file (a FIFO there never blocks:
+    the type is checked before opening); `remember` then replaces it."""
     try:
-        data = json.loads(paths.last_json().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        raw = read_regular_bytes(paths.last_json(), MAX_BYTES, "remembered-choices file")
+        data = json.loads(raw.decode("utf-8")) if raw is not None else {}
+    except (UnsafeFileError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -53,4 +58,6 @@ def remember(webui: Path, profile: str | None = None) -> None:
     elif profile is not None:
         profiles[key] = profile
     data["profiles"] = profiles
+    if paths.last_json().is_dir() and not paths.last_json().is_symlink():
+        return  # a folder in its place: nothing to remember into (and nothing worth failing over)
     atomic_write_json(paths.last_json(), data)

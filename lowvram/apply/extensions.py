@@ -21,7 +21,8 @@ from typing import Any
 
 from lowvram import fsutil, gitops, paths
 from lowvram.apply.manifest import Manifest, rel, sha256
-from lowvram.errors import ExtensionError, UsageError
+from lowvram.detect.webui import MAX_CONFIG_BYTES
+from lowvram.errors import ApplyError, ExtensionError, UsageError
 from lowvram.plan import ExtensionSpec
 
 STATUSES = ("installed", "up-to-date", "updated", "kept", "skipped", "failed")
@@ -162,10 +163,7 @@ def find_installed(ext_dir: Path, urls: Sequence[str]) -> Path | None:
     """The checkout under extensions/ whose origin is one of `urls` (normalised)."""
     wanted = {gitops.normalise_url(u) for u in urls}
     for path in _checkouts(ext_dir):
-        try:
-            remote = gitops.repo_state(path).remote_url
-        except ExtensionError:
-            continue
+        remote = gitops.origin_url(path)  # no git command: another user's checkout is still recognised
         if remote and gitops.normalise_url(remote) in wanted:
             return path
     return None
@@ -188,9 +186,8 @@ def enable_in_config(webui: Path, dirs: Sequence[str], manifest: Manifest, *, dr
     Returns the names taken out. A config.json that is not a JSON object is left alone.
     """
     path = Path(webui) / "config.json"
-    try:
-        raw = path.read_bytes()
-    except OSError:
+    raw = fsutil.read_regular_bytes(path, MAX_CONFIG_BYTES, "UI settings file")  # never blocks on a FIFO
+    if raw is None:
         return []
     try:
         text = raw.decode("utf-8")
@@ -203,6 +200,8 @@ def enable_in_config(webui: Path, dirs: Sequence[str], manifest: Manifest, *, dr
     if not isinstance(disabled, list):
         return []
     removed = [d for d in disabled if isinstance(d, str) and d in dirs]
+    if removed:  # refused (before any clone, from preflight's dry run) where it leads out of the tree
+        real = fsutil.write_target(path, webui, "UI settings file")  # a link inside the tree stays a link
     if not removed or dry_run:
         return removed
     data["disabled_extensions"] = [d for d in disabled if not (isinstance(d, str) and d in dirs)]
@@ -216,7 +215,7 @@ def enable_in_config(webui: Path, dirs: Sequence[str], manifest: Manifest, *, dr
     changes["removed"] = sorted(set(changes.get("removed", [])) | set(removed))
     manifest.record_file(path, raw, new)
     manifest.save()
-    fsutil.atomic_write_bytes(path, new)
+    fsutil.atomic_write_bytes(real, new)
     return removed
 
 
@@ -250,10 +249,11 @@ def install_one(webui: Path, entry: RegistryEntry, manifest: Manifest, *, ui: st
         if dest.exists() or dest.is_symlink():
             why = "is not a git checkout"
             if gitops.is_git_repo(dest):
-                remote = gitops.repo_state(dest).remote_url
+                remote = gitops.origin_url(dest)
                 why = f"is a clone of {remote}" if remote else "has no origin remote"
             return _result(entry, "kept", f"extensions/{entry.dir} {why}, not of {entry.url}: left as it is; "
                                           "move it away to let lowvram install the pinned version")
+        _inside_tree(webui, ext_dir)
         if dry_run:
             return _result(entry, "installed", f"would clone {source} at {entry.ref[:12]} (dry run)")
         if not ext_dir.exists():
@@ -271,9 +271,21 @@ def install_one(webui: Path, entry: RegistryEntry, manifest: Manifest, *, ui: st
                                      before_rename=record)
         reason = f"cloned from {source}" if origin else ""
         return _result(entry, "installed", reason, commit=commit)
+    except gitops.GitSetupError:
+        raise  # git cannot work here at all: one line for the whole command (see preflight)
     except ExtensionError as exc:
         reason = exc.message + (f" ({exc.hint})" if exc.hint else "")
         return _result(entry, "failed", reason)
+
+
+def _inside_tree(webui: Path, path: Path) -> None:
+    """Refuse (one line, before anything is written) where extensions/ is a link out of the tree, a
+    dangling link or not a folder: lowvram never changes anything a link leads to outside it."""
+    ext = Path(webui) / "extensions"
+    fsutil.writable_folder(ext, webui, "extensions folder")
+    if not fsutil.is_inside(path, webui):
+        raise ApplyError(f"{path} lies outside the WebUI folder: lowvram never changes anything there",
+                         "move it back into the WebUI folder")
 
 
 def _existing(webui: Path, entry: RegistryEntry, path: Path, manifest: Manifest, *, source: str,
@@ -287,9 +299,10 @@ def _existing(webui: Path, entry: RegistryEntry, path: Path, manifest: Manifest,
         return _result(entry, "kept", f"extensions/{name} is at {at}, lowvram pins {entry.ref[:12]}; "
                                       f"run `lowvram install-extensions --update {entry.name}` to move it", name,
                        state.head)
-    if state.dirty or _has_untracked(path):
+    if state.dirty or gitops.has_untracked(path):
         return _result(entry, "kept", f"extensions/{name} has local changes; left at {at} (commit or stash them, "
                                       "or move the folder away, then run with --update again)", name, state.head)
+    _inside_tree(webui, path)
     if dry_run:
         return _result(entry, "updated", f"would move {at} to {entry.ref[:12]} (dry run)", name, state.head)
     commit = gitops.fetch_commit(path, source, entry.ref)
@@ -351,17 +364,6 @@ def _at_pin(entry: RegistryEntry, path: Path, state: gitops.RepoState, manifest:
                    name, head)
 
 
-def _has_untracked(path: Path) -> bool:
-    """Untracked files that are not ignored (ignored ones, like __pycache__, do not block --update)."""
-    import git
-
-    repo = git.Repo(path)
-    try:
-        return bool(repo.untracked_files)
-    finally:
-        repo.close()
-
-
 def install(webui: Path, entries: Sequence[RegistryEntry], manifest: Manifest, *, ui: str,
             sources: Mapping[str, str] | None = None, update: bool = False,
             progress: gitops.Progress | None = None, dry_run: bool = False) -> list[ExtensionResult]:
@@ -384,6 +386,48 @@ def _join(a: str, b: str) -> str:
     return f"{a}; {b}" if a else b
 
 
+NO_EXTENSIONS_HINT = "or use a profile that lists none (--profile with a profile of yours saying `extensions: []`)"
+
+
+def require_git_for(entries: Sequence[RegistryEntry], *, ui: str) -> bool:
+    """GitMissingError (one line, how to install git) when an entry works on `ui` and git is not
+    there; False when none does (nothing to install, no git needed)."""
+    wanted = [e for e in entries if e.skip_reason(ui) is None]
+    if not wanted:
+        return False
+    names = ", ".join(e.name for e in wanted)
+    try:
+        gitops.require_git(f"to install the extensions {names}")
+    except gitops.GitMissingError as exc:
+        raise gitops.GitMissingError(exc.message, f"{exc.hint}; {NO_EXTENSIONS_HINT}") from exc
+    return True
+
+
+def preflight(webui: Path, entries: Sequence[RegistryEntry], manifest: Manifest, *, ui: str,
+              sources: Mapping[str, str] | None = None, update: bool = False) -> list[Path]:
+    """What `install` would need, found without changing anything: the folders it would write in.
+
+    Raises before the first write when git cannot be used at all (GitMissingError: not installed;
+    GitOwnershipError: a checkout another user owns), so a refused run leaves the tree as it was.
+    """
+    if not require_git_for(entries, ui=ui):
+        return []
+    planned = install(webui, entries, manifest, ui=ui, sources=sources, update=update, dry_run=True)
+    ext_dir = Path(webui) / "extensions"
+    folders: list[Path] = []
+    by_name = {e.name: e for e in entries}
+    for r in planned:
+        checkout = ext_dir / r.dir
+        if r.status == "installed":
+            gitops.check_source(gitops.source_for(r.name, by_name[r.name].url, sources))
+            folders.append(ext_dir)
+        elif r.status == "updated" or "would put it on a branch" in r.reason:
+            folders.append(checkout / ".git")  # (not the work tree: a probe left there would be the user's file)
+        if "enabled again in config.json" in r.reason:
+            folders.append(Path(webui) / "config.json")
+    return folders
+
+
 # ---------------------------------------------------------------------------------------------
 # Revert
 
@@ -400,6 +444,8 @@ def remove_installed(webui: Path, name: str, entry: Mapping[str, Any]) -> tuple[
     path = Path(webui) / "extensions" / directory
     if not path.exists():
         return "gone", f"extensions/{directory} is not there"
+    if path.is_symlink() or not fsutil.is_inside(path, webui):
+        return "kept", f"extensions/{directory} is a link or lies outside the WebUI folder now; left as it is"
     try:
         state = gitops.repo_state(path)
     except ExtensionError:
@@ -429,14 +475,38 @@ def remove_installed(webui: Path, name: str, entry: Mapping[str, Any]) -> tuple[
     return "kept", "it was there before lowvram"
 
 
+def revert_preflight(webui: Path, recorded: Mapping[str, Mapping[str, Any]]) -> list[Path]:
+    """Before revert changes anything: the folders removing or moving back the extensions the
+    manifest records would write in. Raises GitMissingError/GitOwnershipError when git cannot
+    check them for the user's changes (a checkout is never removed unchecked)."""
+    present = []
+    for entry in recorded.values():
+        directory = entry.get("dir")
+        if isinstance(directory, str) and _SAFE_NAME.match(directory) and ".." not in directory:
+            path = Path(webui) / "extensions" / directory
+            if path.exists():
+                present.append(path)
+    if not present:
+        return []
+    gitops.require_git("to check the extensions it installed for your changes before taking them out")
+    for path in present:
+        try:
+            gitops.repo_state(path)
+        except gitops.GitSetupError:
+            raise
+        except ExtensionError:
+            continue  # no longer a checkout: revert keeps it, and says so
+    return [Path(webui) / "extensions", *(p / ".git" for p in present)]
+
+
 def config_put_back(webui: Path, key: str, changes: Mapping[str, Any]) -> bool:
     """Put the names lowvram took out of `disabled_extensions` back (the user's other edits stay)."""
     path = Path(webui) / key
     try:
-        raw = path.read_bytes()
-        text = raw.decode("utf-8")
+        raw = fsutil.read_regular_bytes(path, MAX_CONFIG_BYTES, "UI settings file")
+        text = (raw or b"").decode("utf-8")
         data = json.loads(text)
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (fsutil.UnsafeFileError, UnicodeDecodeError, ValueError, RecursionError):
         return False
     removed = (changes.get("disabled_extensions") or {}).get("removed") or []
     if not isinstance(data, dict) or not removed:
@@ -450,7 +520,7 @@ def config_put_back(webui: Path, key: str, changes: Mapping[str, Any]) -> bool:
     new_text = json.dumps(data, indent=_detect_indent(text), ensure_ascii=text.isascii())
     if text.endswith("\n"):
         new_text += "\n"
-    fsutil.atomic_write_bytes(path, new_text.encode("utf-8"))
+    fsutil.atomic_write_bytes(path, new_text.encode("utf-8"), within=Path(webui))
     return True
 
 

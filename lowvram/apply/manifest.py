@@ -20,6 +20,7 @@ from typing import Any
 from lowvram import fsutil, markers, paths
 
 SCHEMA = 1
+MAX_BYTES = 64 * 1024 * 1024  # the manifest and each backup (a webui-user file, config.json)
 
 
 def sha256(data: bytes) -> str:
@@ -57,10 +58,12 @@ class Manifest:
         webui = Path(webui).resolve()
         m = cls(webui=webui)
         try:
-            data = json.loads(paths.manifest_path(webui).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return m
-        except (OSError, ValueError):
+            # Type checked before opening (a FIFO there never blocks), and a size limit.
+            raw = fsutil.read_regular_bytes(paths.manifest_path(webui), MAX_BYTES, "manifest")
+            if raw is None:
+                return m
+            data = json.loads(raw.decode("utf-8"))
+        except (fsutil.UnsafeFileError, ValueError, RecursionError):
             # A manifest that cannot be read: keep the broken one aside rather than lose it.
             broken = paths.manifest_path(webui)
             if not read_only:
@@ -117,8 +120,8 @@ class Manifest:
 
     def read_backup(self, name: str) -> bytes | None:
         try:
-            return (self.backups / name).read_bytes()
-        except OSError:
+            return fsutil.read_regular_bytes(self.backups / name, MAX_BYTES, "backup")
+        except fsutil.UnsafeFileError:
             return None
 
     # -- recording -----------------------------------------------------------------------------
@@ -184,14 +187,17 @@ def check_applied(webui: Path) -> list[str]:
         path = webui / key
         kind = webui_user.SH if key.endswith(".sh") else webui_user.BAT
         try:
-            data = path.read_bytes()
-        except OSError:
+            data = webui_user.read_bytes(path)
+        except fsutil.UnsafeFileError as exc:
+            problems.append(f"{key}: {exc.message}")
+            continue
+        if data is None:
             problems.append(f"{key} is gone, and with it lowvram's managed block")
             continue
         try:
-            block = webui_user.block_bytes(data, kind)
-        except Exception:
-            problems.append(f"{key}: lowvram's managed block is broken (an end marker is missing)")
+            block = webui_user.block_bytes(data, kind, recorded=str(entry["block_sha256"]))
+        except Exception as exc:  # damaged, or copied: the reason is in the message
+            problems.append(getattr(exc, "message", None) or f"{key}: lowvram's managed block is broken")
             continue
         if block is None:
             problems.append(f"{key} no longer holds lowvram's managed block (a UI update or `git reset`?)")

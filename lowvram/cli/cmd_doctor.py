@@ -48,15 +48,17 @@ def doctor(
     facts_file = facts or (Path(os.environ["LOWVRAM_FACTS"]) if os.environ.get("LOWVRAM_FACTS") else None)
     # With a facts file only an explicit WebUI is read from disk; the file's own stands otherwise.
     tree = (resolve_webui(webui) if webui is not None else None) if facts_file is not None else resolve_webui(webui)
+    gathered = gather_facts(tree, facts_file)
     extra = []
     if tree is not None:
         from lowvram import paths
         from lowvram.apply.manifest import check_applied
-        from lowvram.doctor import check_lowvram_applied
+        from lowvram.doctor import applied_conflicts, check_lowvram_applied
 
         applied = paths.manifest_path(tree).is_file()
-        extra.append(check_lowvram_applied(check_applied(tree) if applied else None))
-    report = build_report(gather_facts(tree, facts_file), extra)
+        extra.append(check_lowvram_applied(check_applied(tree) if applied else None,
+                                           applied_conflicts(tree, gathered) if applied else ()))
+    report = build_report(gathered, extra)
     if as_json:
         render.emit_json(report.to_dict())
     else:

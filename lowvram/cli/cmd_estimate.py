@@ -16,7 +16,7 @@ import typer
 
 from lowvram.cli.app import app
 from lowvram.cli.options import FactsOpt, JsonOpt, UiChoice, WebuiOpt
-from lowvram.errors import UsageError
+from lowvram.errors import UsageError, WebuiError
 
 if TYPE_CHECKING:
     from lowvram.calibration import Calibration
@@ -179,13 +179,25 @@ def _calibration_for(webui: Path | None, template: EstimateRequest, notes: list[
             continue
         parsed = parse_stats(text)
         if parsed.skipped:
-            notes.append(f"{path}: skipped {len(parsed.skipped)} part(s): {'; '.join(parsed.skipped[:3])}")
+            notes.append(f"{path}: skipped {len(parsed.skipped)} part(s): {'; '.join(parsed.skipped[:3])} (the rest "
+                         "is used; VRAM Estimator's benchmark rewrites the file)")
         if parsed.records:
             stats = parsed
             break
     if not observations and stats is None:
         return DEFAULT_CALIBRATION
     return calibrate(template, observations, stats)
+
+
+def _note_damaged_inputs(wf: Any, family: str | None, notes: list[str]) -> None:
+    """Damaged optional inputs the WebUI probe read past (detect/webui.py): notes, or the reason to stop."""
+    if wf is not None and wf.config_error:
+        notes.append(f"{wf.config_error} (fix it, or move it away)")
+    if wf is not None and wf.checkpoint_error:
+        if family is None:
+            raise WebuiError(f"{wf.checkpoint_error}; its model family is unknown",
+                             "add --model sd15, --model sd2 or --model sdxl (and re-download the checkpoint)")
+        notes.append(f"{wf.checkpoint_error} (estimated as --model {family}; re-download it or select another)")
 
 
 def _vram_from_facts(facts: Facts, notes: list[str]) -> tuple[int | None, int | None, str | None]:
@@ -250,6 +262,7 @@ def run_estimate(
     if family is None and wf_obj is not None and wf_obj.model_family in est.FAMILIES:
         family = wf_obj.model_family
         notes.append(f"model family {family} from the WebUI's selected checkpoint")
+    _note_damaged_inputs(wf_obj, family, notes)
     if family is None:
         raise UsageError("which model family? none was given and no WebUI checkpoint says",
                          "add --model sd15, --model sd2 or --model sdxl")

@@ -112,7 +112,7 @@ def install_extensions(  # noqa: PLR0917 - one parameter per CLI option
       lowvram install-extensions --source giant-kitten=~/src/stable-diffusion-webui-giant-kitten
     """
     from lowvram import fsutil, paths
-    from lowvram.apply import clean_stale
+    from lowvram.apply import check_writable, clean_stale
     from lowvram.apply import extensions as ext_mod
     from lowvram.apply.manifest import Manifest
 
@@ -135,6 +135,8 @@ def install_extensions(  # noqa: PLR0917 - one parameter per CLI option
         with fsutil.webui_lock(paths.lock_path(tree), what=f"the WebUI at {tree}"):
             clean_stale(tree)
             manifest = Manifest.load(tree)
+            # Before the first write: git there and allowed in the checkouts, the folders writable.
+            check_writable(ext_mod.preflight(tree, entries, manifest, ui=ui, sources=sources, update=update))
             with clone_progress(not json_out) as progress:
                 results = ext_mod.install(tree, entries, manifest, ui=ui, sources=sources, update=update,
                                           progress=progress)

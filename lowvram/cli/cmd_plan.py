@@ -47,7 +47,7 @@ def render_plan_text(plan: Any, facts_note: str | None = None) -> str:
     lines.append("")
     lines.append(render.style("flags lowvram adds:", "bold") + " " + (" ".join(plan.args) or "(none)"))
     if plan.merge == "assign":
-        lines.append(f"  assigns the merged COMMANDLINE_ARGS (overrides your {' '.join(plan.user_args_dropped)})")
+        lines.append(f"  overrides your {' '.join(plan.user_args_dropped)} (its values come after yours)")
     if plan.plan_args_dropped:
         lines.append(f"  left out (your flags contradict them): {' '.join(plan.plan_args_dropped)}")
     if plan.env:

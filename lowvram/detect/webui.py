@@ -4,14 +4,21 @@ Everything is read from files (DESIGN.md §3): no torch import and no subprocess
 `git describe` with a 1 s limit. The user's COMMANDLINE_ARGS are read from webui-user.sh/.bat
 outside lowvram's managed block; a value that the shell would expand ($VAR, `…`, %VAR%) is not
 literal and is reported as such rather than guessed.
+
+Damaged inputs (DESIGN.md §8): config.json and the checkpoint's safetensors header are optional
+inputs, so damage there is a warning (`WebuiFacts.config_error`, `.checkpoint_error`) and the command
+goes on as the UI itself would (default settings; a family that `--model` gives); a settings file
+that cannot be opened at all (a FIFO, a folder, too large) stays one WebuiError line.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shlex
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -20,11 +27,14 @@ from lowvram import markers
 from lowvram.detect.checkpoint import checkpoint_family
 from lowvram.errors import WebuiError
 from lowvram.facts import WebuiFacts
+from lowvram.fsutil import UnsafeFileError, read_regular_bytes, special_kind
 
 GIT_TIMEOUT_S = 1.0
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 MAX_WALK = 5000
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
+MAX_SCRIPT_BYTES = 4 * 1024 * 1024  # webui-user.sh / .bat: a few KiB in every release
+MAX_SMALL_READ = 256 * 1024  # version files, METADATA, the head of CHANGELOG.md
 
 NOT_A_WEBUI_HINT = (
     "give the folder that holds webui.sh / webui-user.bat (A1111, Forge, SD.Next) or main.py (ComfyUI), "
@@ -82,17 +92,24 @@ def _git_describe(root: Path) -> str | None:
 _CHANGELOG_RE = re.compile(r"^##\s+\[?v?(\d+\.\d+(?:\.\d+)?(?:[-+.]?[0-9A-Za-z]+)*)")
 
 
-def _changelog_version(root: Path) -> str | None:
+def _read_text(path: Path) -> str | None:
+    """A small file lowvram only peeks into (a version): None when missing, a FIFO, a device or a
+    folder (checked before opening, so nothing blocks); only its head when it is huge."""
     try:
-        with open(root / "CHANGELOG.md", encoding="utf-8", errors="replace") as fh:
-            for n, line in enumerate(fh):
-                if n > 500:
-                    break
-                m = _CHANGELOG_RE.match(line)
-                if m:
-                    return m.group(1)
-    except OSError:
+        data = read_regular_bytes(path, MAX_SMALL_READ, head=True)
+    except UnsafeFileError:
         return None
+    return None if data is None else data.decode("utf-8", "replace")
+
+
+def _changelog_version(root: Path) -> str | None:
+    text = _read_text(root / "CHANGELOG.md")
+    for n, line in enumerate((text or "").splitlines()):
+        if n > 500:
+            break
+        m = _CHANGELOG_RE.match(line)
+        if m:
+            return m.group(1)
     return None
 
 
@@ -105,11 +122,8 @@ def _py_assignment(text: str, name: str) -> str | None:
 
 
 def _comfy_version(root: Path) -> str | None:
-    try:
-        text = (root / "comfyui_version.py").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    return _py_assignment(text, "__version__")
+    text = _read_text(root / "comfyui_version.py")
+    return None if text is None else _py_assignment(text, "__version__")
 
 
 def webui_version(root: Path, flavor: str) -> str | None:
@@ -164,16 +178,12 @@ def _dist_version(site: Path, name: str) -> str | None:
         if dist.lower().replace("-", "_") != prefix:
             continue
         version = rest or None
-        try:
-            with open(info / "METADATA", encoding="utf-8", errors="replace") as fh:
-                for line in fh:
-                    if line.startswith("Version:"):
-                        version = line.split(":", 1)[1].strip()
-                        break
-                    if not line.strip():
-                        break
-        except OSError:
-            pass
+        for line in (_read_text(info / "METADATA") or "").splitlines():
+            if line.startswith("Version:"):
+                version = line.split(":", 1)[1].strip()
+                break
+            if not line.strip():
+                break
         best = version or best
     return best
 
@@ -190,10 +200,7 @@ def torch_build(site: Path | None) -> tuple[str | None, str | None]:
     """(torch version, CUDA it was built for) from torch/version.py, else the dist-info."""
     if site is None:
         return None, None
-    try:
-        text = (site / "torch" / "version.py").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        text = None
+    text = _read_text(site / "torch" / "version.py")
     if text is not None:
         version = _py_assignment(text, "__version__")
         if version:
@@ -227,20 +234,34 @@ def _shell_literal(value: str) -> bool:
     return True
 
 
-def _outside_block(lines: list[str], begin: str, end: str) -> list[str]:
-    out: list[str] = []
-    inside = False
-    for line in lines:
-        stripped = line.strip()
-        if stripped == begin:
-            inside = True
-            continue
-        if stripped == end:
-            inside = False
-            continue
-        if not inside:
-            out.append(line)
-    return out
+def _outside_block(text: str, kind: str) -> list[str]:
+    """The lines of a webui-user file outside lowvram's managed block(s).
+
+    Only a block lowvram could have written counts (apply/webui_user.py `block_spans`: exact
+    markers, lowvram's own lines, at the top level); marker text anywhere else is the user's. A
+    damaged block (no end marker) is skipped from its begin marker on, as lowvram wrote it.
+    """
+    from lowvram.apply.webui_user import BAT, SH, block_spans
+
+    begin, end = ((markers.BLOCK_BEGIN, markers.BLOCK_END) if kind == "sh"
+                  else (markers.BAT_BLOCK_BEGIN, markers.BAT_BLOCK_END))
+    if begin not in text:
+        return text.split("\n")
+    data = text.encode("utf-8", "surrogateescape")
+    try:
+        spans = block_spans(data, SH if kind == "sh" else BAT, "webui-user")
+    except Exception:  # damaged or unreadable: the old reading, begin marker to end marker
+        out: list[str] = []
+        inside = False
+        for line in text.split("\n"):
+            stripped = line.strip()
+            inside = (inside or stripped == begin) and stripped != end
+            if not inside and stripped != end:
+                out.append(line)
+        return out
+    kept = b"".join(data[a:b] for a, b in zip([0] + [s[1] for s in spans], [s[0] for s in spans] + [len(data)],
+                                               strict=True))
+    return kept.decode("utf-8", "surrogateescape").split("\n")
 
 
 _SH_RE = re.compile(r"^\s*export\s+COMMANDLINE_ARGS=(.*)$")
@@ -250,8 +271,8 @@ _BAT_RE = re.compile(r'^\s*@?set\s+(")?COMMANDLINE_ARGS=(.*)$', re.IGNORECASE)
 def parse_sh_args(text: str) -> tuple[tuple[str, ...] | None, bool]:
     """(args, literal) from the last `export COMMANDLINE_ARGS=…` outside lowvram's block."""
     raw = None
-    for line in _outside_block(text.splitlines(), markers.BLOCK_BEGIN, markers.BLOCK_END):
-        m = _SH_RE.match(line)
+    for line in _outside_block(text, "sh"):
+        m = _SH_RE.match(line.rstrip("\r"))
         if m:
             raw = m.group(1)
     if raw is None:
@@ -265,19 +286,54 @@ def parse_sh_args(text: str) -> tuple[tuple[str, ...] | None, bool]:
         return None, False
 
 
+def _bat_set_value(rest: str, quoted: bool) -> str | None:
+    """The value cmd gives COMMANDLINE_ARGS from the text after `COMMANDLINE_ARGS=` on a `set` line
+    (`quoted`: the `set "…"` form), or None where it is not literal.
+
+    As cmd reads a batch line: `%%` is one `%` and any other `%` expands something; then outside
+    double quotes `^` escapes the next character, `&`/`|` end the command and `<`/`>` redirect;
+    `set "X=…"` keeps the text up to the line's last double quote.
+    """
+    if re.sub("%%", "", rest).count("%"):
+        return None
+    rest = rest.replace("%%", "%")
+    out: list[str] = []
+    i = 0
+    while i < len(rest):
+        c = rest[i]
+        if c == '"':
+            quoted = not quoted
+        elif not quoted and c == "^":
+            if i + 1 >= len(rest):
+                return None  # a caret at the end continues the line
+            i += 1
+            c = rest[i]
+        elif not quoted and c in "&|":
+            break
+        elif not quoted and c in "<>":
+            return None
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 def parse_bat_args(text: str) -> tuple[tuple[str, ...] | None, bool]:
-    """(args, literal) from the last `set COMMANDLINE_ARGS=…` / `set "COMMANDLINE_ARGS=…"`."""
-    raw = None
-    for line in _outside_block(text.splitlines(), markers.BAT_BLOCK_BEGIN, markers.BAT_BLOCK_END):
-        m = _BAT_RE.match(line)
+    """(args, literal) from the last `set COMMANDLINE_ARGS=…` / `set "COMMANDLINE_ARGS=…"` outside
+    lowvram's block, read as cmd reads it (`%%`, `^`, quotes); `!` is literal unless the file turns
+    on delayed expansion."""
+    raw: str | None = None
+    found = False
+    for line in _outside_block(text, "bat"):
+        m = _BAT_RE.match(line.rstrip("\r"))
         if m:
-            value = m.group(2)
-            if m.group(1):
+            found = True
+            value = _bat_set_value(m.group(2), bool(m.group(1)))
+            if value is not None and m.group(1):
                 value = value[: value.rfind('"')] if '"' in value else value
             raw = value
-    if raw is None:
+    if not found:
         return None, True
-    if "%" in raw or "!" in raw:
+    if raw is None or ("!" in raw and "enabledelayedexpansion" in text.lower()):
         return None, False
     try:
         return tuple(shlex.split(raw)), True
@@ -286,11 +342,16 @@ def parse_bat_args(text: str) -> tuple[tuple[str, ...] | None, bool]:
 
 
 def read_user_args(root: Path, os_name: str) -> tuple[tuple[str, ...] | None, bool]:
+    """The user's flags from webui-user.sh/.bat; a missing file (or a dangling link) has none.
+
+    A FIFO, device, folder, link loop or huge file there is one UnsafeFileError naming it
+    (checked before opening: nothing blocks); a link is read through.
+    """
     name = "webui-user.bat" if os_name == "windows" else "webui-user.sh"
-    try:
-        text = (root / name).read_bytes().decode("utf-8", "replace")
-    except OSError:
+    data = read_regular_bytes(root / name, MAX_SCRIPT_BYTES, "webui-user file")
+    if data is None:
         return None, True
+    text = data.decode("utf-8", "replace")
     return parse_bat_args(text) if name.endswith(".bat") else parse_sh_args(text)
 
 
@@ -310,27 +371,57 @@ def flag_value(args: tuple[str, ...] | None, flag: str) -> str | None:
 # config.json and the selected checkpoint
 
 
+class ConfigDamagedError(WebuiError):
+    """The settings file is there but the UI cannot load it: `probe_webui` reads past it with a warning."""
+
+
+CONFIG_HINT = "fix it, or move it away (the UI writes a fresh one at start-up)"
+_CONFIG_RESET = ("the UI cannot load it either: at start-up it moves it to tmp/config.json and starts with "
+                 "default settings, which lowvram plans for")
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false",
+               type(None): "null"}
+
+
 def read_config(path: Path) -> dict[str, Any]:
-    """A1111's settings; missing = a fresh install (defaults); unreadable or invalid = WebuiError."""
+    """A1111's settings; missing = a fresh install (defaults); unreadable (a FIFO, a folder, too large) =
+    WebuiError; there but damaged = ConfigDamagedError (see `parse_config`)."""
     hint = f"fix {path.name} or move it away (the UI writes a fresh one at start-up)"
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise WebuiError(f"{path} is too large to be the UI's settings", hint)
-        raw = path.read_bytes()
-    except FileNotFoundError:
+        raw = read_regular_bytes(path, MAX_CONFIG_BYTES, "UI settings file")
+    except UnsafeFileError as exc:
+        raise WebuiError(exc.message, hint) from exc
+    if raw is None:
         return {}
-    except OSError as exc:
-        raise WebuiError(f"cannot read {path}: {exc.strerror or exc}", hint) from exc
+    return parse_config(raw, path)
+
+
+def parse_config(raw: bytes, path: Path) -> dict[str, Any]:
+    """The settings as A1111's `Options.load` reads them: `json.load` of UTF-8 text.
+
+    What that load refuses (not UTF-8, a byte-order mark, broken JSON, nesting too deep, a number
+    over Python's 4300-digit limit) the UI moves to tmp/config.json and replaces with its defaults;
+    JSON that is not an object makes it fail at start-up. Either is one ConfigDamagedError line naming
+    the file. NaN, duplicate keys or a setting of the wrong type load there, so they load here (the
+    readers of single settings check their types).
+    """
     try:
-        data = json.loads(raw.decode("utf-8-sig"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise WebuiError(f"{path} is not UTF-8 text", hint) from exc
+        raise ConfigDamagedError(f"{path} is not UTF-8 text (byte {exc.start}): {_CONFIG_RESET}", CONFIG_HINT) from exc
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise WebuiError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", hint) from exc
-    except (ValueError, RecursionError) as exc:  # a number over Python's digit limit, absurd nesting
-        raise WebuiError(f"{path} holds values no UI setting has ({str(exc).splitlines()[0][:80]})", hint) from exc
+        raise ConfigDamagedError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}): "
+                                 f"{_CONFIG_RESET}", CONFIG_HINT) from exc
+    except RecursionError as exc:
+        raise ConfigDamagedError(f"{path} is nested too deeply: {_CONFIG_RESET}", CONFIG_HINT) from exc
+    except ValueError as exc:  # an integer over Python's 4300-digit limit
+        raise ConfigDamagedError(f"{path} holds a number with thousands of digits: {_CONFIG_RESET}",
+                                 CONFIG_HINT) from exc
     if not isinstance(data, dict):
-        raise WebuiError(f"{path} is not a JSON object of settings", hint)
+        kind = _JSON_KINDS.get(type(data), "a value")
+        raise ConfigDamagedError(f"{path} holds {kind}, not an object of settings: the UI does not start with it "
+                                 "(lowvram plans for the default settings)", CONFIG_HINT)
     return data
 
 
@@ -361,12 +452,13 @@ def _walk_checkpoints(dirs: list[Path]) -> list[tuple[Path, Path]]:
 
     As A1111's `walk_files`: each dir's folders sorted naturally by path, files naturally within a
     folder; only `.ckpt`/`.safetensors` (any case), never `*.vae.*`, nothing inside a hidden folder,
-    no broken symlink.
+    no broken symlink. A FIFO or device with a checkpoint's name is listed, as A1111 lists it: reading
+    its header then fails with one line naming it (its type is checked before it is opened).
     """
     found: list[tuple[Path, Path]] = []
     seen = 0
     for d in dirs:
-        if not d.is_dir():
+        if not d.is_dir():  # a FIFO, a file, a dangling link or a link loop there: no checkpoints
             continue
         listing: list[tuple[str, list[str]]] = []
         for dirpath, _dirnames, filenames in os.walk(d, followlinks=True):
@@ -390,12 +482,35 @@ def _walk_checkpoints(dirs: list[Path]) -> list[tuple[Path, Path]]:
     return found
 
 
-def find_checkpoint(root: Path, config: dict[str, Any], args: tuple[str, ...] | None) -> tuple[str | None, Path | None]:
-    """(name as the UI shows it, file) of the checkpoint A1111 would load at start-up.
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
-    A1111 lists `--ckpt-dir` first, then `<models dir>/Stable-diffusion`, where the models dir is
-    `--models-dir`, else `<--data-dir>/models`, else the tree's own `models/`.
-    """
+
+def _is_file(path: Path) -> bool:
+    """is_file() that is False, not an exception, for a name the OS refuses (too long, NUL, unencodable):
+    a damaged `sd_model_checkpoint` names no file, as in A1111."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _is_entry(path: Path) -> bool:
+    """Something is there: a file, but also a dangling link, a FIFO, a device or a folder the user
+    selected: reading its header then fails with one line naming it (never blocking)."""
+    try:
+        return os.path.lexists(path)
+    except (OSError, ValueError):
+        return False
+
+
+def checkpoint_dirs(root: Path, args: tuple[str, ...] | None) -> list[Path]:
+    """Where A1111 lists checkpoints: `--ckpt-dir` first, then `<models dir>/Stable-diffusion`, where
+    the models dir is `--models-dir`, else `<--data-dir>/models`, else the tree's own `models/`."""
     data_dir = _abs(root, flag_value(args, "--data-dir") or ".")
     models_flag = flag_value(args, "--models-dir")
     models_dir = _abs(root, models_flag) if models_flag else data_dir / "models"
@@ -404,17 +519,49 @@ def find_checkpoint(root: Path, config: dict[str, Any], args: tuple[str, ...] | 
     if ckpt_dir:
         dirs.append(_abs(root, ckpt_dir))
     dirs.append(models_dir / "Stable-diffusion")
-    dirs = list(dict.fromkeys(dirs))
+    return list(dict.fromkeys(dirs))
+
+
+def checkpoint_dir_problem(dirs: list[Path]) -> str | None:
+    """A checkpoint folder that is not one (a FIFO, a file, a dangling or looping link): the UI
+    cannot list (or even create) it, so no checkpoint is found; said in one line naming it."""
+    for d in dirs:
+        try:
+            if not os.path.lexists(d) or d.is_dir():
+                continue
+            st = os.lstat(d)
+        except (OSError, ValueError):
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                os.stat(d)
+                what = "a file"
+            except OSError as exc:
+                what = "a link that loops" if exc.errno == errno.ELOOP else "a link to a folder that does not exist"
+            return f"the checkpoint folder {d} is {what} ({os.readlink(d)})"
+        return f"the checkpoint folder {d} is {special_kind(st.st_mode) or 'a file'}, not a folder"
+    return None
+
+
+def find_checkpoint(root: Path, config: dict[str, Any], args: tuple[str, ...] | None) -> tuple[str | None, Path | None]:
+    """(name as the UI shows it, file) of the checkpoint A1111 would load at start-up.
+
+    A1111 lists `--ckpt-dir` first, then `<models dir>/Stable-diffusion`, where the models dir is
+    `--models-dir`, else `<--data-dir>/models`, else the tree's own `models/`.
+    """
+    dirs = checkpoint_dirs(root, args)
     # --ckpt (default <root>/model.ckpt) wins when the file exists.
     ckpt = _abs(root, flag_value(args, "--ckpt") or "model.ckpt")
-    if ckpt.is_file():
+    if _is_file(ckpt):
         return ckpt.name, ckpt
     selected = config.get("sd_model_checkpoint")
+    if isinstance(selected, str) and not _is_text(selected):
+        selected = None  # a lone surrogate (an "\\ud800" escape): A1111 never writes one, no file has that name
     if isinstance(selected, str) and strip_hash(selected):
         name = strip_hash(selected).replace("\\", "/")
         for d in dirs:
             candidate = d / name
-            if candidate.is_file() and not name.endswith(CHECKPOINT_BLACKLIST):
+            if _is_entry(candidate) and not name.endswith(CHECKPOINT_BLACKLIST):
                 return name, candidate
         base = name.rsplit("/", 1)[-1]
         for _d, f in _walk_checkpoints(dirs):
@@ -441,7 +588,12 @@ def _extension_dirs(ext_root: Path) -> tuple[str, ...]:
 
 
 def probe_webui(path: Path, os_name: str | None = None) -> WebuiFacts:
-    """Read a WebUI tree. Raises WebuiError when `path` is not one, or a file in it is unreadable."""
+    """Read a WebUI tree. Raises WebuiError when `path` is not one, or a file in it is unreadable.
+
+    Damaged optional inputs are read past, never fatal: a config.json the UI cannot load is planned
+    for as the UI's defaults (`config_error`), a damaged checkpoint header leaves the family unknown
+    (`checkpoint_error`); doctor warns about each, plan says it and `--model` answers the family.
+    """
     from lowvram.detect.system import host_os
 
     root = Path(path).expanduser()
@@ -469,11 +621,20 @@ def probe_webui(path: Path, os_name: str | None = None) -> WebuiFacts:
     user_args, literal = read_user_args(root, os_name)
     data_dir = _abs(root, flag_value(user_args, "--data-dir") or ".")
     settings_file = flag_value(user_args, "--ui-settings-file")
-    config = read_config(_abs(root, settings_file) if settings_file else data_dir / "config.json")
+    config_error = checkpoint_error = None
+    try:
+        config = read_config(_abs(root, settings_file) if settings_file else data_dir / "config.json")
+    except ConfigDamagedError as exc:  # the UI resets it to its defaults: plan for those, and say so
+        config, config_error = {}, exc.message
     name, file = find_checkpoint(root, config, user_args)
     family = key = None
+    if file is None:  # a FIFO, a file or a broken link where the checkpoint folder belongs: say which
+        checkpoint_error = checkpoint_dir_problem(checkpoint_dirs(root, user_args))
     if file is not None:
-        family = checkpoint_family(file)
+        try:
+            family = checkpoint_family(file)
+        except WebuiError as exc:  # a damaged header: the family is unknown, --model answers it
+            family, checkpoint_error = "unknown", exc.message
         try:
             st = file.stat()
             key = markers.checkpoint_key(file.name, st.st_size, st.st_mtime)
@@ -492,4 +653,6 @@ def probe_webui(path: Path, os_name: str | None = None) -> WebuiFacts:
         user_args_literal=literal,
         extensions=_extension_dirs(data_dir / "extensions"),
         disabled_extensions=tuple(x for x in disabled if isinstance(x, str)) if isinstance(disabled, list) else (),
+        checkpoint_error=checkpoint_error,
+        config_error=config_error,
     )

@@ -65,11 +65,16 @@ def test_without_a_user_value_there_is_no_leading_space(tmp_path: Path) -> None:
     assert got["NO_TCMALLOC"] == "True"
 
 
-def test_assign_mode_replaces_the_user_value(tmp_path: Path) -> None:
-    tree = make_webui(tmp_path / "w", webui_user_sh='export COMMANDLINE_ARGS="--lowvram --api"\n')
-    plan = simple_plan(args=("--medvram-sdxl",), env={}, merge="assign", user_args_kept=("--api",))
+def test_a_plan_that_overrides_user_flags_keeps_the_users_line_live(tmp_path: Path) -> None:
+    # The block never freezes a copy of the user's flags (issue 14): an edit after apply takes effect,
+    # and the plan's valued flag wins by coming later (argparse keeps a flag's last value).
+    tree = make_webui(tmp_path / "w", webui_user_sh='export COMMANDLINE_ARGS="--device-id 1 --api"\n')
+    plan = simple_plan(args=("--medvram-sdxl", "--device-id", "0"), env={}, merge="assign", user_args_kept=("--api",))
     apply_plan(plan, tree, linux_facts())
-    assert _source_and_dump(tree)["argv"] == ["--api", "--medvram-sdxl"]
+    path = tree / "webui-user.sh"
+    path.write_bytes(path.read_bytes().replace(b'"--device-id 1 --api"', b'"--device-id 1 --api --port 7000"'))
+    assert _source_and_dump(tree)["argv"] == ["--device-id", "1", "--api", "--port", "7000", "--medvram-sdxl",
+                                              "--device-id", "0"]
 
 
 def test_a1111_shlex_reads_the_same_flags_the_plan_has(tmp_path: Path) -> None:

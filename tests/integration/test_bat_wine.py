@@ -29,7 +29,7 @@ def _run_cmd(tree: Path, bat: str) -> dict[str, str]:
     (tree / "webui.bat").write_bytes(WEBUI_BAT.encode())
     env = dict(os.environ, WINEDEBUG="-all")
     env.pop("COMMANDLINE_ARGS", None)
-    subprocess.run(["wine", "cmd", "/c", bat], cwd=tree, env=env, capture_output=True, timeout=120,
+    subprocess.run(["wine", "cmd", "/c", bat], cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120,
                    stdin=subprocess.DEVNULL, check=False)
     text = (tree / "env.txt").read_bytes().decode("ascii", "replace")
     out: dict[str, str] = {}

@@ -118,19 +118,36 @@ def test_a_double_quote_in_a_bat_value_is_refused_in_one_line(tmp_path: Path) ->
     assert snapshot(tree) == before
 
 
+def test_a_linux_lowvram_home_is_never_written_into_a_bat(tmp_path: Path, home: Path) -> None:
+    # Facts from a Linux box writing the Windows files: the hook config's path is a Linux one, which
+    # the UI on Windows cannot open (issue 14): one clear line, nothing written.
+    tree = make_webui(tmp_path / "webui", webui_user_sh=None, webui_user_bat=STOCK_WEBUI_USER_BAT, venv=False)
+    before = snapshot(tree)
+    done = lowvram(home, tmp_path, "apply", "--webui", str(tree), "--facts", str(facts(tmp_path, "windows")),
+                   "--profile", "evil")
+    assert done.returncode == 1
+    assert "Linux path" in done.stderr and "hint:" in done.stderr and "Traceback" not in done.stderr
+    assert snapshot(tree) == before
+    assert no_sentinels(tmp_path) == []
+
+
 @pytest.mark.wine
 @pytest.mark.skipif(shutil.which("wine") is None, reason="wine is not installed (Debian package `wine`)")
-def test_bat_run_by_cmd_runs_nothing_and_keeps_every_value(tmp_path: Path, home: Path) -> None:
+def test_bat_run_by_cmd_runs_nothing_and_keeps_every_value(tmp_path: Path) -> None:
+    from lowvram.apply import apply_plan, revert
+    from tests.fixtures.git_repos import linux_facts, simple_plan
+
     tree = make_webui(tmp_path / "webui", webui_user_sh=None, webui_user_bat=STOCK_WEBUI_USER_BAT.replace(
         "set COMMANDLINE_ARGS=", "set COMMANDLINE_ARGS=--api"), venv=False)
     original = snapshot(tree)
-    done = lowvram(home, tmp_path, "apply", "--webui", str(tree), "--facts", str(facts(tmp_path, "windows")),
-                   "--profile", "evil")
-    assert done.returncode == 0, done.stderr
+    config = "C:\\" + HOSTILE_HOME.replace("/", "\\") + "\\hook.json"  # where lowvram on Windows keeps it
+    apply_plan(simple_plan(args=("--xformers", "--ckpt-dir", HOSTILE_FLAG), env={"LOWVRAM_CONFIG": config}), tree,
+               linux_facts("windows"))
     (tree / "webui.bat").write_bytes(b'@echo off\r\nset > "%~dp0env.txt"\r\n')
     env = {k: v for k, v in os.environ.items() if k != "COMMANDLINE_ARGS"}
     subprocess.run(["wine", "cmd", "/c", "webui-user.bat"], cwd=tree, env={**env, "WINEDEBUG": "-all"},
-                   capture_output=True, timeout=180, stdin=subprocess.DEVNULL, check=False)
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=180, stdin=subprocess.DEVNULL,
+                   check=False)
     got = {}
     for line in (tree / "env.txt").read_bytes().decode("ascii", "replace").splitlines():
         name, sep, value = line.partition("=")
@@ -140,10 +157,10 @@ def test_bat_run_by_cmd_runs_nothing_and_keeps_every_value(tmp_path: Path, home:
     tokens = shlex.split(got["COMMANDLINE_ARGS"])
     assert tokens[0] == "--api"
     assert tokens[tokens.index("--ckpt-dir") + 1] == HOSTILE_FLAG
-    assert HOSTILE_HOME in got["LOWVRAM_CONFIG"]
+    assert got["LOWVRAM_CONFIG"] == config
     (tree / "webui.bat").write_bytes(original["webui.bat"])
     (tree / "env.txt").unlink()
-    assert lowvram(home, tmp_path, "revert", "--webui", str(tree)).returncode == 0
+    revert(tree)
     assert snapshot(tree) == original
 
 

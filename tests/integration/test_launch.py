@@ -195,7 +195,8 @@ def test_windows_launches_the_bat_that_holds_the_block(tmp_path: Path, call_line
     user_bat = f"@echo off\r\nset COMMANDLINE_ARGS=\r\n{call_line}\r\n"
     tree = make_webui(tmp_path / "win", webui_user_sh=None, webui_user_bat=user_bat)
     facts = make_facts(tree, os_name="windows")
-    apply_plan(make_plan(), tree, facts)
+    # (no hook: its config's path here is a Linux one, which apply never writes into a .bat)
+    apply_plan(make_plan(hook=HookPlan(False, "test")), tree, facts)
     assert b"rem >>> lowvram" in (tree / "webui-user.bat").read_bytes()
     assert not (tree / "webui.settings.bat").exists()
     spec = launch.build_launch(make_plan(), facts, tree)

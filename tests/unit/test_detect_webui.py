@@ -71,28 +71,32 @@ def test_sdnext_needs_a_launcher_not_just_installer_py(tmp_path: Path) -> None:
     assert webui.detect_flavor(tmp_path / "x") is None
 
 
-def test_bad_config_json_is_one_clear_error(tmp_path: Path) -> None:
-    root = make_webui(tmp_path / "sd")
-    (root / "config.json").write_text('{"sd_model_checkpoint": "x",,}')
-    with pytest.raises(WebuiError) as err:
-        webui.probe_webui(root, os_name="linux")
-    assert "config.json is not valid JSON (line 1" in err.value.message
+def test_bad_config_json_is_read_past_as_the_ui_defaults(tmp_path: Path) -> None:
+    """A1111 moves a config.json it cannot load to tmp/config.json and starts with its defaults."""
+    root = make_webui(tmp_path / "sd", config={"batch_cond_uncond": False})
+    (root / "config.json").write_text('{"sd_model_checkpoint": "x", "batch_cond_uncond": false,,}')
+    f = webui.probe_webui(root, os_name="linux")
+    assert f.config_error is not None and "config.json is not valid JSON (line 1" in f.config_error
+    assert "tmp/config.json" in f.config_error
+    assert f.batch_cond_uncond is True and f.checkpoint == "sd_xl_base_1.0.safetensors"  # the defaults
+    with pytest.raises(webui.ConfigDamagedError) as err:
+        webui.read_config(root / "config.json")
     assert "move it away" in err.value.hint
     (root / "config.json").write_text("[1, 2]")
-    with pytest.raises(WebuiError, match="not a JSON object"):
-        webui.probe_webui(root, os_name="linux")
+    f = webui.probe_webui(root, os_name="linux")
+    assert f.config_error is not None and "not an object of settings" in f.config_error
 
 
 def test_unreadable_config_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = make_webui(tmp_path / "sd")
-    real = Path.read_bytes
+    real = os.open
 
-    def deny(self: Path) -> bytes:
-        if self.name == "config.json":
-            raise PermissionError(13, "Permission denied")
-        return real(self)
+    def deny(path: str, flags: int, *args: int) -> int:  # root reads anything: refuse the open itself
+        if os.fspath(path).endswith("config.json"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path, flags, *args)
 
-    monkeypatch.setattr(Path, "read_bytes", deny)
+    monkeypatch.setattr(os, "open", deny)
     with pytest.raises(WebuiError, match=r"cannot read .*config\.json: Permission denied"):
         webui.probe_webui(root, os_name="linux")
 
@@ -105,12 +109,14 @@ def test_missing_config_is_a_fresh_install(tmp_path: Path) -> None:
     assert f.checkpoint == "sd_xl_base_1.0.safetensors"  # the first one A1111 lists
 
 
-def test_truncated_selected_checkpoint_is_one_clear_error(tmp_path: Path) -> None:
+def test_truncated_selected_checkpoint_is_read_past_with_its_error(tmp_path: Path) -> None:
+    """A damaged header is an optional input: the family is unknown and the error kept for the warning."""
     root = make_webui(tmp_path / "sd")
     ckpt = root / "models" / "Stable-diffusion" / "sd_xl_base_1.0.safetensors"
     ckpt.write_bytes(ckpt.read_bytes()[:30])
-    with pytest.raises(WebuiError, match="truncated"):
-        webui.probe_webui(root, os_name="linux")
+    f = webui.probe_webui(root, os_name="linux")
+    assert f.model_family == "unknown" and f.checkpoint_path == str(ckpt)
+    assert f.checkpoint_error is not None and "truncated" in f.checkpoint_error and str(ckpt) in f.checkpoint_error
 
 
 def test_selection_missing_falls_back_like_a1111(tmp_path: Path) -> None:

@@ -241,7 +241,7 @@ def test_facts_file_too_large(tmp_path: Path) -> None:
     path = tmp_path / "facts.json"
     path.write_bytes(b" " * (5 * 1024 * 1024) + b"{}")
     result = _facts_or_error(path)
-    assert isinstance(result, FactsError) and "too large" in result.message
+    assert isinstance(result, FactsError) and "over the 4 MiB" in result.message and str(path) in result.message
 
 
 @FEW

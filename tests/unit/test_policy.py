@@ -226,14 +226,15 @@ def test_user_flags_contradicting_the_plan_without_a_profile_keep_the_users() ->
     assert sum("contradicts" in w for w in plan.warnings) == 2
 
 
-def test_user_flags_contradicting_an_explicit_profile_are_overridden() -> None:
+def test_user_on_off_flag_contradicting_an_explicit_profile_still_wins_live() -> None:
+    # The block only appends to the user's live line (issue 14): an on/off flag there cannot be
+    # switched off from the block, so the user's --lowvram stays, and the plan says how to drop it.
     facts = with_webui(MACHINES["gtx1070-8gb"], "a1111", "sdxl", user_args=("--lowvram", "--api", "--port", "7861"))
     plan = run(facts, "gtx1070-sdxl")
-    assert plan.merge == "assign"
-    assert plan.user_args_dropped == ("--lowvram",)
-    assert plan.user_args_kept == ("--api", "--port", "7861")
-    assert plan.env["COMMANDLINE_ARGS"].startswith("--api --port 7861 --medvram-sdxl")
-    assert any("replaces yours" in w for w in plan.warnings)
+    assert plan.merge == "append" and plan.user_args_dropped == () and plan.user_args_kept == ()
+    assert "--medvram-sdxl" in plan.plan_args_dropped and "--medvram-sdxl" not in plan.args
+    assert plan.offload == "lowvram"
+    assert any("take --lowvram out of it" in w for w in plan.warnings)
 
 
 def test_non_literal_user_args_append_with_a_warning() -> None:

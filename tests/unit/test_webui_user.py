@@ -17,6 +17,7 @@ from tests.fixtures.webui_trees import STOCK_WEBUI_USER_BAT, STOCK_WEBUI_USER_SH
 
 TCM = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 CFG = "/home/u/.local/state/lowvram/webuis/abc/hook.json"
+CFG_WIN = "C:\\Users\\u\\AppData\\Local\\lowvram\\webuis\\abc\\hook.json"  # what Windows' lowvram writes
 
 SH_BLOCK = (
     f"{markers.BLOCK_BEGIN}\n"
@@ -28,9 +29,12 @@ SH_BLOCK = (
 
 BAT_BLOCK_LINES = [
     markers.BAT_BLOCK_BEGIN,
-    'set "COMMANDLINE_ARGS=%COMMANDLINE_ARGS% --xformers --medvram-sdxl"',
+    # The user's value is read through `for /f` (never re-parsed by cmd); see test_bat_wine.py.
+    'if defined COMMANDLINE_ARGS for /f "tokens=1,* delims==" %%J in (\'set COMMANDLINE_ARGS\') do '
+    'if /i "%%J"=="COMMANDLINE_ARGS" set "COMMANDLINE_ARGS=%%K --xformers --medvram-sdxl"',
+    'if not defined COMMANDLINE_ARGS set "COMMANDLINE_ARGS=--xformers --medvram-sdxl"',
     'set "PYTORCH_CUDA_ALLOC_CONF=garbage_collection_threshold:0.6"',
-    f'set "LOWVRAM_CONFIG={CFG}"',
+    f'set "LOWVRAM_CONFIG={CFG_WIN}"',
     markers.BAT_BLOCK_END,
 ]
 
@@ -44,7 +48,7 @@ def _plan_bat():  # type: ignore[no-untyped-def]
 
 
 def _apply(path: Path, kind: str, plan, before_call: bool = False) -> wu.FileChange:  # type: ignore[no-untyped-def]
-    change = wu.plan_change(wu.Target(path, kind, before_call), wu.block_vars(plan, CFG))
+    change = wu.plan_change(wu.Target(path, kind, before_call), wu.block_vars(plan, CFG if kind == wu.SH else CFG_WIN))
     path.write_bytes(change.new)
     return change
 
@@ -104,12 +108,16 @@ def test_block_bytes_depend_only_on_the_plan() -> None:
     assert a == b == SH_BLOCK.decode()
 
 
-def test_assign_mode_sets_the_merged_value() -> None:
-    plan = simple_plan(args=("--medvram-sdxl",), env={}, merge="assign", user_args_kept=("--api", "--port", "7861"))
+def test_a_plan_that_overrides_user_flags_still_appends_to_the_live_line() -> None:
+    # Never a frozen copy of the user's flags in the block (issue 14 class 6): their line stays live.
+    plan = simple_plan(args=("--medvram-sdxl", "--device-id", "0"), env={}, merge="assign",
+                       user_args_kept=("--api", "--port", "7861"))
     text = wu.render_block(wu.block_vars(plan), wu.SH)
-    assert 'export COMMANDLINE_ARGS="--api --port 7861 --medvram-sdxl"\n' in text
+    assert 'export COMMANDLINE_ARGS="${COMMANDLINE_ARGS:+$COMMANDLINE_ARGS }--medvram-sdxl --device-id 0"\n' in text
+    assert "7861" not in text
     bat = wu.render_block(wu.block_vars(plan), wu.BAT)
-    assert 'set "COMMANDLINE_ARGS=--api --port 7861 --medvram-sdxl"\r\n' in bat
+    assert 'set "COMMANDLINE_ARGS=%%K --medvram-sdxl --device-id 0"\r\n' in bat
+    assert "7861" not in bat
 
 
 def test_no_args_in_append_mode_writes_no_commandline_line() -> None:
@@ -167,7 +175,7 @@ def test_windows_without_any_webui_user_bat_uses_webui_settings_bat(tmp_path: Pa
 def test_bat_doubles_percent_and_refuses_double_quotes() -> None:
     plan = simple_plan(args=("--ckpt-dir", r"C:\100% models\\"), env={"LOWVRAM_CONFIG": r"C:\a%b\hook.json"})
     text = wu.render_block(wu.block_vars(plan), wu.BAT)
-    assert r'''set "COMMANDLINE_ARGS=%COMMANDLINE_ARGS% --ckpt-dir 'C:\100%% models\\'"''' in text
+    assert r'''set "COMMANDLINE_ARGS=%%K --ckpt-dir 'C:\100%% models\\'"''' in text
     assert r'set "LOWVRAM_CONFIG=C:\a%%b\hook.json"' in text
     with pytest.raises(ApplyError, match="double quote"):
         wu.render_block(wu.block_vars(simple_plan(args=('--x="y"',), env={})), wu.BAT)
@@ -190,8 +198,8 @@ def test_line_breaks_in_values_are_refused() -> None:
 
 
 def test_begin_marker_without_end_is_an_error_not_a_guess(tmp_path: Path) -> None:
-    data = STOCK_WEBUI_USER_SH.encode() + markers.BLOCK_BEGIN.encode() + b"\nexport X=1\n"
-    with pytest.raises(ApplyError, match="no end marker"):
+    data = STOCK_WEBUI_USER_SH.encode() + markers.BLOCK_BEGIN.encode() + b'\nexport X="1"\n'
+    with pytest.raises(ApplyError, match="end marker is missing"):
         wu.insert_block(data, SH_BLOCK, wu.SH)
 
 
