@@ -28,7 +28,7 @@ CONTROL_PANEL_PATH = (
     "NVIDIA Control Panel → Manage 3D settings → Program Settings → add the WebUI's python.exe → "
     "CUDA - Sysmem Fallback Policy"
 )
-# The UI flag that picks the CUDA device, per flavor (DESIGN.md §3).
+# The UI flag that picks the CUDA device, per flavor (docs/architecture.md#detection).
 INSTALL_COMMANDS = {
     "libtcmalloc-minimal4": "sudo apt install libtcmalloc-minimal4",
     "libgoogle-perftools4": "sudo apt install libgoogle-perftools4",
@@ -223,7 +223,7 @@ def family_rung(facts: Facts, g: GpuFacts, family: str, pinned: str | None) -> t
     """(rung, fits) lowvram plans for `family` at its native size on this card and UI.
 
     A pinned class rung stands (mapped onto the UI's ladder as the policy does); otherwise the
-    first rung of the ladder whose estimate fits, by the same rule as `plan` (DESIGN.md §5).
+    first rung of the ladder whose estimate fits, by the same rule as `plan` (docs/architecture.md#the-policy).
     `fits` says whether the estimate fits on that rung.
     """
     from lowvram import estimate as est
@@ -313,7 +313,7 @@ def check_ram(facts: Facts) -> Check:
     if g is None or g.vram_total_mb is None:
         return Check("system.ram", "ok", base)
     need = 2 * g.vram_total_mb
-    # DESIGN §5: two roads only where memory spills (fallback on/unknown) and RAM ≥ 2 × VRAM (policy's own test).
+    # docs/architecture.md#the-policy: two roads only where memory spills (fallback on/unknown) and RAM ≥ 2 × VRAM (policy's own test).
     spills = facts.system.wsl or facts.system.sysmem_fallback in ("on", "unknown")
     if not spills:
         return Check("system.ram", "ok", f"{base} (VRAM cannot spill here: the 2 × VRAM rule of the resident road "

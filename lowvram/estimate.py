@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 MIB = 1024 * 1024
 
 DEFAULT_MARGIN = 0.10
-"""The estimator's own error until measured on this install (DESIGN.md §5)."""
+"""The estimator's own error until measured on this install (docs/architecture.md#the-policy)."""
 
 CUDA_CONTEXT_MB = 450
 """CUDA context + cuDNN/cuBLAS handles and kernels: memory the card holds outside torch's allocator."""
@@ -348,7 +348,7 @@ def estimate(req: EstimateRequest, calibration: Calibration | None = None) -> Es
 
 
 def fits(peak_mb: int, vram_mb: int, headroom_mb: int, margin: float = DEFAULT_MARGIN) -> bool:
-    """DESIGN.md §5: peak × (1 + margin) ≤ VRAM − headroom (the layout reserve never enters)."""
+    """docs/architecture.md#the-policy: peak × (1 + margin) ≤ VRAM − headroom (the layout reserve never enters)."""
     return peak_mb * (1.0 + margin) <= vram_mb - headroom_mb
 
 

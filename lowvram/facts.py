@@ -1,6 +1,6 @@
 """Facts about one machine and its WebUI: frozen data, built by detect/ or read from a facts file.
 
-The JSON form is the `doctor --json` contract (DESIGN.md §1). Reading it back is lenient on
+The JSON form is the `doctor --json` contract (docs/architecture.md#the-cli-contract). Reading it back is lenient on
 purpose: a missing key reads as null, an unknown key is ignored (facts from a newer lowvram), and
 `sysmem_fallback` missing is derived from OS and driver. A value of the wrong type is an error that
 names the key.
@@ -124,7 +124,7 @@ class TcmallocFacts:
 
 @dataclass(frozen=True)
 class CudaEnv:
-    """The CUDA environment variables that decide which GPU a UI would use (DESIGN.md §3)."""
+    """The CUDA environment variables that decide which GPU a UI would use (docs/architecture.md#detection)."""
 
     visible_devices: str | None = None
     device_order: str | None = None
@@ -150,7 +150,7 @@ class WebuiFacts:
     user_args_literal: bool = True
     extensions: tuple[str, ...] = ()
     disabled_extensions: tuple[str, ...] = ()
-    # Damaged optional inputs read past (one line each, naming the file; DESIGN.md §8): the selected
+    # Damaged optional inputs read past (one line each, naming the file; docs/architecture.md#damaged-and-hostile-inputs): the selected
     # checkpoint's safetensors header (its family is then "unknown") and the UI's config.json (the
     # UI's defaults are then planned for, as the UI itself resets a settings file it cannot read).
     checkpoint_error: str | None = None

@@ -2,7 +2,7 @@
 
 Every file lowvram writes goes through `atomic_write_bytes`: a temp file in the same directory,
 fsync, rename, fsync of the directory. A kill at any moment leaves the old bytes or the new bytes.
-Temp names carry `TEMP_MARK` so the next run can remove what a killed run left (DESIGN.md §6).
+Temp names carry `TEMP_MARK` so the next run can remove what a killed run left (docs/architecture.md#safety-on-the-users-tree).
 
 Kill points: tests set `LOWVRAM_KILL_AT=<n>` to make the process SIGKILL itself at the n-th kill
 point it reaches (counting from 1), or `LOWVRAM_KILL_AT=<name>` to stop at a named one;
@@ -146,7 +146,7 @@ def read_json(path: Path) -> Any:
 
 class UnsafeFileError(LowvramError):
     """A path that must not be opened as a regular file: a FIFO, socket, device, folder or a file
-    over the size limit. Raised before anything blocks or fills memory (DESIGN.md §8)."""
+    over the size limit. Raised before anything blocks or fills memory (docs/architecture.md#damaged-and-hostile-inputs)."""
 
 
 KIND_NAMES = (

@@ -1,4 +1,4 @@
-"""Which NVIDIA GPU a UI would use, worked out as CUDA does it (DESIGN.md §3 "Several GPUs").
+"""Which NVIDIA GPU a UI would use, worked out as CUDA does it (docs/architecture.md#detection, "Several GPUs").
 
 Pure: facts in, choice out. NVML lists GPUs in PCI order; CUDA numbers them fastest first unless
 CUDA_DEVICE_ORDER=PCI_BUS_ID; CUDA_VISIBLE_DEVICES (indices in CUDA's order, or UUIDs) narrows and

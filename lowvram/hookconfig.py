@@ -1,4 +1,4 @@
-"""The hook's config file (DESIGN.md §7): what the hook inside the UI reads at every job.
+"""The hook's config file (docs/architecture.md#the-hook): what the hook inside the UI reads at every job.
 
 The hook imports nothing from lowvram, so this JSON is the whole interface: whether to lay out,
 with which reserve, where to append observations, and the plan's context the hook cannot see

@@ -1,4 +1,4 @@
-"""Starting the WebUI the way its user would, and learning how it ended (DESIGN.md §1, §6).
+"""Starting the WebUI the way its user would, and learning how it ended (docs/architecture.md#the-cli-contract, docs/architecture.md#from-facts-to-a-launch).
 
 `build_launch()` decides the exact command, working directory and environment changes (nothing is
 written: `launch --dry-run` shows it as is). `start_ui()` runs it as a child in its own process
@@ -125,7 +125,7 @@ class LaunchSpec:
     warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """The `launch` object of `launch --dry-run --json` (DESIGN.md §1)."""
+        """The `launch` object of `launch --dry-run --json` (docs/architecture.md#the-cli-contract)."""
         return {
             "argv": list(self.argv),
             "cwd": str(self.cwd),

@@ -1,7 +1,7 @@
 """Observations: what the hook (inside the UI), `reserve --add` and `tune` recorded, one JSON line each.
 
 The file is append-only JSON lines in the WebUI's state dir. Reading skips a corrupt line with a
-warning naming the file and the line and keeps the rest (DESIGN.md §8): broken or cut-short JSON,
+warning naming the file and the line and keeps the rest (docs/architecture.md#damaged-and-hostile-inputs): broken or cut-short JSON,
 nesting too deep, numbers over Python's 4300-digit limit, not finite or over 2^40, wrong types, lone
 surrogates. The first few damaged lines are named one by one, the rest counted in one more warning,
 so a file of garbage never floods a plan. Observations only refine a plan: damage never stops one. Writers append each line with ONE `write()` on an

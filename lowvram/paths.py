@@ -1,4 +1,4 @@
-"""Where lowvram keeps its own files (DESIGN.md §2).
+"""Where lowvram keeps its own files (docs/architecture.md#lowvrams-own-files).
 
 `LOWVRAM_HOME` moves everything (tests use it); otherwise user profiles live in the platformdirs
 user config dir and the rest in its user state dir. Nothing here creates directories: writers do

@@ -1,7 +1,7 @@
 """The Plan: what lowvram decided for one WebUI, each setting with its value, source and reason.
 
 Built only by `policy.plan()` (pure); consumed by apply/, launch and the renderers. `to_dict()` is
-the `plan --json` contract of DESIGN.md §1: change it only by adding keys.
+the `plan --json` contract of docs/architecture.md#the-cli-contract: change it only by adding keys.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def make_plan(*, webui: Path | None, facts_file: Path | None, overrides: Overrid
     facts = _gather(webui_path, facts_path)
 
     if os.environ.get("LOWVRAM_HOOK", "").strip().lower() == "off" and not overrides.no_hook:
-        overrides = replace(overrides, no_hook=True)  # DESIGN §1: --no-hook or LOWVRAM_HOOK=off
+        overrides = replace(overrides, no_hook=True)  # docs/architecture.md#the-policy: --no-hook or LOWVRAM_HOOK=off
 
     if overrides.profile is None and webui_path is not None:
         remembered = state.remembered_profile(webui_path)

@@ -2,7 +2,7 @@
 
 Every setting is a Decision with its value, where it came from (cli, profile, auto, user,
 remembered, observations, tuning) and why, so `lowvram plan` can explain itself and the whole
-policy can be tested for every card in the matrix on a machine without a GPU (DESIGN.md §5).
+policy can be tested for every card in the matrix on a machine without a GPU (docs/architecture.md#the-policy).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from lowvram.ui.base import UiAdapter
 MIN_HEADROOM_LINUX_MB = 256
 MIN_HEADROOM_WINDOWS_MB = 512
 FORGE_INFERENCE_MB = 1024  # Forge's forge_inference_memory default (reference/a1111_integration.md §7)
-SPILL_MISS_MB = 256  # overflow into shared memory that counts as a miss (DESIGN §5 ladder)
+SPILL_MISS_MB = 256  # overflow into shared memory that counts as a miss (docs/architecture.md#the-policy, "Offload ladder")
 COMFORT_RUNS = 3  # runs with room to spare before trying one rung up
 COMFORT_SHARE = 0.70  # "room to spare": peak reserved + headroom ≤ 70 % of the card
 RECENT_RUNS = 10
@@ -113,7 +113,7 @@ def _base_family(family: str | None) -> str | None:
 
 
 def choose_gpu(facts: Facts, device_flag_value: str | None, ui: UiAdapter | None = None) -> GpuChoice:
-    """The GPU the UI would use, worked out as CUDA does (lowvram.gpuselect, DESIGN §3)."""
+    """The GPU the UI would use, worked out as CUDA does (lowvram.gpuselect, docs/architecture.md#detection)."""
     return _choose_gpu(facts, device_flag_value, ui)[0]
 
 
@@ -122,7 +122,7 @@ def _choose_gpu(facts: Facts, device_flag_value: str | None,
     """The choice, and a warning when the user's device flag names no GPU CUDA would see.
 
     Such a flag makes the UI fail at start-up; it does not make the machine GPU-less, so the plan
-    goes on for the GPU the UI would use without it (never CPU mode, DESIGN §3/§5).
+    goes on for the GPU the UI would use without it (never CPU mode, docs/architecture.md#detection, docs/architecture.md#the-policy).
     """
     sets_visible = bool(ui and ui.device_flag_sets_visible)
     choice = select_gpu(facts, device_flag_value, flag_sets_visible=sets_visible)
@@ -206,7 +206,7 @@ def _torch_base(version: str | None) -> str | None:
 
 def xformers_usable(ui: UiAdapter, gpu: GpuFacts | None, facts: Facts, *,
                     assume_gpu: bool = False, xformers_builds: Mapping[str, str] | None = None) -> tuple[bool, str]:
-    """DESIGN §5: sm 6.0–9.0, and the xformers the UI installs matches the venv's torch (or no torch yet).
+    """docs/architecture.md#the-policy: sm 6.0–9.0, and the xformers the UI installs matches the venv's torch (or no torch yet).
 
     An xformers already in the venv is the one that loads (A1111 installs its pin only when xformers
     is missing), so when `xformers_builds` (xformers version → the torch it was built for, data)
@@ -249,7 +249,7 @@ def _recent(observations: Sequence[Observation], checkpoint: str | None) -> list
 
 def _tuned_road(observations: Sequence[Observation], checkpoint: str | None, gpu: GpuFacts | None,
                 size: tuple[int, int]) -> tuple[str, str, str] | None:
-    """`lowvram tune` measured both roads at the target size: its winner stands (DESIGN.md §9).
+    """`lowvram tune` measured both roads at the target size: its winner stands (docs/architecture.md#tune).
 
     Only tune's own probes count here; the hook's runs keep the median comparison below.
     """
@@ -275,7 +275,7 @@ def _missed(o: Observation, spill_possible: bool) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Choosing the road from observations (DESIGN.md §5 "Two roads")
+# Choosing the road from observations (docs/architecture.md#the-policy, "Two roads")
 
 
 @dataclass(frozen=True)
@@ -461,7 +461,7 @@ def _resident_failed(observations: Sequence[Observation], checkpoint: str | None
 def _auto_road(observations: Sequence[Observation], checkpoint: str | None, gpu: GpuFacts | None, *,
                rung: str, target: tuple[int, int, int]) -> RoadChoice:
     """`--layout auto` where both roads exist: not a road that just failed, then tune's winner, then
-    the faster measured like with like, else explore (DESIGN.md §5)."""
+    the faster measured like with like, else explore (docs/architecture.md#the-policy)."""
     driver = gpu.driver if gpu else None
     history = _road_history(observations, checkpoint, driver)
     failed = _last_failures(history, rung)
@@ -506,7 +506,7 @@ def plan(
     selection: Selection | None = None,
     xformers_builds: Mapping[str, str] | None = None,
 ) -> Plan:
-    """Decide everything for one WebUI; see DESIGN.md §5 for each rule."""
+    """Decide everything for one WebUI; see docs/architecture.md#the-policy for each rule."""
     b = _Builder()
     prof = resolved.profile
 
@@ -820,7 +820,7 @@ def plan(
         b.add("args", list(prof.args), "profile", f"extra flags from profile {prof.name}")
     ui.validate(plan_args, version)
 
-    # -- merge with the user's flags (DESIGN §6) -----------------------------------------------------
+    # -- merge with the user's flags (docs/architecture.md#the-policy, "Merging the user's flags") ------------------
     merge = "append"
     user_dropped: list[str] = []
     user_kept: list[str] = list(user_tokens)

@@ -1,6 +1,6 @@
 """Profiles: YAML files validated into frozen typed objects, with single inheritance and auto-selection.
 
-A profile is what an experienced user would set for one class of machine (DESIGN.md §4). Bad YAML
+A profile is what an experienced user would set for one class of machine (docs/architecture.md#from-facts-to-a-launch). Bad YAML
 is refused with one line naming the file, the line, the key path, what was expected and, for a
 typo, the closest real key. YAML is read with a safe loader that refuses anchors/aliases and
 files over 1 MiB: a deep merge of an alias bomb would otherwise eat the machine's memory.

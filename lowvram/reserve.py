@@ -1,4 +1,4 @@
-"""The layout reserve from observations (DESIGN.md §5 "Reserve"): pure, no I/O.
+"""The layout reserve from observations (docs/architecture.md#the-policy, "Reserve"): pure, no I/O.
 
 reserve = free + overflow, where `free` is the free dedicated VRAM after the model loaded
 (measured before any reserve was allocated) and `overflow` the shared memory a generation spilled

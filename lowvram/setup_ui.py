@@ -1,4 +1,4 @@
-"""`lowvram setup`: from nothing to a configured WebUI in one command (DESIGN.md §1 setup).
+"""`lowvram setup`: from nothing to a configured WebUI in one command (docs/architecture.md#the-cli-contract, "setup").
 
 Order matters: everything that can refuse (no git, a foreign or unwritable target, too little disk)
 is checked before anything is written, so a refusal leaves the disk as it was. Then the UI is
@@ -170,7 +170,7 @@ def _existing_ancestor(path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Preflight: the only reasons to stop before touching the disk (DESIGN.md §1 [revised])
+# Preflight: the only reasons to stop before touching the disk (docs/architecture.md#the-cli-contract, "setup")
 
 
 def git_executable() -> str | None:
@@ -303,7 +303,7 @@ def host_python_warnings(spec: UiSpec) -> list[str]:
 
 def machine_warnings(spec: UiSpec) -> list[str]:
     """What doctor would flag on this machine (no GPU, old driver ...), and a GPU too old for the
-    torch the UI installs: warnings, never a refusal (DESIGN.md §1 [revised])."""
+    torch the UI installs: warnings, never a refusal (docs/architecture.md#the-cli-contract)."""
     try:
         from lowvram.detect import gather_facts
         from lowvram.doctor import run_checks

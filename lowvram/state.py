@@ -1,6 +1,6 @@
 """lowvram's remembered choices (last.json): the last WebUI path and explicit profiles per WebUI.
 
-DESIGN.md §1: an explicit `--profile` given to apply/launch/setup on a WebUI that was found is
+docs/architecture.md#from-facts-to-a-launch (step 2): an explicit `--profile` given to apply/launch/setup on a WebUI that was found is
 remembered for it; `--profile auto` forgets it. plan, doctor and estimate never write here, and
 nothing is remembered for a run with `--facts`.
 """

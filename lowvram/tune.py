@@ -1,4 +1,4 @@
-"""`lowvram tune`: the reserve search giant-kitten's users do by hand, done by measuring (DESIGN.md §9).
+"""`lowvram tune`: the reserve search giant-kitten's users do by hand, done by measuring (docs/architecture.md#tune).
 
 The UI is started as `launch` starts it (the managed block, the hook, `webui.sh`), with its API only,
 on a free loopback port. Each candidate reserve is written into the hook config (the hook re-reads
@@ -54,7 +54,7 @@ SEED = 1234567
 SAMPLER = "Euler a"
 LOOPBACK = "127.0.0.1"
 LOOPBACK_NAMES = ("127.0.0.1", "::1", "localhost")
-MAX_PER_ROAD = 12  # DESIGN.md §9: tune may probe up to 12 reserves per road
+MAX_PER_ROAD = 12  # docs/architecture.md#tune: tune may probe up to 12 reserves per road
 FAMILY_SIZES = {"sd15": 512, "sd2": 768, "sdxl": 1024, "sdxl-refiner": 1024}
 UI_RESTARTS = 2  # per road, after a probe that killed or wedged the UI
 RESTORED = "webui-user, the hook and its config, and lowvram's manifest restored byte for byte as they were before tune"
@@ -405,7 +405,7 @@ def _put_dir(root: Path, saved: dict[str, _Saved] | None) -> None:
 @dataclass(frozen=True)
 class TreeSnapshot:
     """What tune may change, as it was before tune: the webui-user files, the hook and its config,
-    lowvram's manifest and backups. `restore` puts it all back byte for byte (DESIGN.md §9)."""
+    lowvram's manifest and backups. `restore` puts it all back byte for byte (docs/architecture.md#tune)."""
 
     webui: Path
     files: tuple[tuple[Path, _Saved | None], ...]
@@ -427,7 +427,7 @@ class TreeSnapshot:
 
     def restore(self) -> list[str]:
         """The tree first, the manifest last (it must name at least what the tree holds from
-        lowvram, DESIGN.md §6). Returns what could not be put back."""
+        lowvram, docs/architecture.md#safety-on-the-users-tree, "Crash-safe order"). Returns what could not be put back."""
         from lowvram.apply.hook import hook_dir
 
         extensions = self.webui / "extensions"
@@ -773,7 +773,7 @@ class _Session:
             out.append(_Road("swap", swap))
         if not out:
             raise TuneError("no road to tune for this plan", "check `lowvram plan` for its road")
-        out.sort(key=lambda r: r.name != self.base_plan.road)  # the profile's road first (DESIGN §5)
+        out.sort(key=lambda r: r.name != self.base_plan.road)  # the profile's road first (docs/architecture.md#the-policy)
         return out
 
     # -- the run -------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The reserve search giant-kitten's users do by hand (DESIGN.md §5 "Tuning", §9): pure functions.
+"""The reserve search giant-kitten's users do by hand (docs/architecture.md#the-policy, "Tuning", and docs/architecture.md#tune): pure functions.
 
 giant-kitten's README: activate with reserve 0 and read the free dedicated memory, run a large
 generation and read the shared overflow, then search between a little below `free` and

@@ -1,6 +1,6 @@
 """`apply` and `revert`: write a Plan into a WebUI tree, and take out exactly what was put in.
 
-Crash-safe order (DESIGN.md §6): stale temps from a killed run are removed first; the manifest
+Crash-safe order (docs/architecture.md#safety-on-the-users-tree): stale temps from a killed run are removed first; the manifest
 and backups are written and fsynced before each change to the tree; an extension is recorded
 before its clone is renamed into place. A kill at any moment leaves every file old or new, and
 the next run finishes the job. The WebUI's lock is held throughout.
@@ -468,7 +468,7 @@ def _revert_preflight(webui: Path, manifest: Manifest) -> None:
 
 
 def revert(webui: Path, *, lock_held: bool = False) -> RevertResult:
-    """Undo exactly what manifest.json records (DESIGN.md §6 Revert)."""
+    """Undo exactly what manifest.json records (docs/architecture.md#safety-on-the-users-tree, "Revert")."""
     from lowvram.apply import extensions as ext_mod
 
     webui = Path(webui).resolve()

@@ -1,7 +1,7 @@
 """manifest.json: everything lowvram changed in one WebUI tree, so `revert` can undo exactly that.
 
 Lives in lowvram's state dir (paths.webui_state_dir), never in the tree, with backups/ beside it.
-It is written and fsynced BEFORE the tree changes (DESIGN.md §6 crash-safe order): a kill at any
+It is written and fsynced BEFORE the tree changes (docs/architecture.md#safety-on-the-users-tree, "Crash-safe order"): a kill at any
 moment leaves a manifest that names at least everything the tree holds from lowvram.
 
 Paths inside are relative to the WebUI root (POSIX form).

@@ -2,7 +2,7 @@
 
 Pure byte functions plus a thin planning step that reads the file. The user's bytes outside the
 block are never touched (line endings, encoding, a missing final newline); the block's bytes
-depend only on the plan, so applying twice gives the same file (DESIGN.md §6).
+depend only on the plan, so applying twice gives the same file (docs/architecture.md#safety-on-the-users-tree).
 
 Quoting is two layers: A1111 `shlex.split`s COMMANDLINE_ARGS with POSIX rules on every OS, so
 each flag is quoted for shlex with single quotes first; the result is then embedded in a bash

@@ -1,7 +1,7 @@
 """`lowvram estimate`: the peak VRAM of one generation, where it goes, and whether it fits this GPU.
 
 Reads (never writes) lowvram's state: the WebUI's observations and VRAM Estimator's stats.json
-calibrate the model when a WebUI is found (DESIGN.md §1, §5).
+calibrate the model when a WebUI is found (docs/architecture.md#the-cli-contract, docs/architecture.md#the-policy).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class EstOffloadChoice(str, enum.Enum):
 
 @dataclass
 class EstimateResult:
-    """Everything the command shows; `to_json()` is the `--json` contract (DESIGN.md §1)."""
+    """Everything the command shows; `to_json()` is the `--json` contract (docs/architecture.md#the-cli-contract)."""
 
     request: EstimateRequest
     estimate: Estimate

@@ -1,4 +1,4 @@
-"""`lowvram install-extensions`: the registry's extensions, pinned, into a WebUI (DESIGN.md §1, §6)."""
+"""`lowvram install-extensions`: the registry's extensions, pinned, into a WebUI (docs/architecture.md#the-cli-contract, docs/architecture.md#safety-on-the-users-tree)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def resolve_webui(explicit: Path | None, *, strict: bool = True) -> Path:
 
 
 def detect_ui(webui: Path) -> str:
-    """The WebUI's flavor, in DESIGN.md §3's order (ComfyUI, SD.Next, Forge, A1111)."""
+    """The WebUI's flavor, in the order of docs/architecture.md#detection (ComfyUI, SD.Next, Forge, A1111)."""
     if (webui / "comfy").is_dir() and (webui / "main.py").exists():
         return "comfyui"
     if (webui / "installer.py").exists():

@@ -88,7 +88,7 @@ def launch_cmd(  # noqa: PLR0917 - typer maps parameters to options
 
         applied = ctx.plan
         if no_hook and ctx.plan.ui == "a1111":
-            # --no-hook is this run's (LOWVRAM_HOOK=off, which the block never sets, DESIGN §6): the
+            # --no-hook is this run's (LOWVRAM_HOOK=off, which the block never sets, docs/architecture.md#from-facts-to-a-launch): the
             # block and the hook config stay as they are without it, for the user's own webui.sh.
             applied = planner.make_plan(webui=webui, facts_file=facts,
                                         overrides=replace(overrides, no_hook=False)).plan

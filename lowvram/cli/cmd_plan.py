@@ -1,6 +1,6 @@
 """`lowvram plan`: what lowvram would do on this machine, each decision with its source and reason.
 
-Changes nothing and remembers nothing (DESIGN.md §1).
+Changes nothing and remembers nothing (docs/architecture.md#the-cli-contract).
 """
 
 from __future__ import annotations

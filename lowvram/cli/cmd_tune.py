@@ -1,4 +1,4 @@
-"""`lowvram tune`: measure roads and reserves on the running UI, keep the fastest (DESIGN.md §9)."""
+"""`lowvram tune`: measure roads and reserves on the running UI, keep the fastest (docs/architecture.md#tune)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Detection: the edges that build `Facts` (DESIGN.md §3). The core never imports this package.
+"""Detection: the edges that build `Facts` (docs/architecture.md#detection). The core never imports this package.
 
 `resolve_webui` finds the WebUI a command is about; `gather_facts` probes the machine (or reads a
 facts file) and that WebUI. The probing modules are imported lazily so a command that only

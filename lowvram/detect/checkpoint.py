@@ -1,7 +1,7 @@
 """A checkpoint's model family from its safetensors header, read without loading the weights.
 
 The header is 8 bytes of little-endian length, then that much JSON naming every tensor. The
-family comes from the key names A1111 itself tests (DESIGN.md §3). `.ckpt`/`.pt` files are pickles:
+family comes from the key names A1111 itself tests (docs/architecture.md#detection). `.ckpt`/`.pt` files are pickles:
 never unpickled, their family is "unknown" and the user says it with `--model`.
 
 Only the 8-byte length and the header are read: the file's type is checked before it is opened

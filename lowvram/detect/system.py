@@ -132,7 +132,7 @@ def probe_system(driver: str | None = None, root: Path = Path("/"), os_name: str
 
 
 # ---------------------------------------------------------------------------------------------
-# GPUs that are not NVIDIA's (DESIGN.md §3: no NVML does not mean no GPU)
+# GPUs that are not NVIDIA's (docs/architecture.md#detection: no NVML does not mean no GPU)
 
 
 def _drm_gpus(root: Path) -> tuple[OtherGpu, ...]:

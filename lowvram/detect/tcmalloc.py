@@ -1,6 +1,6 @@
 """Which TCMalloc library `LD_PRELOAD` should name, whether it is usable, or what to install.
 
-DESIGN.md §3: from `ldconfig -p` take `libtcmalloc_minimal.so.N`, else `libtcmalloc.so.N`, for this
+docs/architecture.md#detection: from `ldconfig -p` take `libtcmalloc_minimal.so.N`, else `libtcmalloc.so.N`, for this
 machine's architecture only; never `_debug` or `_and_profiler` (Debian lists a `_debug` variant
 first); the file must exist; on glibc < 2.34 it must be linked to libpthread, or preloading it
 fails with "undefined symbol: pthread_key_create". The parsing is pure so tests feed it text.

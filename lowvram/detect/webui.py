@@ -1,11 +1,11 @@
 """A WebUI install on disk: flavor, version, venv, torch/xformers builds, checkpoint, user flags.
 
-Everything is read from files (DESIGN.md §3): no torch import and no subprocess except
+Everything is read from files (docs/architecture.md#detection): no torch import and no subprocess except
 `git describe` with a 1 s limit. The user's COMMANDLINE_ARGS are read from webui-user.sh/.bat
 outside lowvram's managed block; a value that the shell would expand ($VAR, `…`, %VAR%) is not
 literal and is reported as such rather than guessed.
 
-Damaged inputs (DESIGN.md §8): config.json and the checkpoint's safetensors header are optional
+Damaged inputs (docs/architecture.md#damaged-and-hostile-inputs): config.json and the checkpoint's safetensors header are optional
 inputs, so damage there is a warning (`WebuiFacts.config_error`, `.checkpoint_error`) and the command
 goes on as the UI itself would (default settings; a family that `--model` gives); a settings file
 that cannot be opened at all (a FIFO, a folder, too large) stays one WebuiError line.

@@ -228,7 +228,7 @@ class UiAdapter(abc.ABC):
     has_webui_user = True
     supports_tcmalloc = False  # webui.sh honours LD_PRELOAD / NO_TCMALLOC
     supports_hook = False  # the layout hook (A1111 extensions + script callbacks)
-    # xformers build the UI's installer pins, and the torch it was built for (DESIGN §5 Attention).
+    # xformers build the UI's installer pins, and the torch it was built for (docs/architecture.md#the-policy, "Attention").
     pinned_xformers: tuple[str, str] | None = None
     # category → {flag: semantic value}; two flags of one category with different values contradict.
     categories: ClassVar[Mapping[str, Mapping[str, str]]] = {}
@@ -242,7 +242,7 @@ class UiAdapter(abc.ABC):
         """The plan's semantic settings as this UI's flags."""
 
     def rungs(self, family: str | None, version: str | None) -> tuple[str, ...]:
-        """The offload ladder on this UI for this family, fastest first (DESIGN §5)."""
+        """The offload ladder on this UI for this family, fastest first (docs/architecture.md#the-policy)."""
         return ("none", "medvram", "lowvram")
 
     # ---- validation and contradictions ------------------------------------------------------

@@ -1,4 +1,4 @@
-"""lowvram's hook inside the WebUI's own Python (DESIGN.md §7).
+"""lowvram's hook inside the WebUI's own Python (docs/architecture.md#the-hook).
 
 It imports only the standard library, torch and the host UI's modules (each guarded), and no
 lowvram module: it talks to lowvram through two files, the config it reads at every job

@@ -1,6 +1,6 @@
 """The hook's life inside A1111: callbacks, the per-job script, the layout's timing, the records.
 
-When it runs (DESIGN.md §7 [revised]): A1111 loads the first model in a background thread and
+When it runs (docs/architecture.md#the-hook): A1111 loads the first model in a background thread and
 fires `on_model_loaded` after the model is already visible to jobs, so laying out inside the
 callback could race the first generation. The callback only marks the layout pending; the
 AlwaysVisible script's `process()` runs it at the start of the next job, when nothing samples.

@@ -1,4 +1,4 @@
-"""The layout (DESIGN.md §7, giant-kitten's idea done safely).
+"""The layout (docs/architecture.md#the-layout, giant-kitten's idea done safely).
 
 With the driver's sysmem fallback on, whatever does not fit in dedicated VRAM spills into shared
 (system) memory, and what spills is decided by allocation order. The layout moves every CUDA
@@ -364,7 +364,7 @@ def refusal(model: Any, mover: Mover, cuda_namespace: Any, cmd_opts: Any = None)
 def run_layout(unet: Any, reserve_mb: int, mover: Mover, patch: CachePatch, *, order: str = "ascending",
                model_first: bool = True, scan: bool = True, clock: Callable[[], float] = time.perf_counter,
                objects: Callable[[], Iterable[Any]] = gc.get_objects) -> LayoutResult:
-    """Steps 2–5 of DESIGN.md §7. Never raises: a failure is rolled back and reported."""
+    """Steps 2–5 of docs/architecture.md#the-layout. Never raises: a failure is rolled back and reported."""
     start = clock()
     reserve_bytes = max(0, int(reserve_mb)) * MIB
     collected = collect(unet, mover, scan=scan, objects=objects)

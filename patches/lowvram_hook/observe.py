@@ -1,4 +1,4 @@
-"""What the hook measures and how it records it (DESIGN.md §7 "Records").
+"""What the hook measures and how it records it (docs/architecture.md#records).
 
 Each record is one JSON line appended with a single write() on an O_APPEND descriptor, the same
 format lowvram/observations.py reads (this module cannot import it: the hook runs in the UI's

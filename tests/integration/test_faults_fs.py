@@ -1,6 +1,6 @@
 """Disk full, a read-only or foreign-owned WebUI folder, and a WebUI folder deleted while the UI runs.
 
-These machines run as root, so chmod proves nothing (DESIGN.md §8): the failures are made by
+These machines run as root, so chmod proves nothing (docs/architecture.md#tests): the failures are made by
 patching the OS calls (tests/fixtures/faults.py: ENOSPC on write, EROFS/EACCES on every call that
 would change a path) or, in a subprocess, by a real RLIMIT_FSIZE. Each time lowvram must stop with
 one line and a hint (never a traceback), leave the user's files as they were and no temp file, and

@@ -2,7 +2,7 @@
 subprocesses): every user file and extension checkout is the old or the new version byte for byte,
 the next run succeeds and leaves no temp file or half-made clone, and revert restores the original.
 
-Bounded and seeded (DESIGN.md §8): a few timer kills and a few kill-point indices per operation
+Bounded and seeded (docs/architecture.md#tests): a few timer kills and a few kill-point indices per operation
 here; benchmarks/fault_injection.py runs the same trials 200 times per operation.
 """
 

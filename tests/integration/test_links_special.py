@@ -11,7 +11,7 @@ revert. Each must exit 0 or 1 (never hang, never a traceback), a refusal is one 
 path with a hint, nothing outside the tree changes (a sentinel folder the links point into, mode
 bits included), and after revert the tree is exactly as before: links still links, same text.
 
-The policy (DESIGN.md §6, §8): lowvram reads through any link, but never changes anything a link
+The policy (docs/architecture.md#safety-on-the-users-tree): lowvram reads through any link, but never changes anything a link
 leads to outside the tree; a link whose target lies inside the tree stays a link (the target is
 edited in place, atomically); nothing is opened before its type is known, and every read has a size
 limit. Disk full while copying the hook is tested beside it, on a real full file system.

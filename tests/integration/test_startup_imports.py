@@ -1,4 +1,4 @@
-"""Start-up stays light: the everyday commands import neither torch nor GitPython (DESIGN §2)."""
+"""Start-up stays light: the everyday commands import neither torch nor GitPython (docs/architecture.md#layers-and-import-rules)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ clones, --update, revert, setup with LOWVRAM_MIRROR). Each refused run must say 
 with the right `hint:`, never a traceback or "unexpected error", and leave the tree byte for byte as
 it was (the check runs before the first write); every other run must just work.
 
-Real faults, not patched ones, wherever this machine allows (DESIGN.md §8: as root, chmod proves
+Real faults, not patched ones, wherever this machine allows (docs/architecture.md#tests: as root, chmod proves
 nothing): a PATH without git; `chown` to another uid (git's "dubious ownership" refusal, which git
 applies to root too); lowvram run as another uid (`setpriv`); read-only bind mounts; a full tmpfs.
 A kind that needs what the machine lacks (mount, setpriv) is skipped with the reason. FAT/exFAT is

@@ -119,7 +119,7 @@ def test_finds_the_optimum_and_the_faster_road_then_reserve_reports_it(cli: Any,
     # Bounded: the swap road once, at most 12 reserves on the resident road.
     roads = [p["road"] for p in data["probes"]]
     assert roads.count("swap") == 1 and 3 <= roads.count("resident") <= 12
-    # The profile's start (the swap road, DESIGN §5: the profile's road first) is slower.
+    # The profile's start (the swap road, docs/architecture.md#the-policy: the profile's road first) is slower.
     assert data["start"]["road"] == "swap" and data["gain_pct"] > 0
     assert all(p["ok"] for p in data["probes"])
 

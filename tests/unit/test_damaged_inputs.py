@@ -2,7 +2,7 @@
 
 Every file lowvram reads is damaged in many ways: nesting 200k deep, numbers over Python's
 4300-digit limit, lengths that lie, truncation, trailing garbage, wrong types, NaN/Infinity,
-byte-order marks, UTF-16, lone surrogates, control characters. The promise (DESIGN.md §8): no
+byte-order marks, UTF-16, lone surrogates, control characters. The promise (docs/architecture.md#damaged-and-hostile-inputs): no
 traceback and no "unexpected error", the file's path named, a hint, and never a half-done
 operation. Two outcomes, decided per input (see each reader's module docstring):
 

@@ -1,4 +1,4 @@
-"""TCMalloc: ldconfig parsing, DESIGN §3 preference rules, glibc < 2.34 libpthread linkage, packages."""
+"""TCMalloc: ldconfig parsing, docs/architecture.md#detection preference rules, glibc < 2.34 libpthread linkage, packages."""
 
 from __future__ import annotations
 

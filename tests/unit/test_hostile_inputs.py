@@ -1,7 +1,7 @@
 """Hostile input to every file lowvram reads: profiles, facts, observations, webui-user files.
 
 Hypothesis feeds each reader arbitrary bytes, near-valid documents with wrong values, deep nesting,
-alias bombs, huge numbers and non-UTF-8 text. The promise (DESIGN.md §1, §8): a correct result or
+alias bombs, huge numbers and non-UTF-8 text. The promise (docs/architecture.md#the-cli-contract, docs/architecture.md#damaged-and-hostile-inputs): a correct result or
 one clean LowvramError, never another exception (which the CLI would show as "unexpected error"),
 a hang or a memory blow-up. Bounded and derandomized, so a failure reproduces.
 

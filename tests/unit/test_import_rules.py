@@ -1,4 +1,4 @@
-"""DESIGN.md §2's import rules, checked on the AST of every module (ruff bans cover the coarse part)."""
+"""The import rules of docs/architecture.md#layers-and-import-rules, checked on the AST of every module (ruff bans cover the coarse part)."""
 
 from __future__ import annotations
 

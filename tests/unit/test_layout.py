@@ -1,4 +1,4 @@
-"""The layout (DESIGN.md §7 steps 1–5) on real torch CPU tensors through a device the test controls."""
+"""The layout (docs/architecture.md#the-layout steps 1–5) on real torch CPU tensors through a device the test controls."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Choosing the road from observations (DESIGN.md §5 "Two roads", issue 13 §1 and §3).
+"""Choosing the road from observations (docs/architecture.md#the-policy, "Two roads", issue 13 §1 and §3).
 
 Never a road whose last run failed; swap and resident compared only like with like (same size,
 batch and device, the swap side on the plan's rung, layouts that really ran, no failed runs).

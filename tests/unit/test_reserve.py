@@ -1,4 +1,4 @@
-"""The reserve formula (DESIGN.md §5): median free + largest overflow, clamps, rounding, learning."""
+"""The reserve formula (docs/architecture.md#the-policy): median free + largest overflow, clamps, rounding, learning."""
 
 from __future__ import annotations
 
