@@ -28,10 +28,10 @@ from lowvram.plan import (
     ReservePlan,
     TcmallocPlan,
 )
-from lowvram.profiles import ResolvedProfile, Selection, match_failure
+from lowvram.profiles import Profile, ResolvedProfile, Selection, match_failure
 from lowvram.reserve import compute_reserve, laid_out
 from lowvram.ui import Contradiction, UiSettings, adapter, parse_args
-from lowvram.ui.base import UiAdapter
+from lowvram.ui.base import FlagSet, ParsedFlag, UiAdapter
 
 MIN_HEADROOM_LINUX_MB = 256
 MIN_HEADROOM_WINDOWS_MB = 512
@@ -493,24 +493,109 @@ def _estimate(family: str, *, width: int, height: int, target_batch: int, hires:
     return est.estimate(req)
 
 
-def plan(
-    facts: Facts,
-    resolved: ResolvedProfile,
-    observations: Sequence[Observation],
-    overrides: Overrides,
-    *,
-    hook_config_path: str | None,
-    webui_path: str | None,
-    registry: Mapping[str, ExtensionSpec],
-    family: FamilyChoice | None = None,
-    selection: Selection | None = None,
-    xformers_builds: Mapping[str, str] | None = None,
-) -> Plan:
-    """Decide everything for one WebUI; see docs/architecture.md#the-policy for each rule."""
-    b = _Builder()
-    prof = resolved.profile
+# -- the pipeline: one step per setting `lowvram plan` shows, composed by plan() -----------------------
 
-    # -- profile ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What every step may read: the facts, the resolved profile, the observations and the overrides."""
+
+    facts: Facts
+    resolved: ResolvedProfile
+    observations: Sequence[Observation]
+    overrides: Overrides
+    webui_path: str | None
+    xformers_builds: Mapping[str, str] | None
+
+    @property
+    def prof(self) -> Profile:
+        return self.resolved.profile
+
+
+@dataclass(frozen=True)
+class _UiStep:
+    """The UI decided, with its adapter, version and the user's own flags (literal COMMANDLINE_ARGS)."""
+
+    key: str
+    ui: UiAdapter
+    version: str | None
+    flagset: FlagSet
+    user_tokens: tuple[str, ...]
+    user_literal: bool
+    user_parsed: list[ParsedFlag]
+    user_device: str | None
+
+
+@dataclass(frozen=True)
+class _GpuStep:
+    """The GPU decided, and the mode it puts the plan in (an NVIDIA GPU, a foreign one, CPU, as written)."""
+
+    choice: GpuChoice
+    device_warning: str | None
+    foreign: bool
+    cpu_mode: bool
+    as_written: bool
+    room: int
+
+    @property
+    def gpu(self) -> GpuFacts | None:
+        return self.choice.gpu
+
+    @property
+    def vram_total(self) -> int | None:
+        return self.choice.gpu.vram_total_mb if self.choice.gpu else None
+
+    @property
+    def no_nvidia(self) -> bool:
+        return self.cpu_mode or self.foreign
+
+
+@dataclass(frozen=True)
+class _Target:
+    width: int
+    height: int
+    batch: int
+    hires: float
+    bcu: bool
+
+
+@dataclass(frozen=True)
+class _Merge:
+    """The plan's flags merged with the user's, and the settings a user's flag took over."""
+
+    merge: str
+    user_dropped: list[str]
+    user_kept: list[str]
+    plan_dropped: list[str]
+    plan_args: list[str]
+    offload: str
+    attention: str
+
+
+class _Fits:
+    """Whether a rung's estimate fits, estimating each rung once (the estimate summary reuses them)."""
+
+    def __init__(self, fam: str, g: _GpuStep, t: _Target, *, unet: str, vae: str, attention: str,
+                 ui_key: str) -> None:
+        self.estimates: dict[str, est.Estimate] = {}
+        self.can_estimate = fam in ESTIMATE_FAMILIES and not g.cpu_mode and not g.foreign
+        self._fam, self._g, self._t = fam, g, t
+        self._unet, self._vae, self.attention, self._ui_key = unet, vae, attention, ui_key
+
+    def __call__(self, rung: str) -> bool | None:
+        vram_total = self._g.vram_total
+        if not self.can_estimate or vram_total is None:
+            return None
+        if rung not in self.estimates:
+            t = self._t
+            self.estimates[rung] = _estimate(self._fam, width=t.width, height=t.height, target_batch=t.batch,
+                                             hires=t.hires, precision=self._unet, vae=self._vae,
+                                             attention=self.attention, rung=rung, ui_key=self._ui_key, bcu=t.bcu)
+        return est.fits(self.estimates[rung].peak_mb, vram_total, self._g.room)
+
+
+def _decide_profile(b: _Builder, inp: _Inputs, selection: Selection | None) -> None:
+    prof, overrides = inp.prof, inp.overrides
     if selection is not None and not overrides.explicit_profile:
         b.add("profile", prof.name, "auto", selection.reason)
     else:
@@ -518,13 +603,15 @@ def plan(
         why = "remembered for this WebUI from an earlier apply/launch" if src == "remembered" else f"--profile {prof.name}"
         b.add("profile", prof.name, src, why)
 
-    # -- UI --------------------------------------------------------------------------------
+
+def _decide_ui(b: _Builder, inp: _Inputs) -> _UiStep:
+    facts, overrides = inp.facts, inp.overrides
     flavor = facts.webui.flavor if facts.webui else None
     if overrides.ui:
         ui_key = overrides.ui
         b.add("ui", ui_key, "cli", f"--ui {ui_key}")
         if flavor and flavor != ui_key:
-            b.warn(f"--ui {ui_key} given, but the WebUI at {webui_path} is {flavor}: its flags are planned for {ui_key}")
+            b.warn(f"--ui {ui_key} given, but the WebUI at {inp.webui_path} is {flavor}: its flags are planned for {ui_key}")
     elif flavor:
         ui_key = flavor
         b.add("ui", ui_key, "auto", f"the WebUI tree is {flavor}")
@@ -533,14 +620,11 @@ def plan(
         b.add("ui", ui_key, "auto", "no WebUI found and no --ui: planning for A1111")
     ui = adapter(ui_key)
     version = facts.webui.version if facts.webui and facts.webui.flavor == ui_key else None
+    return _user_flags(facts, ui_key, ui, version)
 
-    # -- model family ----------------------------------------------------------------------
-    fam_choice = family or resolve_family(facts, overrides, resolved)
-    fam = require_family(fam_choice, facts)
-    b.add("model", fam, fam_choice.source, fam_choice.reason)
-    _warn_damaged_inputs(b, facts, fam, fam_choice)
 
-    # -- the user's own flags (literal COMMANDLINE_ARGS) --------------------------------------
+def _user_flags(facts: Facts, ui_key: str, ui: UiAdapter, version: str | None) -> _UiStep:
+    """The user's own flags (literal COMMANDLINE_ARGS), read where the tree is this UI."""
     flagset = ui.flagset(version)
     user_tokens: tuple[str, ...] = ()
     user_literal = True
@@ -549,9 +633,20 @@ def plan(
         user_tokens = tuple(facts.webui.user_args or ())
     user_parsed = parse_args(user_tokens, flagset, strict=False) if user_literal else []
     user_device = next((p.value for p in user_parsed if p.name == ui.device_flag and p.value), None)
+    return _UiStep(ui_key, ui, version, flagset, user_tokens, user_literal, user_parsed, user_device)
 
-    # -- GPU -------------------------------------------------------------------------------
-    choice, device_warning = _choose_gpu(facts, user_device, ui)
+
+def _decide_family(b: _Builder, inp: _Inputs, family: FamilyChoice | None) -> str:
+    fam_choice = family or resolve_family(inp.facts, inp.overrides, inp.resolved)
+    fam = require_family(fam_choice, inp.facts)
+    b.add("model", fam, fam_choice.source, fam_choice.reason)
+    _warn_damaged_inputs(b, inp.facts, fam, fam_choice)
+    return fam
+
+
+def _decide_gpu(b: _Builder, inp: _Inputs, u: _UiStep, fam: str) -> _GpuStep:
+    facts, prof, overrides, ui = inp.facts, inp.prof, inp.overrides, u.ui
+    choice, device_warning = _choose_gpu(facts, u.user_device, ui)
     if device_warning:
         replaced = bool(choice.pin_uuid) and not ui.device_flag_sets_visible  # rewritten to 0 below
         b.warn(device_warning + ("" if replaced else "; the UI fails to start with that value: fix or remove it"))
@@ -574,16 +669,15 @@ def plan(
     else:
         why_none = choice.reason if facts.gpus else (facts.nvml_error or "NVML found none")
         b.add("gpu", None, "auto", f"no usable GPU ({why_none}): CPU mode")
-
     if overrides.explicit_profile:
         why_not = match_failure(prof, facts, fam, gpu)
         if why_not:
             b.warn(f"profile {prof.name} does not match this machine ({why_not}); applied as written")
+    return _GpuStep(choice, device_warning, foreign, cpu_mode, as_written, headroom_mb(facts, gpu))
 
-    room = headroom_mb(facts, gpu)
-    vram_total = gpu.vram_total_mb if gpu else None
 
-    # -- sysmem fallback / roads -------------------------------------------------------------
+def _decide_sysmem_fallback(b: _Builder, inp: _Inputs) -> str:
+    facts, prof, overrides = inp.facts, inp.prof, inp.overrides
     if overrides.sysmem_fallback in ("on", "off"):
         fallback, fb_src, fb_why = overrides.sysmem_fallback, "cli", f"--sysmem-fallback {overrides.sysmem_fallback}"
     elif prof.sysmem_fallback in ("on", "off"):
@@ -599,41 +693,45 @@ def plan(
             "off": "the driver does not spill",
         }.get(detected, detected)
     b.add("sysmem_fallback", fallback, fb_src, fb_why)
-    spill_possible = fallback == "on"
+    return fallback
 
-    # -- attention ---------------------------------------------------------------------------
-    attention = "auto"
-    if cpu_mode or foreign:
+
+def _decide_attention(b: _Builder, inp: _Inputs, u: _UiStep, g: _GpuStep) -> str:
+    facts, prof, ui_key = inp.facts, inp.prof, u.key
+    if g.no_nvidia:
         b.add("attention", "auto", "auto", "no NVIDIA GPU: the UI's default")
-    else:
-        ok, why = xformers_usable(ui, gpu, facts, assume_gpu=as_written, xformers_builds=xformers_builds)
-        wanted = prof.attention
-        if ui_key == "comfyui" and wanted in ("auto", "xformers"):
-            # ComfyUI installs no xformers and uses it whenever it imports, else PyTorch SDP: forcing
-            # --use-pytorch-cross-attention would only turn off an xformers the user installed.
-            installed = facts.webui.xformers if facts.webui and facts.webui.flavor == "comfyui" else None
-            attention, src = "auto", "auto"
-            why2 = ("ComfyUI picks by itself: xformers when it imports"
-                    + (f" (xformers {installed} is in its venv)" if installed else "") + ", else PyTorch SDP")
-            if wanted == "xformers":
-                src, why2 = "profile", f"profile {prof.name} prefers xformers; {why2}"
-        elif wanted == "auto":
-            if ui_key == "forge":
-                attention, src, why2 = "auto", "auto", "Forge picks by itself (xformers when it imports, else PyTorch SDP)"
-            elif ok and ui_key == "a1111":
-                attention, src, why2 = "xformers", "auto", why
-            else:
-                attention, src, why2 = "sdp", "auto", f"PyTorch SDP ({why})" if not ok else "PyTorch SDP: torch ≥ 2 has it built in"
-        elif wanted == "xformers" and not ok:
-            attention, src, why2 = "sdp", "auto", f"profile asks for xformers, but {why}: PyTorch SDP instead"
-            b.warn(f"xformers is not usable here ({why}); planned SDP attention instead")
+        return "auto"
+    ok, why = xformers_usable(u.ui, g.gpu, facts, assume_gpu=g.as_written, xformers_builds=inp.xformers_builds)
+    wanted = prof.attention
+    if ui_key == "comfyui" and wanted in ("auto", "xformers"):
+        # ComfyUI installs no xformers and uses it whenever it imports, else PyTorch SDP: forcing
+        # --use-pytorch-cross-attention would only turn off an xformers the user installed.
+        installed = facts.webui.xformers if facts.webui and facts.webui.flavor == "comfyui" else None
+        attention, src = "auto", "auto"
+        why2 = ("ComfyUI picks by itself: xformers when it imports"
+                + (f" (xformers {installed} is in its venv)" if installed else "") + ", else PyTorch SDP")
+        if wanted == "xformers":
+            src, why2 = "profile", f"profile {prof.name} prefers xformers; {why2}"
+    elif wanted == "auto":
+        if ui_key == "forge":
+            attention, src, why2 = "auto", "auto", "Forge picks by itself (xformers when it imports, else PyTorch SDP)"
+        elif ok and ui_key == "a1111":
+            attention, src, why2 = "xformers", "auto", why
         else:
-            attention, src, why2 = wanted, "profile", f"profile {prof.name}" + (f": {why}" if wanted == "xformers" else "")
-        b.add("attention", attention, src, why2)
+            attention, src, why2 = "sdp", "auto", f"PyTorch SDP ({why})" if not ok else "PyTorch SDP: torch ≥ 2 has it built in"
+    elif wanted == "xformers" and not ok:
+        attention, src, why2 = "sdp", "auto", f"profile asks for xformers, but {why}: PyTorch SDP instead"
+        b.warn(f"xformers is not usable here ({why}); planned SDP attention instead")
+    else:
+        attention, src, why2 = wanted, "profile", f"profile {prof.name}" + (f": {why}" if wanted == "xformers" else "")
+    b.add("attention", attention, src, why2)
+    return attention
 
-    # -- precision ---------------------------------------------------------------------------
+
+def _decide_precision(b: _Builder, inp: _Inputs, g: _GpuStep) -> tuple[str, str]:
+    prof, gpu = inp.prof, g.gpu
     unet_prec, vae_prec = prof.precision.unet, prof.precision.vae
-    if cpu_mode:
+    if g.cpu_mode:
         unet_prec, vae_prec = "full", "full"
         b.add("precision.unet", "full", "auto", "CPU mode runs in fp32 (no fp16 on the CPU)")
     elif gpu is not None and unet_prec == "half" and "GTX 16" in (gpu.name or "") and gpu.cc_tuple == (7, 5):
@@ -641,43 +739,33 @@ def plan(
         b.add("precision.unet", "upcast", "auto",
               "GTX 16xx produces NaN (black) images in fp16: --upcast-sampling (--no-half is the fallback)")
     else:
-        prec_src = "profile" if resolved.origins.get("precision.unet", "default") != "default" else "auto"
+        prec_src = "profile" if inp.resolved.origins.get("precision.unet", "default") != "default" else "auto"
         b.add("precision.unet", unet_prec, prec_src,
               f"profile {prof.name}" if unet_prec != "half" else "fp16 weights (the default)")
-    if not cpu_mode:
+    if not g.cpu_mode:
         b.add("precision.vae", vae_prec, "profile" if vae_prec != "half" else "auto",
               "VAE in fp32 (avoids NaN/black images at decode)" if vae_prec == "full" else "VAE in fp16 (the default)")
+    return unet_prec, vae_prec
 
-    # -- target ------------------------------------------------------------------------------
+
+def _decide_target(inp: _Inputs, fam: str) -> _Target:
+    prof, facts = inp.prof, inp.facts
     side = DEFAULT_TARGET.get(fam, 512)
-    width = prof.target.width or side
-    height = prof.target.height or side
-    batch = prof.target.batch
-    hires = prof.target.hires_scale
     bcu = facts.webui.batch_cond_uncond if facts.webui and facts.webui.batch_cond_uncond is not None else True
+    return _Target(prof.target.width or side, prof.target.height or side, prof.target.batch,
+                   prof.target.hires_scale, bcu)
 
-    # -- offload ladder -----------------------------------------------------------------------
-    rungs = ui.rungs(fam, version)
-    checkpoint = facts.webui.checkpoint_key if facts.webui else None
-    recent = _recent(observations, checkpoint)
-    estimates: dict[str, est.Estimate] = {}
-    can_estimate = fam in ESTIMATE_FAMILIES and not cpu_mode and not foreign
 
-    def fits(rung: str) -> bool | None:
-        if not can_estimate or vram_total is None:
-            return None
-        if rung not in estimates:
-            estimates[rung] = _estimate(fam, width=width, height=height, target_batch=batch, hires=hires,
-                                        precision=unet_prec, vae=vae_prec, attention=attention, rung=rung,
-                                        ui_key=ui_key, bcu=bcu)
-        return est.fits(estimates[rung].peak_mb, vram_total, room)
-
+def _decide_offload(b: _Builder, inp: _Inputs, g: _GpuStep, *, rungs: Sequence[str], fits: _Fits,
+                    recent: Sequence[Observation], spill_possible: bool) -> tuple[str, str, str]:
+    """The offload rung before the road: (rung, source, reason)."""
+    prof, overrides = inp.prof, inp.overrides
     offload_src = "auto"
-    if cpu_mode:
+    if g.cpu_mode:
         offload, offload_why = "cpu", "no usable GPU: the UI runs on the CPU"
         if prof.offload != "cpu":
             b.warn("no usable GPU was found: planning CPU mode (slow)")
-    elif foreign:
+    elif g.foreign:
         offload, offload_why = "none", "no NVIDIA GPU: no offload flags"
     elif overrides.offload and overrides.offload != "auto":
         offload, offload_src, offload_why = overrides.offload, "cli", f"--offload {overrides.offload}"
@@ -690,178 +778,193 @@ def plan(
                        "try --offload with a lower rung")
                 break
     else:
-        offload, offload_why = _ladder(rungs, fits, estimates, vram_total, room)
+        offload, offload_why = _ladder(rungs, fits, fits.estimates, g.vram_total, g.room)
         offload_src = "cli" if overrides.offload == "auto" else "auto"
-        idx = rungs.index(offload) if offload in rungs else 0
-        # Observations: a miss pushes one rung down, and a miss on that rung one further (the ladder
-        # walks down while the rung it lands on has missed too); comfortable runs let it try one up.
-        steps: list[str] = []
-        while idx + 1 < len(rungs):
-            missed_here = [o for o in recent if o.offload == rungs[idx] and _missed(o, spill_possible)]
-            if not missed_here:
-                break
-            last = missed_here[-1]
-            oom = last.ooms > 0 or (not last.ok and "oom" in last.reason.lower())
-            what = "ran out of memory" if oom else f"spilled {last.overflow_mb} MiB into shared memory"
-            steps.append(f"a run on {rungs[idx]} {what}")
-            idx += 1
-        if steps:
-            offload_why = "; ".join(steps) + (": one rung down" if len(steps) == 1 else f": {len(steps)} rungs down")
-            offload, offload_src = rungs[idx], "observations"
-        elif idx > 0:
-            here = [o for o in recent if o.offload == offload and o.peak_reserved_mb is not None]
-            upper = rungs[idx - 1]
-            missed_upper = any(o.offload == upper and _missed(o, spill_possible) for o in recent)
-            if (len(here) >= COMFORT_RUNS and vram_total and not missed_upper
-                    and all(not _missed(o, spill_possible) for o in here)
-                    and all((o.peak_reserved_mb or 0) + room <= COMFORT_SHARE * vram_total for o in here)):
-                offload_why = f"{len(here)} runs on {offload} had room to spare: trying one rung up"
-                offload, offload_src = upper, "observations"
-    mapped = _map_rung(offload, rungs)
-    if offload not in ("cpu", "none") and offload not in rungs and not foreign and mapped != offload:
-        offload_why += f" ({ui.title} has no {offload} rung: {mapped})"
-        offload = mapped
+        offload, offload_src, offload_why = _ladder_learns((offload, offload_src, offload_why), g, rungs=rungs,
+                                                           recent=recent, spill_possible=spill_possible)
+    return offload, offload_src, offload_why
 
-    # -- road, layout, reserve ------------------------------------------------------------------
+
+def _ladder_learns(ladder: tuple[str, str, str], g: _GpuStep, *, rungs: Sequence[str],
+                   recent: Sequence[Observation], spill_possible: bool) -> tuple[str, str, str]:
+    """Observations move the ladder's rung: a miss pushes one rung down, and a miss on that rung one
+    further (the ladder walks down while the rung it lands on has missed too); comfortable runs let
+    it try one up."""
+    offload, offload_src, offload_why = ladder
+    idx = rungs.index(offload) if offload in rungs else 0
+    steps: list[str] = []
+    while idx + 1 < len(rungs):
+        missed_here = [o for o in recent if o.offload == rungs[idx] and _missed(o, spill_possible)]
+        if not missed_here:
+            break
+        last = missed_here[-1]
+        oom = last.ooms > 0 or (not last.ok and "oom" in last.reason.lower())
+        what = "ran out of memory" if oom else f"spilled {last.overflow_mb} MiB into shared memory"
+        steps.append(f"a run on {rungs[idx]} {what}")
+        idx += 1
+    if steps:
+        offload_why = "; ".join(steps) + (": one rung down" if len(steps) == 1 else f": {len(steps)} rungs down")
+        return rungs[idx], "observations", offload_why
+    if idx > 0:
+        vram_total = g.vram_total
+        here = [o for o in recent if o.offload == offload and o.peak_reserved_mb is not None]
+        upper = rungs[idx - 1]
+        missed_upper = any(o.offload == upper and _missed(o, spill_possible) for o in recent)
+        if (len(here) >= COMFORT_RUNS and vram_total and not missed_upper
+                and all(not _missed(o, spill_possible) for o in here)
+                and all((o.peak_reserved_mb or 0) + g.room <= COMFORT_SHARE * vram_total for o in here)):
+            return upper, "observations", f"{len(here)} runs on {offload} had room to spare: trying one rung up"
+    return offload, offload_src, offload_why
+
+
+def _map_to_ui_rung(offload: str, offload_why: str, u: _UiStep, g: _GpuStep, rungs: Sequence[str]) -> tuple[str, str]:
+    """A rung this UI does not have becomes its nearest one, and the reason says so."""
+    mapped = _map_rung(offload, rungs)
+    if offload not in ("cpu", "none") and offload not in rungs and not g.foreign and mapped != offload:
+        offload_why += f" ({u.ui.title} has no {offload} rung: {mapped})"
+        offload = mapped
+    return offload, offload_why
+
+
+def _decide_road(b: _Builder, inp: _Inputs, u: _UiStep, g: _GpuStep, *, spill_possible: bool, rung: str,
+                checkpoint: str | None, target: _Target) -> RoadChoice:
+    facts, prof, overrides, gpu, vram_total = inp.facts, inp.prof, inp.overrides, g.gpu, g.vram_total
     ram_ok = bool(facts.system.ram_mb and vram_total and facts.system.ram_mb >= 2 * vram_total)
-    resident_possible = ui_key == "a1111" and spill_possible and ram_ok and gpu is not None and not cpu_mode
+    resident_possible = u.key == "a1111" and spill_possible and ram_ok and gpu is not None and not g.cpu_mode
     why_no_resident = (
-        "only A1111 runs the layout hook" if ui_key != "a1111" else
+        "only A1111 runs the layout hook" if u.key != "a1111" else
         "memory cannot spill here (sysmem fallback off), so only the swap road exists" if not spill_possible else
         "no NVIDIA GPU" if gpu is None else
         f"RAM {facts.system.ram_mb} MiB is under 2 × VRAM" if not ram_ok else ""
     )
     layout_mode = overrides.layout or prof.layout.mode
     layout_src = "cli" if overrides.layout else "profile"
-    if layout_mode == "off" or cpu_mode or foreign:
-        road, road_src, road_why = "swap", layout_src, "--layout off / profile: the swap road" if layout_mode == "off" else "no NVIDIA GPU"
-    elif not resident_possible:
-        road, road_src, road_why = "swap", "auto", f"swap road: {why_no_resident}"
+    if layout_mode == "off" or g.no_nvidia:
+        return RoadChoice("swap", layout_src,
+                          "--layout off / profile: the swap road" if layout_mode == "off" else "no NVIDIA GPU")
+    if not resident_possible:
         if layout_mode == "on":
             b.warn(f"--layout on asked for the resident road, but {why_no_resident}")
-    elif layout_mode == "on":
-        road, road_src, road_why = "resident", layout_src, "--layout on: the resident road (model on the GPU, layout + reserve)"
-        if (failed := _resident_failed(observations, checkpoint, gpu)) is not None:
+        return RoadChoice("swap", "auto", f"swap road: {why_no_resident}")
+    if layout_mode == "on":
+        if (failed := _resident_failed(inp.observations, checkpoint, gpu)) is not None:
             asked = "--layout on" if layout_src == "cli" else f"profile {prof.name} (layout on)"
             b.warn(f"{asked}: the resident road's last run failed ({failed}); trying it again as asked")
-    else:
-        auto = _auto_road(observations, checkpoint, gpu, rung=offload, target=(width, height, batch))
-        road, road_src, road_why = auto.road, auto.source, auto.reason
-        if auto.warning:
-            b.warn(auto.warning)
-    if road == "resident" and offload != "none":
-        offload_why = f"resident road: whole model on the GPU (was {offload}; giant-kitten's premise)"
-        offload, offload_src = "none", road_src
-    b.add("offload", offload, offload_src, offload_why)
-    b.add("road", road, road_src, road_why)
+        return RoadChoice("resident", layout_src, "--layout on: the resident road (model on the GPU, layout + reserve)")
+    auto = _auto_road(inp.observations, checkpoint, gpu, rung=rung,
+                      target=(target.width, target.height, target.batch))
+    if auto.warning:
+        b.warn(auto.warning)
+    return RoadChoice(auto.road, auto.source, auto.reason)
 
+
+def _record_offload_and_road(b: _Builder, offload: tuple[str, str, str], road: RoadChoice) -> str:
+    """The resident road keeps the whole model on the GPU; both decisions are recorded here."""
+    rung, src, why = offload
+    if road.road == "resident" and rung != "none":
+        why = f"resident road: whole model on the GPU (was {rung}; giant-kitten's premise)"
+        rung, src = "none", road.source
+    b.add("offload", rung, src, why)
+    b.add("road", road.road, road.source, road.reason)
+    return rung
+
+
+def _decide_reserve(b: _Builder, inp: _Inputs, g: _GpuStep, road: str, *, checkpoint: str | None,
+                    target: _Target) -> ReservePlan:
+    prof = inp.prof
     if road == "resident":
         if isinstance(prof.layout.reserve, int):
             reserve = ReservePlan("fixed", prof.layout.reserve, True, source="profile",
                                   reason=f"fixed by profile {prof.name}")
         else:
-            reserve = _reserve(observations, checkpoint, vram_total, gpu, (width, height))
+            reserve = _reserve(inp.observations, checkpoint, g.vram_total, g.gpu, (target.width, target.height))
     else:
         reserve = ReservePlan("off", 0, False, source="none", reason="swap road: nothing should spill, no reserve")
     b.add("reserve", reserve.mb, reserve.source if reserve.source != "none" else "auto", reserve.reason)
+    return reserve
 
-    # -- hook ----------------------------------------------------------------------------------
-    if ui_key != "a1111":
-        hook = HookPlan(False, f"the layout hook runs on A1111 only ({ui.title} moves weights itself)")
+
+def _decide_hook(b: _Builder, inp: _Inputs, u: _UiStep, reserve: ReservePlan) -> HookPlan:
+    overrides = inp.overrides
+    if u.key != "a1111":
+        hook = HookPlan(False, f"the layout hook runs on A1111 only ({u.ui.title} moves weights itself)")
     elif overrides.no_hook:
         hook = HookPlan(False, "--no-hook")
     else:
         hook = HookPlan(True, "observes every generation (the ladder and the reserve learn from it)"
                         + ("; lays out the reserve" if reserve.applied else "; no layout on the swap road"))
     b.add("hook", hook.enabled, "cli" if overrides.no_hook else "auto", hook.reason)
+    return hook
 
-    # -- allocator -----------------------------------------------------------------------------
-    alloc = dict(prof.alloc_conf)
+
+def _decide_allocator(b: _Builder, inp: _Inputs, reserve: ReservePlan) -> str:
+    alloc = dict(inp.prof.alloc_conf)
     if reserve.applied:
         for key in list(alloc):
             if key in ALLOC_LAYOUT_CONFLICTS and (key != "backend" or "cudaMallocAsync" in alloc[key]):
                 b.add(f"alloc_conf.{key}", None, "auto", f"dropped with the layout on: {ALLOC_LAYOUT_CONFLICTS[key]}")
                 del alloc[key]
     for key, value in alloc.items():
-        b.add(f"alloc_conf.{key}", value, "profile", f"profile {prof.name}")
-    alloc_conf = ",".join(f"{k}:{v}" for k, v in alloc.items())
+        b.add(f"alloc_conf.{key}", value, "profile", f"profile {inp.prof.name}")
+    return ",".join(f"{k}:{v}" for k, v in alloc.items())
 
-    # -- TCMalloc ------------------------------------------------------------------------------
-    tc, tc_env = _tcmalloc(facts, ui, prof.tcmalloc)
+
+def _decide_tcmalloc(b: _Builder, inp: _Inputs, u: _UiStep) -> tuple[TcmallocPlan, dict[str, str]]:
+    prof = inp.prof
+    tc, tc_env = _tcmalloc(inp.facts, u.ui, prof.tcmalloc)
     b.add("tcmalloc", tc.enabled, "profile" if prof.tcmalloc != "auto" else "auto", tc.reason)
+    return tc, tc_env
 
-    # -- render the flags --------------------------------------------------------------------------
-    device_index: int | None = None
-    if choice.pin_uuid and user_device is not None:
-        if ui.device_flag_sets_visible and device_warning:
+
+def _decide_device_flag(b: _Builder, u: _UiStep, g: _GpuStep) -> int | None:
+    """The device index the flags carry: 0 where the pin rewrites the user's device flag."""
+    ui = u.ui
+    if g.choice.pin_uuid and u.user_device is not None:
+        if ui.device_flag_sets_visible and g.device_warning:
             pass  # the user's value names no GPU: warned above, nothing to keep or rewrite
         elif ui.device_flag_sets_visible:
             # Forge/ComfyUI turn the flag into CUDA_VISIBLE_DEVICES=<id>, replacing the UUID pin: a
             # rewritten `0` would pick CUDA's first GPU. The user's own value names the chosen GPU: keep it.
-            b.add("device_flag", user_device, "user",
-                  f"your {ui.device_flag} {user_device} stays: {ui.title} sets CUDA_VISIBLE_DEVICES from it, "
+            b.add("device_flag", u.user_device, "user",
+                  f"your {ui.device_flag} {u.user_device} stays: {ui.title} sets CUDA_VISIBLE_DEVICES from it, "
                   "which picks the same GPU as lowvram's pin")
         else:
-            device_index = 0  # the pinned GPU is the only one visible
-    settings = UiSettings(
-        offload="none" if foreign else offload,
-        attention=attention,
-        unet_precision="half" if foreign else unet_prec,
-        vae_precision="half" if foreign else vae_prec,
-        device_index=device_index,
-        headroom_mb=room if (ui_key == "comfyui" and gpu is not None) else None,
-        family=fam,
-    )
-    rendered = ui.render(settings, version)
+            return 0  # the pinned GPU is the only one visible
+    return None
+
+
+def _decide_flags(b: _Builder, inp: _Inputs, u: _UiStep, settings: UiSettings) -> list[str]:
+    """The UI's flags for the settings decided so far, and the profile's extra flags."""
+    prof = inp.prof
+    rendered = u.ui.render(settings, u.version)
     for note in rendered.notes:
         b.add("flags", None, "auto", note)
     plan_args = list(rendered.args) + [a for a in prof.args if a not in rendered.args]
     if prof.args:
         b.add("args", list(prof.args), "profile", f"extra flags from profile {prof.name}")
-    ui.validate(plan_args, version)
+    u.ui.validate(plan_args, u.version)
+    return plan_args
 
-    # -- merge with the user's flags (docs/architecture.md#the-policy, "Merging the user's flags") ------------------
+
+def _merge_user_flags(b: _Builder, inp: _Inputs, u: _UiStep, plan_args: list[str], *, device_index: int | None,
+                      offload: str, attention: str) -> _Merge:
+    """docs/architecture.md#the-policy, "Merging the user's flags"."""
     merge = "append"
     user_dropped: list[str] = []
-    user_kept: list[str] = list(user_tokens)
+    user_kept: list[str] = list(u.user_tokens)
     plan_dropped: list[str] = []
-    if not user_literal:
+    if not u.user_literal:
         b.warn("your COMMANDLINE_ARGS is not a literal value ($VAR or $(...)): lowvram appends its flags "
                "and cannot check them against yours")
-    elif user_parsed:
-        plan_parsed = parse_args(plan_args, flagset, strict=True)
-        conflicts = ui.cross_contradictions(user_parsed, plan_parsed, flagset)
-        drop_user: set[tuple[str, ...]] = set()
-        drop_plan: set[tuple[str, ...]] = set()
-        for c in conflicts:
-            if c.first and c.first[0].split("=")[0] == ui.device_flag and device_index is not None:
-                drop_user.add(c.first)
-                b.warn(f"your {' '.join(c.first)} is replaced by {' '.join(c.second)}: the chosen GPU is pinned "
-                       "with CUDA_VISIBLE_DEVICES, so it is device 0")
-            elif overrides.explicit_profile and c.category.endswith(" value"):
-                # The block appends after the user's live line and argparse keeps a flag's last value.
-                drop_user.add(c.first)
-                b.warn(f"your {' '.join(c.first)} contradicts the plan's {' '.join(c.second)}: profile "
-                       f"{prof.name} was given explicitly, so the plan's value (after yours) wins")
-            else:
-                # An on/off flag cannot be switched off from the block, and the user's line is never
-                # edited or frozen (issue 14): the user's flag wins, at run time.
-                drop_plan.add(c.second)
-                b.warn(f"your {' '.join(c.first)} contradicts the plan's {' '.join(c.second)}: kept yours and "
-                       + (f"left the plan's out (an on/off flag in your COMMANDLINE_ARGS cannot be overridden; "
-                          f"take {' '.join(c.first)} out of it for profile {prof.name}'s)"
-                          if overrides.explicit_profile else "left the plan's out (give --profile to override yours)"))
-                # The UI runs with the user's rung/backend: say so, and let the hook record that one
-                # (a run on --lowvram must not teach the ladder about the plan's --medvram-sdxl).
-                user_value = ui.categories.get(c.category, {}).get(c.first[0].split("=")[0])
-                if c.category == "offload" and user_value:
-                    offload = _user_decision(b, "offload", user_value, c, offload)
-                elif c.category == "attention" and user_value:
-                    attention = _user_decision(b, "attention", user_value, c, attention)
+    elif u.user_parsed:
+        plan_parsed = parse_args(plan_args, u.flagset, strict=True)
+        conflicts = u.ui.cross_contradictions(u.user_parsed, plan_parsed, u.flagset)
+        drop_user, drop_plan, offload, attention = _settle_conflicts(b, inp, u, conflicts, device_index=device_index,
+                                                                     offload=offload, attention=attention)
         if drop_user:
             merge = "assign"
-            user_dropped = [t for p in user_parsed if p.tokens in drop_user for t in p.tokens]
-            user_kept = [t for p in user_parsed if p.tokens not in drop_user for t in p.tokens]
+            user_dropped = [t for p in u.user_parsed if p.tokens in drop_user for t in p.tokens]
+            user_kept = [t for p in u.user_parsed if p.tokens not in drop_user for t in p.tokens]
         if drop_plan:
             plan_dropped = [t for p in plan_parsed if p.tokens in drop_plan for t in p.tokens]
             plan_args = [t for p in plan_parsed if p.tokens not in drop_plan for t in p.tokens]
@@ -869,8 +972,48 @@ def plan(
               "append the plan's flags to your COMMANDLINE_ARGS at run time; their later values override your "
               + " ".join(user_dropped) if merge == "assign"
               else "append the plan's flags to your COMMANDLINE_ARGS at run time")
+    return _Merge(merge, user_dropped, user_kept, plan_dropped, plan_args, offload, attention)
 
-    # -- extensions ----------------------------------------------------------------------------------
+
+def _settle_conflicts(b: _Builder, inp: _Inputs, u: _UiStep, conflicts: Iterable[Contradiction], *,
+                      device_index: int | None, offload: str,
+                      attention: str) -> tuple[set[tuple[str, ...]], set[tuple[str, ...]], str, str]:
+    """Who wins each contradiction between the user's flags and the plan's: (user's dropped, plan's dropped,
+    offload, attention)."""
+    prof, overrides, ui = inp.prof, inp.overrides, u.ui
+    drop_user: set[tuple[str, ...]] = set()
+    drop_plan: set[tuple[str, ...]] = set()
+    for c in conflicts:
+        if c.first and c.first[0].split("=")[0] == ui.device_flag and device_index is not None:
+            drop_user.add(c.first)
+            b.warn(f"your {' '.join(c.first)} is replaced by {' '.join(c.second)}: the chosen GPU is pinned "
+                   "with CUDA_VISIBLE_DEVICES, so it is device 0")
+        elif overrides.explicit_profile and c.category.endswith(" value"):
+            # The block appends after the user's live line and argparse keeps a flag's last value.
+            drop_user.add(c.first)
+            b.warn(f"your {' '.join(c.first)} contradicts the plan's {' '.join(c.second)}: profile "
+                   f"{prof.name} was given explicitly, so the plan's value (after yours) wins")
+        else:
+            # An on/off flag cannot be switched off from the block, and the user's line is never
+            # edited or frozen (issue 14): the user's flag wins, at run time.
+            drop_plan.add(c.second)
+            b.warn(f"your {' '.join(c.first)} contradicts the plan's {' '.join(c.second)}: kept yours and "
+                   + (f"left the plan's out (an on/off flag in your COMMANDLINE_ARGS cannot be overridden; "
+                      f"take {' '.join(c.first)} out of it for profile {prof.name}'s)"
+                      if overrides.explicit_profile else "left the plan's out (give --profile to override yours)"))
+            # The UI runs with the user's rung/backend: say so, and let the hook record that one
+            # (a run on --lowvram must not teach the ladder about the plan's --medvram-sdxl).
+            user_value = ui.categories.get(c.category, {}).get(c.first[0].split("=")[0])
+            if c.category == "offload" and user_value:
+                offload = _user_decision(b, "offload", user_value, c, offload)
+            elif c.category == "attention" and user_value:
+                attention = _user_decision(b, "attention", user_value, c, attention)
+    return drop_user, drop_plan, offload, attention
+
+
+def _decide_extensions(b: _Builder, inp: _Inputs, u: _UiStep, g: _GpuStep,
+                      registry: Mapping[str, ExtensionSpec]) -> list[ExtensionSpec]:
+    prof = inp.prof
     exts: list[ExtensionSpec] = []
     for name in prof.extensions:
         spec = registry.get(name)
@@ -878,30 +1021,42 @@ def plan(
             b.warn(f"profile {prof.name} lists extension {name!r}, which is not in lowvram's registry: skipped")
             continue
         uis = getattr(spec, "uis", ()) or ()
-        if uis and ui_key not in uis:
+        if uis and u.key not in uis:
             skip = dict(getattr(spec, "skip", ()) or ())
-            b.add(f"extension.{name}", "skipped", "auto", skip.get(ui_key) or f"{name} does not work on {ui.title}")
+            b.add(f"extension.{name}", "skipped", "auto", skip.get(u.key) or f"{name} does not work on {u.ui.title}")
             continue
-        if cpu_mode and name == "vram-estimator":
+        if g.cpu_mode and name == "vram-estimator":
             b.add(f"extension.{name}", "skipped", "auto", "VRAM Estimator benchmarks CUDA memory; there is no GPU")
             continue
         exts.append(spec)
         b.add(f"extension.{name}", "install", "profile", spec.reason or f"listed by profile {prof.name}")
+    return exts
 
-    # -- estimate summary and warnings ------------------------------------------------------------------
-    fit = fits(offload) if not cpu_mode else None
-    peak = estimates[offload].peak_mb if offload in estimates else None
+
+def _decide_estimate(b: _Builder, fam: str, u: _UiStep, g: _GpuStep, *, t: _Target, fits: _Fits, offload: str,
+                    road: str, rungs: Sequence[str], unet: str, vae: str, attention: str) -> EstimateSummary:
+    """The estimate summary, and what to try where the plan will not fit."""
+    vram_total, room = g.vram_total, g.room
+    fits.attention = attention  # a user's backend that won the merge counts for estimates made from here on
+    fit = fits(offload) if not g.cpu_mode else None
+    peak = fits.estimates[offload].peak_mb if offload in fits.estimates else None
     if peak is not None:
         b.add("estimate", peak, "auto",
-              f"{fam} {width}×{height} batch {batch} on {offload}: peak {peak} MiB vs {vram_total} MiB − "
+              f"{fam} {t.width}×{t.height} batch {t.batch} on {offload}: peak {peak} MiB vs {vram_total} MiB − "
               f"{room} MiB headroom ({'fits' if fit else 'does not fit'} with a {int(est.DEFAULT_MARGIN * 100)} % margin)")
-    elif can_estimate:
+    elif fits.can_estimate:
         b.add("estimate", None, "auto", "the GPU's VRAM size is unknown: no estimate")
     if fit is False and road == "swap":
-        b.warn(_wont_fit(fam, width=width, height=height, offload=offload, rungs=rungs, vram_total=vram_total,
-                         room=room, unet=unet_prec, vae=vae_prec, attention=attention, ui_key=ui_key, bcu=bcu,
-                         batch=batch, hires=hires))
-    if ui_key == "forge" and vram_total and not cpu_mode:
+        b.warn(_wont_fit(fam, width=t.width, height=t.height, offload=offload, rungs=rungs, vram_total=vram_total,
+                         room=room, unet=unet, vae=vae, attention=attention, ui_key=u.key, bcu=t.bcu,
+                         batch=t.batch, hires=t.hires))
+    return EstimateSummary(peak, fit)
+
+
+def _decide_headroom(b: _Builder, inp: _Inputs, u: _UiStep, g: _GpuStep) -> None:
+    """Forge's GPU Weights follow the headroom; then the headroom itself."""
+    vram_total, room, facts = g.vram_total, g.room, inp.facts
+    if u.key == "forge" and vram_total and not g.cpu_mode:
         weights = max(0, vram_total - room - FORGE_INFERENCE_MB)
         b.add("forge.gpu_weights_mb", weights, "auto",
               f"Forge's GPU Weights slider (Settings) follows the headroom: at most {vram_total} − {room} headroom − "
@@ -909,26 +1064,32 @@ def plan(
     b.add("headroom_mb", room, "auto", "VRAM other programs hold (measured total − free), with the "
           f"{'Windows' if facts.system.os == 'windows' or facts.system.wsl else 'Linux'} minimum")
 
-    # -- env -------------------------------------------------------------------------------------------
+
+def _decide_env(b: _Builder, u: _UiStep, g: _GpuStep, m: _Merge, *, tc_env: Mapping[str, str], alloc_conf: str,
+                hook: HookPlan, hook_config_path: str | None) -> dict[str, str]:
     env: dict[str, str] = {}
-    if ui.has_webui_user:
-        merged_args = [*user_kept, *plan_args] if merge == "assign" else plan_args
+    if u.ui.has_webui_user:
+        merged_args = [*m.user_kept, *m.plan_args] if m.merge == "assign" else m.plan_args
         env["COMMANDLINE_ARGS"] = join_args(merged_args)
     env.update(tc_env)
     if alloc_conf:
         env["PYTORCH_CUDA_ALLOC_CONF"] = alloc_conf
-    if choice.pin_uuid:
-        env["CUDA_VISIBLE_DEVICES"] = choice.pin_uuid
-        b.add("cuda_visible_devices", choice.pin_uuid, "auto",
+    if g.choice.pin_uuid:
+        env["CUDA_VISIBLE_DEVICES"] = g.choice.pin_uuid
+        b.add("cuda_visible_devices", g.choice.pin_uuid, "auto",
               "several NVIDIA GPUs: the chosen one is pinned by UUID, so it is CUDA device 0 whatever the order")
     if hook.enabled and hook_config_path:
         env["LOWVRAM_CONFIG"] = hook_config_path
+    return env
 
+
+def _extra(inp: _Inputs, u: _UiStep, t: _Target, fallback: str, selection: Selection | None) -> dict[str, Any]:
+    prof = inp.prof
     extra: dict[str, Any] = {
-        "target": {"width": width, "height": height, "batch": batch, "hires_scale": hires},
-        "profile_chain": list(resolved.chain),
-        "ui_version": version,
-        "flags_checked_against": ui.describe(version),
+        "target": {"width": t.width, "height": t.height, "batch": t.batch, "hires_scale": t.hires},
+        "profile_chain": list(inp.resolved.chain),
+        "ui_version": u.version,
+        "flags_checked_against": u.ui.describe(u.version),
         "sysmem_fallback": fallback,
         # The hook config reads this (hookconfig.build_hook_config): the order the layout moves tensors back in.
         "layout_order": prof.layout.order,
@@ -937,31 +1098,88 @@ def plan(
     if selection is not None:
         extra["selection"] = {"name": selection.name, "reason": selection.reason,
                               "others_matched": list(selection.others_matched)}
+    return extra
+
+
+def plan(
+    facts: Facts,
+    resolved: ResolvedProfile,
+    observations: Sequence[Observation],
+    overrides: Overrides,
+    *,
+    hook_config_path: str | None,
+    webui_path: str | None,
+    registry: Mapping[str, ExtensionSpec],
+    family: FamilyChoice | None = None,
+    selection: Selection | None = None,
+    xformers_builds: Mapping[str, str] | None = None,
+) -> Plan:
+    """Decide everything for one WebUI, one step per setting in the order `lowvram plan` shows them;
+    see docs/architecture.md#the-policy for each rule."""
+    b = _Builder()
+    inp = _Inputs(facts, resolved, observations, overrides, webui_path, xformers_builds)
+    prof = resolved.profile
+    _decide_profile(b, inp, selection)
+    u = _decide_ui(b, inp)
+    fam = _decide_family(b, inp, family)
+    g = _decide_gpu(b, inp, u, fam)
+    fallback = _decide_sysmem_fallback(b, inp)
+    spill_possible = fallback == "on"
+    attention = _decide_attention(b, inp, u, g)
+    unet_prec, vae_prec = _decide_precision(b, inp, g)
+    target = _decide_target(inp, fam)
+    rungs = u.ui.rungs(fam, u.version)
+    checkpoint = facts.webui.checkpoint_key if facts.webui else None
+    fits = _Fits(fam, g, target, unet=unet_prec, vae=vae_prec, attention=attention, ui_key=u.key)
+    rung, rung_src, rung_why = _decide_offload(b, inp, g, rungs=rungs, fits=fits,
+                                               recent=_recent(observations, checkpoint), spill_possible=spill_possible)
+    rung, rung_why = _map_to_ui_rung(rung, rung_why, u, g, rungs)
+    road = _decide_road(b, inp, u, g, spill_possible=spill_possible, rung=rung, checkpoint=checkpoint, target=target)
+    offload = _record_offload_and_road(b, (rung, rung_src, rung_why), road)
+    reserve = _decide_reserve(b, inp, g, road.road, checkpoint=checkpoint, target=target)
+    hook = _decide_hook(b, inp, u, reserve)
+    alloc_conf = _decide_allocator(b, inp, reserve)
+    tc, tc_env = _decide_tcmalloc(b, inp, u)
+    device_index = _decide_device_flag(b, u, g)
+    plan_args = _decide_flags(b, inp, u, UiSettings(
+        offload="none" if g.foreign else offload, attention=attention,
+        unet_precision="half" if g.foreign else unet_prec, vae_precision="half" if g.foreign else vae_prec,
+        device_index=device_index, headroom_mb=g.room if (u.key == "comfyui" and g.gpu is not None) else None,
+        family=fam))
+    m = _merge_user_flags(b, inp, u, plan_args, device_index=device_index, offload=offload,
+                          attention=attention)
+    exts = _decide_extensions(b, inp, u, g, registry)
+    estimate = _decide_estimate(b, fam, u, g, t=target, fits=fits, offload=m.offload, road=road.road, rungs=rungs,
+                               unet=unet_prec, vae=vae_prec, attention=m.attention)
+    _decide_headroom(b, inp, u, g)
+    env = _decide_env(b, u, g, m, tc_env=tc_env, alloc_conf=alloc_conf, hook=hook,
+                      hook_config_path=hook_config_path)
+    gpu = g.gpu
     return Plan(
         profile=prof.name,
-        ui=ui_key,
+        ui=u.key,
         webui=webui_path,
-        args=tuple(plan_args),
+        args=tuple(m.plan_args),
         env=env,
         tcmalloc=tc,
         extensions=tuple(exts),
-        road=road,
+        road=road.road,
         reserve=reserve,
-        headroom_mb=room,
+        headroom_mb=g.room,
         hook=hook,
-        estimate=EstimateSummary(peak, fit),
+        estimate=estimate,
         decisions=tuple(b.decisions),
         warnings=tuple(b.warnings),
         model_family=fam,
-        offload=offload,
-        attention=attention,
-        merge=merge,
-        user_args_dropped=tuple(user_dropped),
-        user_args_kept=tuple(user_kept) if merge == "assign" else (),
-        plan_args_dropped=tuple(plan_dropped),
+        offload=m.offload,
+        attention=m.attention,
+        merge=m.merge,
+        user_args_dropped=tuple(m.user_dropped),
+        user_args_kept=tuple(m.user_kept) if m.merge == "assign" else (),
+        plan_args_dropped=tuple(m.plan_dropped),
         gpu_index=gpu.index if gpu else None,
         gpu_uuid=gpu.uuid if gpu else None,
-        extra=extra,
+        extra=_extra(inp, u, target, fallback, selection),
     )
 
 
