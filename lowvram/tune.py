@@ -699,6 +699,9 @@ def road_outcome(road: str, probes: Sequence[Probe], done: bool, why: str) -> tu
 
 # ---------------------------------------------------------------------------------------------
 # The session: plans per road, the UI, the probes, and putting everything back
+#
+# _Session runs the roads and puts things back; _TuneUi starts, restarts and stops the UI;
+# _Prober measures one road's reserves; _Ledger keeps the probes, saves them, and names the best.
 
 
 @dataclass
@@ -707,227 +710,58 @@ class _Road:
     plan: Plan
 
 
-class _Session:
-    def __init__(self, *, ctx: Any, facts_file: Path | None, overrides: Overrides, settings: TuneSettings,
-                 report: Reporter, lock: FileLock) -> None:
-        self.lock = lock
+def _roads(base_plan: Plan, wanted: str, road_plan: Callable[[str], Plan]) -> list[_Road]:
+    """The roads to measure for `--roads wanted`, the profile's road first."""
+    resident: Plan | None = None
+    if wanted in ("auto", "resident"):
+        candidate = base_plan if base_plan.road == "resident" else road_plan("on")
+        if candidate.road == "resident" and candidate.reserve.applied:
+            resident = candidate
+        elif wanted == "resident":
+            raise TuneError("only the swap road exists here: memory cannot spill into shared memory "
+                            "(native Linux, or sysmem fallback off), so there is no reserve to tune",
+                            "run `lowvram tune --roads swap`, or `--sysmem-fallback on` if the driver does spill")
+    swap: Plan | None = None
+    if wanted in ("auto", "swap"):
+        swap = base_plan if base_plan.road == "swap" else road_plan("off")
+        if swap.road != "swap":
+            swap = None
+    out: list[_Road] = []
+    if resident is not None:
+        out.append(_Road("resident", resident))
+    if swap is not None:
+        out.append(_Road("swap", swap))
+    if not out:
+        raise TuneError("no road to tune for this plan", "check `lowvram plan` for its road")
+    out.sort(key=lambda r: r.name != base_plan.road)  # the profile's road first (docs/architecture.md#the-policy)
+    return out
+
+
+class _TuneUi:
+    """The UI's lifecycle: the road applied, the UI started on its port, restarted when wedged, stopped."""
+
+    def __init__(self, *, webui: Path, facts: Facts, settings: TuneSettings, report: Reporter, lock: FileLock,
+                 log_path: Path, time_left: Callable[[], float]) -> None:
+        self.webui = webui
+        self.facts = facts
         self.settings = settings
         self.report = report
-        self.overrides = overrides
-        self.facts_file = facts_file
-        self.webui = Path(ctx.webui)
-        self.base_plan = ctx.plan
-        if self.base_plan.ui != "a1111":
-            raise TuneError(f"tune drives A1111's API and the layout hook; this WebUI is {self.base_plan.ui}",
-                            "use `lowvram launch` there; the reserve search needs A1111")
-        # --facts stands for the GPU only: the UI started (and the webui-user file written) is this machine's.
-        self.facts = _local_facts(ctx.facts, self.webui) if ctx.from_facts_file else ctx.facts
-        webui_facts = self.facts.webui
-        self.checkpoint = webui_facts.checkpoint_key if webui_facts is not None else None
-        gpu = _gpu(self.facts, self.base_plan)
-        self.driver = gpu.driver if gpu is not None else None
-        self.vram_total_mb = gpu.vram_total_mb if gpu is not None else None
-        self.width, self.height = _target_size(self.base_plan, settings)
-        self.obs_path = paths.observations_path(self.webui)
-        self.hook_path = paths.hook_config_path(self.webui)
-        self.log_path = paths.webui_state_dir(self.webui) / "tune-ui.log"
-        self.snapshot = TreeSnapshot.take(self.webui)  # before anything changes: restore() puts it back
+        self.lock = lock
+        self.log_path = log_path
+        self.time_left = time_left
         self.ui: UiProcess | None = None
         self.client: ApiClient | None = None
-        self.probes: list[Probe] = []
-        self.saved = 0
-        self.run_tag = f"tune-{int(time.time())}-{os.getpid()}"
-        self.deadline = time.monotonic() + settings.max_minutes * 60.0
-        self.start_probe: Probe | None = None
         self.restarts = 0
         self._pending_restart = ""
 
-    # -- roads ---------------------------------------------------------------------------------
-
-    def roads(self) -> list[_Road]:
-        from lowvram.planner import make_plan
-
-        def road_plan(layout: str) -> Plan:
-            return make_plan(webui=self.webui, facts_file=self.facts_file,
-                             overrides=replace(self.overrides, layout=layout)).plan
-
-        wanted = self.settings.roads
-        resident: Plan | None = None
-        if wanted in ("auto", "resident"):
-            candidate = self.base_plan if self.base_plan.road == "resident" else road_plan("on")
-            if candidate.road == "resident" and candidate.reserve.applied:
-                resident = candidate
-            elif wanted == "resident":
-                raise TuneError("only the swap road exists here: memory cannot spill into shared memory "
-                                "(native Linux, or sysmem fallback off), so there is no reserve to tune",
-                                "run `lowvram tune --roads swap`, or `--sysmem-fallback on` if the driver does spill")
-        swap: Plan | None = None
-        if wanted in ("auto", "swap"):
-            swap = self.base_plan if self.base_plan.road == "swap" else road_plan("off")
-            if swap.road != "swap":
-                swap = None
-        out: list[_Road] = []
-        if resident is not None:
-            out.append(_Road("resident", resident))
-        if swap is not None:
-            out.append(_Road("swap", swap))
-        if not out:
-            raise TuneError("no road to tune for this plan", "check `lowvram plan` for its road")
-        out.sort(key=lambda r: r.name != self.base_plan.road)  # the profile's road first (docs/architecture.md#the-policy)
-        return out
-
-    # -- the run -------------------------------------------------------------------------------
-
-    def run(self) -> TuneResult:
-        check_user_flags(self.facts, self.report)
-        self.report(TuneEvent("plan", f"tuning {self.webui} at {self.width}×{self.height}, {self.settings.steps} "
-                                      f"steps, {self.settings.repeats} measured runs per candidate"))
-        roads = self.roads()
-        closed = True
-        reasons: list[str] = []
-        for road in roads:
-            if self._time_left() <= 0:
-                closed = False
-                reasons.append(f"{road.name} road not measured: out of time")
-                continue
-            done, why = self._run_road(road)
-            closed = closed and done
-            reasons.append(why)
-        return self._result(closed, "; ".join(reasons), [r.name for r in roads])
-
-    def _run_road(self, road: _Road) -> tuple[bool, str]:
-        self.restarts = 0
-        first = len(self.probes)
-        self._apply(road.plan)
-        self._start_ui(road.plan)
-        try:
-            if road.name == "swap":
-                self._probe(road, 0)
-                done, why = True, "swap road measured"
-            else:
-                done, why = self._search_resident(road)
-        finally:
-            self._stop_ui()
-        return road_outcome(road.name, self.probes[first:], done, why)
-
-    def _search_resident(self, road: _Road) -> tuple[bool, str]:
-        """Reserve 0 first, the profile's starting reserve next, then what the pure search proposes."""
-        from lowvram import tuning
-        from lowvram.estimate import CUDA_CONTEXT_MB
-
-        start_reserve = self.base_plan.reserve.mb if self.base_plan.road == "resident" else None
-        measured: list[int] = []
-        while True:
-            if len(measured) >= MAX_PER_ROAD:
-                return True, f"resident road: closed after {len(measured)} candidates"
-            if self._time_left() <= 0:
-                return False, f"resident road: out of time after {len(measured)} candidates"
-            if not measured:
-                nxt = 0
-            elif start_reserve is not None and start_reserve not in measured:
-                nxt = start_reserve
-            else:
-                observations = load_observations(self.obs_path).items
-                state = tuning.tuning_state(observations, self.checkpoint, self.driver, (self.width, self.height),
-                                            max_candidates=MAX_PER_ROAD, vram_total_mb=self.vram_total_mb,
-                                            cuda_context_mb=CUDA_CONTEXT_MB)
-                if state.closed:
-                    return True, f"resident road: {state.reason}"
-                candidate = state.next_candidate
-                if candidate is None:
-                    return False, ("resident road: no free/overflow measurement to bound the search "
-                                   "(is the layout hook installed? `lowvram reserve --add` records a reading)")
-                nxt = candidate
-                if nxt in measured:
-                    return True, f"resident road: converged ({state.reason})"
-            measured.append(nxt)
-            probe = self._probe(road, nxt)
-            if probe.layout_error and nxt == 0:  # not even the smallest reserve: the layout does not run here
-                return False, f"resident road not measured: {probe.reason}"
-
-    def _probe(self, road: _Road, reserve: int) -> Probe:
-        from lowvram.hookconfig import with_reserve, write_hook_config
-
-        self._ensure_ui(road.plan)
-        assert self.client is not None
-        tag = f"{self.run_tag}-{len(self.probes) + 1}"
-        layout = road.name == "resident"
-        cfg = with_reserve(_read_json(self.hook_path) or {}, reserve, layout=layout, tag=tag)
-        write_hook_config(self.hook_path, {**cfg, "flags": list(road.plan.args)})  # the road's, as the hook records
-        self.report(TuneEvent("probing", f"{road.name} road, reserve {reserve} MiB"))
-        payload = txt2img_payload(self.width, self.height, self.settings.steps)
-        walls: list[float] = []
-        failure = ""
-        measure_from = 0.0
-        for n in range(1 + self.settings.repeats):
-            if n == 1:
-                measure_from = time.time()
-            timeout = min(self.settings.request_timeout_s, max(30.0, self._time_left() + 30.0))
-            t0 = time.monotonic()
-            try:
-                status, body = self.client.post("/sdapi/v1/txt2img", payload, timeout=timeout)
-            except TimeoutError:
-                failure = f"no answer within {timeout:.0f} s"
-                self._restart_needed(road.plan, failure)
-                break
-            except OSError as exc:
-                code = self._exited_within(2.0)
-                failure = (f"the UI exited with code {code}" if code is not None
-                           else f"connection failed: {exc.strerror or exc}")
-                self._restart_needed(road.plan, failure)
-                break
-            wall = time.monotonic() - t0
-            if status != 200:
-                failure = failure_reason(status, body)
-                break
-            if n > 0:
-                walls.append(wall)
-        probe = self._finish_probe(road.name, reserve, walls, failure, tag=tag, measure_from=measure_from)
-        self.probes.append(probe)
-        self._save(road.plan, probe)
-        if (self.start_probe is None and road.name == self.base_plan.road
-                and (road.name == "swap" or reserve == self.base_plan.reserve.mb)):
-            self.start_probe = probe
-        self.report(TuneEvent("probe", probe=probe))
-        return probe
-
-    def _finish_probe(self, road: str, reserve: int, walls: list[float], failure: str, *, tag: str,
-                      measure_from: float) -> Probe:
-        hook = [o for o in load_observations(self.obs_path).items
-                if o.source == "hook" and o.tag == tag]
-        measured = [o for o in hook if o.time >= measure_from] if measure_from else []
-        probe = judge_probe(road, reserve, walls, failure, hook=hook, measured=measured, steps=self.settings.steps)
-        # One UI, one device: a probe the hook recorded nothing of (it hung, the UI died) ran where the others did.
-        known = next((p.device for p in self.probes if p.device), None)
-        return replace(probe, device=known) if probe.device is None and known else probe
-
-    def _observation(self, plan: Plan | None, probe: Probe) -> Observation:
-        return Observation(
-            time=time.time(), source="tuning", checkpoint=self.checkpoint,
-            family=plan.model_family if plan is not None else None,
-            flags=tuple(plan.args) if plan is not None else (), road=probe.road,
-            offload=plan.offload if plan is not None else None,
-            layout=probe.road == "resident" and not probe.layout_error, layout_error=probe.layout_error or None,
-            device=probe.device, reserve_mb=probe.reserve_mb if probe.road == "resident" else None,
-            free_mb=probe.free_mb, overflow_mb=probe.overflow_mb, vram_total_mb=self.vram_total_mb,
-            sit=probe.sit, width=self.width, height=self.height, batch=1, steps=self.settings.steps,
-            ooms=probe.ooms, ok=probe.ok, reason=probe.reason, driver=self.driver, tag="tune")
-
-    def _save(self, plan: Plan, probe: Probe) -> None:
-        """Kept as it is measured, so a tune killed outright still leaves what it learnt."""
-        append_observation(self.obs_path, self._observation(plan, probe))
-        self.saved += 1
-
-    # -- the UI --------------------------------------------------------------------------------
-
-    def _apply(self, plan: Plan) -> None:
+    def apply(self, plan: Plan) -> None:
         """The road's block (loopback only) and the hook, through the normal apply path; restore()
         puts back what was there before."""
         from lowvram.apply import apply_plan
 
         apply_plan(loopback_plan(plan), self.webui, self.facts, lock_held=True)
 
-    def _start_ui(self, plan: Plan) -> None:
+    def start(self, plan: Plan) -> None:
         from lowvram.launch import build_launch
 
         port = _block_port(plan, self.facts)
@@ -947,12 +781,12 @@ class _Session:
         self.client = ApiClient(port)
         self.report(TuneEvent("starting", f"starting the UI (API only, {self.client.base})"))
         self.ui.start()
-        took = min(self.settings.ready_timeout_s, max(1.0, self._time_left()))
+        took = min(self.settings.ready_timeout_s, max(1.0, self.time_left()))
         seconds = wait_ready(self.ui, self.client, took, self.report)
         check_listening(port)
         self.report(TuneEvent("ready", f"the UI answered after {seconds:.1f} s"))
 
-    def _exited_within(self, seconds: float) -> int | None:
+    def exited_within(self, seconds: float) -> int | None:
         """A refused or reset connection usually means the UI is on its way out: give it a moment to say so."""
         deadline = time.monotonic() + seconds
         while self.ui is not None:
@@ -962,11 +796,11 @@ class _Session:
             time.sleep(0.05)
         return None
 
-    def _restart_needed(self, plan: Plan, why: str) -> None:
+    def restart_needed(self, plan: Plan, why: str) -> None:
         """A wedged UI (a job that never ends holds A1111's queue) or a dead one is restarted before the next probe."""
         self._pending_restart = why
 
-    def _ensure_ui(self, plan: Plan) -> None:
+    def ensure(self, plan: Plan) -> None:
         why = self._pending_restart
         if self.ui is not None and self.ui.running() and not why:
             return
@@ -976,38 +810,77 @@ class _Session:
                             f"its output is in {self.log_path}")
         restarts = self.restarts + 1
         self.report(TuneEvent("note", f"restarting the UI ({why or 'it exited'})"))
-        self._stop_ui()
-        self._start_ui(plan)
+        self.stop()
+        self.start(plan)
         self.restarts = restarts
 
-    def _stop_ui(self) -> None:
+    def stop(self) -> None:
         if self.ui is not None:
             self.report(TuneEvent("stopping", "stopping the UI"))
             self.ui.stop(self.settings.stop_timeout_s)
             self.ui = None
 
-    # -- putting things back -------------------------------------------------------------------
 
-    def restore(self) -> list[str]:
-        """Stop the UI, then put back everything as it was before tune. Returns what failed."""
-        problems: list[str] = []
-        try:
-            self._stop_ui()
-        except Exception as exc:
-            problems.append(f"stopping the UI: {exc}")
-        return problems + self.snapshot.restore()
+class _Ledger:
+    """The probes: each judged, saved as an observation as it is measured, and the best and the result."""
 
-    def _time_left(self) -> float:
-        return self.deadline - time.monotonic()
+    def __init__(self, *, webui: Path, base_plan: Plan, settings: TuneSettings, checkpoint: str | None,
+                 driver: str | None, vram_total_mb: int | None, width: int, height: int, obs_path: Path) -> None:
+        self.webui = webui
+        self.base_plan = base_plan
+        self.settings = settings
+        self.checkpoint = checkpoint
+        self.driver = driver
+        self.vram_total_mb = vram_total_mb
+        self.width, self.height = width, height
+        self.obs_path = obs_path
+        self.probes: list[Probe] = []
+        self.saved = 0
+        self.start_probe: Probe | None = None
 
-    def _result(self, closed: bool, reason: str, roads: list[str]) -> TuneResult:
-        return TuneResult(best=self._best(), start=self.start_probe, probes=tuple(self.probes), closed=closed,
+    def judge(self, road: str, reserve: int, walls: list[float], failure: str, *, tag: str,
+              measure_from: float) -> Probe:
+        hook = [o for o in load_observations(self.obs_path).items
+                if o.source == "hook" and o.tag == tag]
+        measured = [o for o in hook if o.time >= measure_from] if measure_from else []
+        probe = judge_probe(road, reserve, walls, failure, hook=hook, measured=measured, steps=self.settings.steps)
+        # One UI, one device: a probe the hook recorded nothing of (it hung, the UI died) ran where the others did.
+        known = next((p.device for p in self.probes if p.device), None)
+        return replace(probe, device=known) if probe.device is None and known else probe
+
+    def keep(self, road: _Road, reserve: int, probe: Probe) -> None:
+        """A probe judged: kept, saved, and noted as the start when it is the profile's own candidate."""
+        self.probes.append(probe)
+        self.save(road.plan, probe)
+        if (self.start_probe is None and road.name == self.base_plan.road
+                and (road.name == "swap" or reserve == self.base_plan.reserve.mb)):
+            self.start_probe = probe
+
+    def observation(self, plan: Plan | None, probe: Probe) -> Observation:
+        return Observation(
+            time=time.time(), source="tuning", checkpoint=self.checkpoint,
+            family=plan.model_family if plan is not None else None,
+            flags=tuple(plan.args) if plan is not None else (), road=probe.road,
+            offload=plan.offload if plan is not None else None,
+            layout=probe.road == "resident" and not probe.layout_error, layout_error=probe.layout_error or None,
+            device=probe.device, reserve_mb=probe.reserve_mb if probe.road == "resident" else None,
+            free_mb=probe.free_mb, overflow_mb=probe.overflow_mb, vram_total_mb=self.vram_total_mb,
+            sit=probe.sit, width=self.width, height=self.height, batch=1, steps=self.settings.steps,
+            ooms=probe.ooms, ok=probe.ok, reason=probe.reason, driver=self.driver, tag="tune")
+
+    def save(self, plan: Plan, probe: Probe) -> None:
+        """Kept as it is measured, so a tune killed outright still leaves what it learnt."""
+        append_observation(self.obs_path, self.observation(plan, probe))
+        self.saved += 1
+
+    def result(self, closed: bool, reason: str, roads: list[str]) -> TuneResult:
+        return TuneResult(best=self.best(), start=self.start_probe, probes=tuple(self.probes), closed=closed,
                           reason=reason, width=self.width, height=self.height, steps=self.settings.steps,
                           repeats=self.settings.repeats, roads=tuple(roads), webui=str(self.webui),
                           saved=self.saved,
                           start_plan={"road": self.base_plan.road, "reserve_mb": self.base_plan.reserve.mb})
 
-    def _best(self) -> Probe | None:
+    def best(self) -> Probe | None:
         """The winner as the pure search judges it: the fastest value whose neighbours do not swing.
 
         The next plan reads the same probes through `lowvram.tuning`, so tune names the same winner.
@@ -1017,7 +890,7 @@ class _Session:
         ok = [p for p in self.probes if p.ok and p.sit is not None]
         if not ok:
             return None
-        runs = tuning.like_with_like([self._observation(None, p) for p in ok])
+        runs = tuning.like_with_like([self.observation(None, p) for p in ok])
         ok = [p for p in ok if p.device == runs[0].device] if runs else ok
         judged = tuning.best_probe(tuning.make_probes(runs))
         if judged is None:
@@ -1025,8 +898,198 @@ class _Session:
         same = [p for p in ok if p.road == judged.road and (p.road == "swap" or p.reserve_mb == judged.reserve_mb)]
         return min(same, key=lambda p: p.sit or 0.0) if same else None
 
+
+class _Prober:
+    """One road's measurements: the resident reserves searched, each candidate probed through the API."""
+
+    def __init__(self, *, ui: _TuneUi, ledger: _Ledger, base_plan: Plan, settings: TuneSettings,
+                 report: Reporter, hook_path: Path, run_tag: str, time_left: Callable[[], float]) -> None:
+        self.ui = ui
+        self.ledger = ledger
+        self.base_plan = base_plan
+        self.settings = settings
+        self.report = report
+        self.hook_path = hook_path
+        self.run_tag = run_tag
+        self.time_left = time_left
+
+    def search_resident(self, road: _Road) -> tuple[bool, str]:
+        """Reserve 0 first, the profile's starting reserve next, then what the pure search proposes."""
+        from lowvram import tuning
+        from lowvram.estimate import CUDA_CONTEXT_MB
+
+        led = self.ledger
+        start_reserve = self.base_plan.reserve.mb if self.base_plan.road == "resident" else None
+        measured: list[int] = []
+        while True:
+            if len(measured) >= MAX_PER_ROAD:
+                return True, f"resident road: closed after {len(measured)} candidates"
+            if self.time_left() <= 0:
+                return False, f"resident road: out of time after {len(measured)} candidates"
+            if not measured:
+                nxt = 0
+            elif start_reserve is not None and start_reserve not in measured:
+                nxt = start_reserve
+            else:
+                observations = load_observations(led.obs_path).items
+                state = tuning.tuning_state(observations, led.checkpoint, led.driver, (led.width, led.height),
+                                            max_candidates=MAX_PER_ROAD, vram_total_mb=led.vram_total_mb,
+                                            cuda_context_mb=CUDA_CONTEXT_MB)
+                if state.closed:
+                    return True, f"resident road: {state.reason}"
+                candidate = state.next_candidate
+                if candidate is None:
+                    return False, ("resident road: no free/overflow measurement to bound the search "
+                                   "(is the layout hook installed? `lowvram reserve --add` records a reading)")
+                nxt = candidate
+                if nxt in measured:
+                    return True, f"resident road: converged ({state.reason})"
+            measured.append(nxt)
+            probe = self.probe(road, nxt)
+            if probe.layout_error and nxt == 0:  # not even the smallest reserve: the layout does not run here
+                return False, f"resident road not measured: {probe.reason}"
+
+    def probe(self, road: _Road, reserve: int) -> Probe:
+        from lowvram.hookconfig import with_reserve, write_hook_config
+
+        self.ui.ensure(road.plan)
+        client = self.ui.client
+        assert client is not None
+        tag = f"{self.run_tag}-{len(self.ledger.probes) + 1}"
+        layout = road.name == "resident"
+        cfg = with_reserve(_read_json(self.hook_path) or {}, reserve, layout=layout, tag=tag)
+        write_hook_config(self.hook_path, {**cfg, "flags": list(road.plan.args)})  # the road's, as the hook records
+        self.report(TuneEvent("probing", f"{road.name} road, reserve {reserve} MiB"))
+        walls, failure, measure_from = self._measure(road, client)
+        probe = self.ledger.judge(road.name, reserve, walls, failure, tag=tag, measure_from=measure_from)
+        self.ledger.keep(road, reserve, probe)
+        self.report(TuneEvent("probe", probe=probe))
+        return probe
+
+    def _measure(self, road: _Road, client: ApiClient) -> tuple[list[float], str, float]:
+        """One warm-up and the measured runs: their walls, why they stopped (if they did), when measuring began."""
+        payload = txt2img_payload(self.ledger.width, self.ledger.height, self.settings.steps)
+        walls: list[float] = []
+        failure = ""
+        measure_from = 0.0
+        for n in range(1 + self.settings.repeats):
+            if n == 1:
+                measure_from = time.time()
+            timeout = min(self.settings.request_timeout_s, max(30.0, self.time_left() + 30.0))
+            t0 = time.monotonic()
+            try:
+                status, body = client.post("/sdapi/v1/txt2img", payload, timeout=timeout)
+            except TimeoutError:
+                failure = f"no answer within {timeout:.0f} s"
+                self.ui.restart_needed(road.plan, failure)
+                break
+            except OSError as exc:
+                code = self.ui.exited_within(2.0)
+                failure = (f"the UI exited with code {code}" if code is not None
+                           else f"connection failed: {exc.strerror or exc}")
+                self.ui.restart_needed(road.plan, failure)
+                break
+            wall = time.monotonic() - t0
+            if status != 200:
+                failure = failure_reason(status, body)
+                break
+            if n > 0:
+                walls.append(wall)
+        return walls, failure, measure_from
+
+
+class _Session:
+    """A tune run: the roads in turn, each applied, its UI started, measured and stopped; then everything put back."""
+
+    def __init__(self, *, ctx: Any, facts_file: Path | None, overrides: Overrides, settings: TuneSettings,
+                 report: Reporter, lock: FileLock) -> None:
+        self.settings = settings
+        self.report = report
+        self.overrides = overrides
+        self.facts_file = facts_file
+        self.webui = Path(ctx.webui)
+        self.base_plan = ctx.plan
+        if self.base_plan.ui != "a1111":
+            raise TuneError(f"tune drives A1111's API and the layout hook; this WebUI is {self.base_plan.ui}",
+                            "use `lowvram launch` there; the reserve search needs A1111")
+        # --facts stands for the GPU only: the UI started (and the webui-user file written) is this machine's.
+        self.facts = _local_facts(ctx.facts, self.webui) if ctx.from_facts_file else ctx.facts
+        webui_facts = self.facts.webui
+        gpu = _gpu(self.facts, self.base_plan)
+        width, height = _target_size(self.base_plan, settings)
+        self.ledger = _Ledger(webui=self.webui, base_plan=self.base_plan, settings=settings,
+                              checkpoint=webui_facts.checkpoint_key if webui_facts is not None else None,
+                              driver=gpu.driver if gpu is not None else None,
+                              vram_total_mb=gpu.vram_total_mb if gpu is not None else None,
+                              width=width, height=height, obs_path=paths.observations_path(self.webui))
+        self.snapshot = TreeSnapshot.take(self.webui)  # before anything changes: restore() puts it back
+        self.ui = _TuneUi(webui=self.webui, facts=self.facts, settings=settings, report=report, lock=lock,
+                          log_path=paths.webui_state_dir(self.webui) / "tune-ui.log", time_left=self._time_left)
+        self.prober = _Prober(ui=self.ui, ledger=self.ledger, base_plan=self.base_plan, settings=settings,
+                              report=report, hook_path=paths.hook_config_path(self.webui),
+                              run_tag=f"tune-{int(time.time())}-{os.getpid()}", time_left=self._time_left)
+        self.deadline = time.monotonic() + settings.max_minutes * 60.0
+
+    @property
+    def probes(self) -> list[Probe]:
+        return self.ledger.probes
+
+    def roads(self) -> list[_Road]:
+        from lowvram.planner import make_plan
+
+        def road_plan(layout: str) -> Plan:
+            return make_plan(webui=self.webui, facts_file=self.facts_file,
+                             overrides=replace(self.overrides, layout=layout)).plan
+
+        return _roads(self.base_plan, self.settings.roads, road_plan)
+
+    def run(self) -> TuneResult:
+        check_user_flags(self.facts, self.report)
+        self.report(TuneEvent("plan", f"tuning {self.webui} at {self.ledger.width}×{self.ledger.height}, "
+                                      f"{self.settings.steps} steps, {self.settings.repeats} measured runs per "
+                                      "candidate"))
+        roads = self.roads()
+        closed = True
+        reasons: list[str] = []
+        for road in roads:
+            if self._time_left() <= 0:
+                closed = False
+                reasons.append(f"{road.name} road not measured: out of time")
+                continue
+            done, why = self._run_road(road)
+            closed = closed and done
+            reasons.append(why)
+        return self.ledger.result(closed, "; ".join(reasons), [r.name for r in roads])
+
+    def _run_road(self, road: _Road) -> tuple[bool, str]:
+        self.ui.restarts = 0
+        first = len(self.probes)
+        self.ui.apply(road.plan)
+        self.ui.start(road.plan)
+        try:
+            if road.name == "swap":
+                self.prober.probe(road, 0)
+                done, why = True, "swap road measured"
+            else:
+                done, why = self.prober.search_resident(road)
+        finally:
+            self.ui.stop()
+        return road_outcome(road.name, self.probes[first:], done, why)
+
+    def restore(self) -> list[str]:
+        """Stop the UI, then put back everything as it was before tune. Returns what failed."""
+        problems: list[str] = []
+        try:
+            self.ui.stop()
+        except Exception as exc:
+            problems.append(f"stopping the UI: {exc}")
+        return problems + self.snapshot.restore()
+
+    def _time_left(self) -> float:
+        return self.deadline - time.monotonic()
+
     def partial(self) -> TuneResult:
-        return self._result(False, "interrupted", [])
+        return self.ledger.result(False, "interrupted", [])
 
 
 def run_tune(*, webui: Path | None, facts_file: Path | None, overrides: Overrides, settings: TuneSettings,
