@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -40,6 +41,14 @@ def _sha(path: Path) -> str:
 def _start_webui_sh(tree: Tree, port: int, log: Path, *extra: str) -> subprocess.Popen[bytes]:
     """The user's way: `bash webui.sh` (with -f: this machine runs as root)."""
     proc = tree.start(["bash", "webui.sh", "-f", *api_args(port), *extra], log)
+    wait_api(port, proc, log)
+    return proc
+
+
+def _start_launch(tree: Tree, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """`lowvram launch -- --api …` in its own process group, once the UI answers."""
+    proc = tree.start([sys.executable, "-m", "lowvram", "launch", "--webui", str(tree.path), "--",
+                       *api_args(port)], log)
     wait_api(port, proc, log)
     return proc
 
@@ -114,9 +123,7 @@ def test_apply_then_webui_sh_records_a_real_job(a1111: Tree) -> None:
 def test_launch_two_step_job_has_an_exact_sit(a1111: Tree) -> None:
     """A1111 1.8's sampling_step lags one step: a 2-step job once gave no s/it at all."""
     port, log = free_port(), a1111.path.parent / "launch.log"
-    proc = a1111.start([sys.executable, "-m", "lowvram", "launch", "--webui", str(a1111.path), "--", *api_args(port)],
-                       log)
-    wait_api(port, proc, log)
+    _start_launch(a1111, port, log)
     txt2img(port, steps=2)
     txt2img(port, steps=2)
     records = [r for r in read_observations(a1111.env_home) if r.get("source") == "hook"]
@@ -126,14 +133,10 @@ def test_launch_two_step_job_has_an_exact_sit(a1111: Tree) -> None:
 
 def test_ctrl_c_stops_the_whole_ui(a1111: Tree) -> None:
     port, log = free_port(), a1111.path.parent / "launch.log"
-    proc = a1111.start([sys.executable, "-m", "lowvram", "launch", "--webui", str(a1111.path), "--", *api_args(port)],
-                       log)
-    wait_api(port, proc, log)
+    proc = _start_launch(a1111, port, log)
     pids = _group_pids(proc.pid)
     assert len(pids) >= 3, pids  # lowvram, bash webui.sh, python launch.py
     # A terminal's Ctrl-C: SIGINT to the foreground process group.
-    import os
-
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(timeout=60)
     deadline = time.monotonic() + 20
@@ -157,9 +160,7 @@ def test_a_ui_that_fails_to_start_makes_launch_fail(a1111: Tree) -> None:
 
 def test_second_launch_and_apply_are_refused_while_the_ui_runs(a1111: Tree) -> None:
     port, log = free_port(), a1111.path.parent / "launch.log"
-    proc = a1111.start([sys.executable, "-m", "lowvram", "launch", "--webui", str(a1111.path), "--", *api_args(port)],
-                       log)
-    wait_api(port, proc, log)
+    proc = _start_launch(a1111, port, log)
     before = _sha(a1111.webui_user)
     second = a1111.lowvram("launch", "--webui", str(a1111.path), "--", *api_args(free_port()), timeout=120)
     assert second.returncode != 0, second.stdout + second.stderr
