@@ -220,7 +220,8 @@ def test_hook_config_from_a_linux_lowvram_home_is_refused_not_written(tmp_path: 
 
 # --------------------------------------------------------------------------------------------- A1111's own webui.bat
 
-REAL_A1111 = Path(os.environ.get("LOWVRAM_E2E_A1111", "/work/e2e/real-a1111/stable-diffusion-webui"))
+# LOWVRAM_E2E_A1111 names a build folder holding stable-diffusion-webui/, as in tests/e2e/conftest.py.
+REAL_A1111 = Path(os.environ.get("LOWVRAM_E2E_A1111", "/work/e2e/real-a1111")) / "stable-diffusion-webui"
 
 
 @pytest.mark.skipif(not (REAL_A1111 / "webui.bat").is_file(), reason="no real A1111 tree (LOWVRAM_E2E_A1111)")
