@@ -243,7 +243,7 @@ def family_rung(facts: Facts, g: GpuFacts, family: str, pinned: str | None) -> t
         return est.fits(e.peak_mb, g.vram_total_mb or 0, room)
 
     if pinned is not None:
-        rung = policy._map_rung(pinned, rungs)
+        rung = policy.map_rung(pinned, rungs)
         return rung, fits(rung)
     for rung in rungs:
         if fits(rung):

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from lowvram.errors import UsageError
-
-if TYPE_CHECKING:
-    from lowvram.calibration import Calibration
 
 MIB = 1024 * 1024
 
@@ -111,6 +108,14 @@ class Coefficients:
 
 
 DEFAULT_COEFFICIENTS = Coefficients()
+
+
+class Calibrated(Protocol):
+    """What the estimate needs from a calibration (`lowvram.calibration.Calibration` is one): its
+    fitted coefficients. A Protocol, so this module never imports the calibration that builds on it."""
+
+    @property
+    def coefficients(self) -> Coefficients: ...
 
 
 @dataclass(frozen=True)
@@ -291,7 +296,7 @@ def phase_terms(req: EstimateRequest, co: Coefficients = DEFAULT_COEFFICIENTS) -
     return phases
 
 
-def estimate(req: EstimateRequest, calibration: Calibration | None = None) -> Estimate:
+def estimate(req: EstimateRequest, calibration: Calibrated | None = None) -> Estimate:
     """The peak over the phases of one generation, with its parts (MiB)."""
     co = calibration.coefficients if calibration is not None else DEFAULT_COEFFICIENTS
     phases = phase_terms(req, co)
@@ -357,7 +362,7 @@ def max_square_px(
     vram_mb: int,
     headroom_mb: int,
     margin: float = DEFAULT_MARGIN,
-    calibration: Calibration | None = None,
+    calibration: Calibrated | None = None,
 ) -> int | None:
     """The largest side (a multiple of 64) of a square image that fits, or None when not even 64 px does."""
 

@@ -12,6 +12,9 @@ JSON parser refuses (truncation, trailing garbage, nesting too deep, a number ov
 0 or over 2^40, a string over 4096 characters or holding a lone surrogate ("\\ud800": it cannot be
 printed or written). A UTF-8 or UTF-16 byte-order mark is read (Windows PowerShell's `>` writes
 UTF-16): the JSON is lowvram's own either way.
+
+This module only parses (`facts_from_json`, `facts_from_dict`); the file itself is read by the
+edge `detect/facts_file.py`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import codecs
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from packaging.version import InvalidVersion, Version
@@ -373,9 +375,6 @@ def facts_from_dict(data: Any, source: str = "facts") -> Facts:
     )
 
 
-MAX_FACTS_BYTES = 4 * 1024 * 1024
-
-
 _FACTS_HINT = "use the JSON that `lowvram doctor --json` printed, unchanged"
 
 
@@ -394,40 +393,35 @@ class _DuplicateKeyError(ValueError):
         self.key = key
 
 
-def _decode_facts(raw: bytes, path: Path) -> str:
+def _decode_facts(raw: bytes, name: str) -> str:
     """UTF-8, or UTF-8/UTF-16 with a byte-order mark (Windows PowerShell's `>` writes UTF-16)."""
     boms = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
-    codec = next((name for bom, name in boms if raw.startswith(bom)), "utf-8")
+    codec = next((bom_codec for bom, bom_codec in boms if raw.startswith(bom)), "utf-8")
     try:
         return raw.decode(codec)
     except UnicodeDecodeError as exc:
-        raise FactsError(f"facts file {path} is not {codec.upper().replace('-SIG', '')} text (byte {exc.start})",
+        raise FactsError(f"facts file {name} is not {codec.upper().replace('-SIG', '')} text (byte {exc.start})",
                          "save it as UTF-8, e.g. `lowvram doctor --json | Out-File -Encoding utf8 facts.json` in "
                          "PowerShell, `lowvram doctor --json > facts.json` elsewhere") from exc
 
 
-def load_facts_file(path: Path) -> Facts:
-    """Read the JSON `doctor --json` printed (here or on another machine); damage is one FactsError."""
-    from lowvram.fsutil import UnsafeFileError, read_regular_bytes
+def facts_from_json(raw: bytes, name: str) -> Facts:
+    """Facts from the bytes of the JSON `doctor --json` printed; `name` (the file) is what errors call it.
 
-    path = Path(path)
-    try:
-        raw = read_regular_bytes(path, MAX_FACTS_BYTES, "facts file")
-    except UnsafeFileError as exc:
-        raise FactsError(exc.message, exc.hint) from exc
-    if raw is None:
-        raise FactsError(f"facts file {path} does not exist", "run `lowvram doctor --json > facts.json` first")
-    text = _decode_facts(raw, path)
+    Damage is one FactsError: not UTF-8/UTF-16 text, not JSON, a key given twice, nesting too deep,
+    a number with thousands of digits, or what `facts_from_dict` refuses.
+    """
+    text = _decode_facts(raw, name)
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as exc:
-        raise FactsError(f"facts file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
+        raise FactsError(f"facts file {name} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
                          _FACTS_HINT) from exc
     except _DuplicateKeyError as exc:
-        raise FactsError(f"facts file {path} gives the key {json.dumps(exc.key)[:60]} twice in one object",
+        raise FactsError(f"facts file {name} gives the key {json.dumps(exc.key)[:60]} twice in one object",
                          _FACTS_HINT) from exc
     except RecursionError as exc:
-        raise FactsError(f"facts file {path} is nested too deeply to be facts", _FACTS_HINT) from exc
+        raise FactsError(f"facts file {name} is nested too deeply to be facts", _FACTS_HINT) from exc
     except ValueError as exc:  # an integer over Python's 4300-digit limit
-        raise FactsError(f"facts file {path} holds a number with thousands of digits; not facts", _FACTS_HINT) from exc
-    return facts_from_dict(data, source=str(path))
+        raise FactsError(f"facts file {name} holds a number with thousands of digits; not facts", _FACTS_HINT) from exc
+    return facts_from_dict(data, source=name)

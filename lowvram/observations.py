@@ -1,33 +1,26 @@
 """Observations: what the hook (inside the UI), `reserve --add` and `tune` recorded, one JSON line each.
 
-The file is append-only JSON lines in the WebUI's state dir. Reading skips a corrupt line with a
+The pure part: the record, the rules on what it may say, and the parsing of the file's bytes. The
+file itself (append-only JSON lines in the WebUI's state dir) is read and written by the edge
+`observation_log.py`. Parsing skips a corrupt line with a
 warning naming the file and the line and keeps the rest (docs/architecture.md#damaged-and-hostile-inputs): broken or cut-short JSON,
 nesting too deep, numbers over Python's 4300-digit limit, not finite or over 2^40, wrong types, lone
 surrogates. The first few damaged lines are named one by one, the rest counted in one more warning,
-so a file of garbage never floods a plan. Observations only refine a plan: damage never stops one. Writers append each line with ONE `write()` on an
-`O_APPEND` descriptor, so two processes appending at once (the hook inside the UI and a
-`reserve --add` beside it) never interleave inside a line. The hook (patches/) writes the same
-format without importing this module.
+so a file of garbage never floods a plan. Observations only refine a plan: damage never stops one.
+`encode_line` gives the one line a writer appends. The hook (patches/) writes the same format
+without importing this module.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
-
-from lowvram.errors import ObservationError
-from lowvram.fsutil import special_kind
 
 SOURCES = ("hook", "manual", "tuning")
 ROADS = ("swap", "resident")
 SCHEMA = 1
-# Reading stops looking further back than this: the reserve uses the last 5 runs, tuning the last
-# few dozen, and a plan must stay fast however long the UI has been used.
-MAX_READ_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -204,47 +197,26 @@ class LoadedObservations:
     warnings: tuple[str, ...]
 
 
-def load_observations(path: Path, *, max_bytes: int = MAX_READ_BYTES) -> LoadedObservations:
-    """Read every line that parses; name each line that does not (by its number) in a warning.
+def parse_observations(raw: bytes, name: str, *, cut: bool = False) -> LoadedObservations:
+    """Every line of `raw` that parses; each line that does not is named (by its number) in a warning.
 
-    A missing file is no observations. An unreadable one is a warning too: a plan must still be
-    made, it will just say it is learning.
+    `name` is what the warnings call the file. `cut`: `raw` is the tail of a longer file and starts
+    inside a line, so its first piece is dropped silently and the lines are not numbered.
     """
-    path = Path(path)
     warnings: list[str] = []
-    try:  # the type before opening: a FIFO would block the open, /dev/zero would never end
-        kind = special_kind(os.stat(path).st_mode)
-    except OSError:
-        kind = None  # missing or unreadable: the open below says which
-    if kind is not None and kind != "a folder":
-        return LoadedObservations((), (f"{path} is {kind}, not an observations file; ignored",))
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            skipped_head = size > max_bytes
-            if skipped_head:
-                fh.seek(size - max_bytes)
-            raw = fh.read()
-    except FileNotFoundError:
-        return LoadedObservations((), ())
-    except IsADirectoryError:
-        return LoadedObservations((), (f"{path} is a directory, not an observations file; ignored",))
-    except OSError as exc:
-        return LoadedObservations((), (f"cannot read {path}: {exc.strerror or exc}; observations ignored",))
     lines = raw.split(b"\n")
     first_line = 1
-    if skipped_head:
+    if cut:
         # The first piece is the tail of a line cut by the seek: drop it, and count lines from there.
         lines = lines[1:]
         first_line = 0
-        warnings.append(f"{path} is over {max_bytes // (1024 * 1024)} MiB: only its most recent lines were read")
     items: list[Observation] = []
     damaged = 0
     for n, line in enumerate(lines, start=first_line):
         text = line.strip()
         if not text:
             continue
-        where = f"{path} line {n}" if not skipped_head else f"{path} (a recent line)"
+        where = f"{name} line {n}" if not cut else f"{name} (a recent line)"
         problem = None
         try:
             data = json.loads(text.decode("utf-8"))
@@ -262,35 +234,11 @@ def load_observations(path: Path, *, max_bytes: int = MAX_READ_BYTES) -> LoadedO
             if damaged <= MAX_LINES_WARNED:
                 warnings.append(f"{where}: {problem}; skipped, the other lines are used")
     if damaged > MAX_LINES_WARNED:
-        warnings.append(f"{path}: {damaged - MAX_LINES_WARNED} more damaged lines skipped "
+        warnings.append(f"{name}: {damaged - MAX_LINES_WARNED} more damaged lines skipped "
                         "(delete the file to start learning afresh)")
     return LoadedObservations(tuple(items), tuple(warnings))
 
 
 def encode_line(obs: Observation) -> bytes:
+    """One record as the bytes of one line; ValueError on NaN/inf in a float field."""
     return (json.dumps(observation_to_dict(obs), separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
-
-
-def append_observation(path: Path, obs: Observation) -> None:
-    """Append one line with a single write() on an O_APPEND descriptor (creates the directories)."""
-    path = Path(path)
-    try:
-        line = encode_line(obs)
-    except ValueError as exc:  # NaN/inf in a float field
-        raise ObservationError(f"cannot record an observation: {exc}", "report this as a bug") from exc
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
-        fd = os.open(path, flags, 0o644)
-        try:
-            written = os.write(fd, line)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise ObservationError(
-            f"cannot record the observation in {path}: {exc.strerror or exc}",
-            "check that lowvram's state directory is writable (LOWVRAM_HOME moves it)",
-        ) from exc
-    if written != len(line):
-        raise ObservationError(f"the observation written to {path} was cut short ({written} of {len(line)} bytes)",
-                               "check the free disk space; the next read skips the partial line")

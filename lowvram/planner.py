@@ -12,7 +12,8 @@ from lowvram import paths, policy, state
 from lowvram.facts import Facts
 from lowvram.observations import Observation
 from lowvram.plan import ExtensionSpec, Overrides, Plan
-from lowvram.profiles import ResolvedProfile, Selection, load_profile, select_profile
+from lowvram.profile_files import load_profile, select_profile
+from lowvram.profiles import ResolvedProfile, Selection
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def make_plan(*, webui: Path | None, facts_file: Path | None, overrides: Overrid
     observations: tuple[Observation, ...] = ()
     obs_warnings: tuple[str, ...] = ()
     if webui_path is not None:
-        from lowvram.observations import load_observations
+        from lowvram.observation_log import load_observations
 
         loaded = load_observations(paths.observations_path(webui_path))
         observations = tuple(loaded.items)

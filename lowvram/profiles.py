@@ -2,8 +2,14 @@
 
 A profile is what an experienced user would set for one class of machine (docs/architecture.md#from-facts-to-a-launch). Bad YAML
 is refused with one line naming the file, the line, the key path, what was expected and, for a
-typo, the closest real key. YAML is read with a safe loader that refuses anchors/aliases and
-files over 1 MiB: a deep merge of an alias bomb would otherwise eat the machine's memory.
+typo, the closest real key. YAML is read with a safe loader that refuses anchors/aliases, and
+lowvram/profile_files.py refuses files over 1 MiB: a deep merge of an alias bomb would otherwise
+eat the machine's memory.
+
+This module is pure: it parses and validates bytes it is handed (the path only names the file in
+messages), merges an `extends` chain through a lookup the caller supplies, and selects among the
+profiles it is given. Finding and reading the files (bundled and user dirs) is
+lowvram/profile_files.py, the edge.
 
 A profile is the user's own instruction, so a damaged one stops the command before anything is
 written, never skipped: also under `auto`, which reads every profile (a damaged user profile that
@@ -15,16 +21,14 @@ character or a lone surrogate, an `extends` chain that loops, and a file that is
 
 from __future__ import annotations
 
-import copy
 import difflib
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowvram import paths
 from lowvram.errors import ProfileError
 from lowvram.facts import Facts, GpuFacts
 
@@ -186,24 +190,13 @@ class _Doc:
     lines: dict[tuple[Any, ...], int]
 
 
-def _read_yaml(path: Path) -> _Doc:
+def parse_yaml(raw: bytes, path: Path) -> _Doc:
+    """Parse one profile's bytes (already read, size-checked) into data and a key path → line map.
+
+    `path` only names the file in messages and in the returned `_Doc`; nothing is read here.
+    """
     import yaml
 
-    from lowvram.fsutil import UnsafeFileError, read_regular_bytes
-
-    try:
-        size = path.stat().st_size
-    except OSError:
-        size = 0  # read_regular_bytes says why
-    if size > MAX_PROFILE_BYTES:
-        raise ProfileError(f"{path}: {size} bytes is over the 1 MiB limit for a profile",
-                           "a profile is a few dozen lines; check you pointed at the right file")
-    try:
-        raw = read_regular_bytes(path, MAX_PROFILE_BYTES, "profile")
-    except UnsafeFileError as exc:  # a FIFO, a folder, over 1 MiB: refused before it is read
-        raise ProfileError(exc.message, "a profile is a few dozen lines; check you pointed at the right file") from exc
-    if raw is None:
-        raise ProfileError(f"cannot read profile {path}: it no longer exists", "check the path")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -541,41 +534,12 @@ def validate_raw(doc: _Doc) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Finding, merging, resolving
+# Merging, resolving
 
 
-def _profile_files() -> dict[str, tuple[Path, str]]:
-    """name → (path, source); user profiles override bundled ones by name."""
-    found: dict[str, tuple[Path, str]] = {}
-    for directory, source in ((paths.bundled_profiles_dir(), "bundled"), (paths.user_profiles_dir(), "user")):
-        try:
-            entries = sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml"))
-        except OSError:
-            continue
-        for path in entries:
-            if path.is_file():
-                found[path.stem] = (path, source)
-    return found
-
-
-_CACHE: dict[tuple[str, int, int], dict[str, Any]] = {}
-
-
-def _read_validated(path: Path) -> dict[str, Any]:
-    """Parse and validate one file; cached by (path, mtime, size) since selection reads them all."""
-    try:
-        st = path.stat()
-        key: tuple[str, int, int] | None = (str(path), st.st_mtime_ns, st.st_size)
-    except OSError:
-        key = None
-    if key is not None and key in _CACHE:
-        return copy.deepcopy(_CACHE[key])
-    data = validate_raw(_read_yaml(path))
-    if key is not None:
-        if len(_CACHE) > 512:
-            _CACHE.clear()
-        _CACHE[key] = copy.deepcopy(data)
-    return data
+def parse_profile(raw: bytes, path: Path) -> dict[str, Any]:
+    """One profile file's bytes, parsed and validated into normalised plain data."""
+    return validate_raw(parse_yaml(raw, path))
 
 
 def _merge(base: dict[str, Any], child: dict[str, Any], child_name: str, origins: dict[str, str],
@@ -606,13 +570,17 @@ def suggest(name: str, names: Iterable[str]) -> str:
     return ("did you mean " + ", ".join(close) + "? " if close else "") + "see `lowvram profiles list`"
 
 
-def load_profile(name: str) -> ResolvedProfile:
-    """The named profile with its `extends` chain merged in (unknown name → suggestions)."""
-    files = _profile_files()
+def resolve_profile(name: str, files: Mapping[str, tuple[Path, str]],
+                    read: Callable[[str], Mapping[str, Any]]) -> ResolvedProfile:
+    """The named profile with its `extends` chain merged in (unknown name → suggestions).
+
+    `files` maps every known profile name to (path, source); `read(name)` returns that profile's
+    validated plain data (see `parse_profile`). Only the profiles in the chain are read, in order.
+    """
     if name not in files:
         raise ProfileError(f"no profile named {name!r}", suggest(name, files))
     chain: list[str] = []
-    raws: list[dict[str, Any]] = []
+    raws: list[Mapping[str, Any]] = []
     current: str | None = name
     while current is not None:
         if current in chain:
@@ -626,7 +594,7 @@ def load_profile(name: str) -> ResolvedProfile:
             child = chain[-1]
             raise ProfileError(f"{files[child][0]}: `extends: {current}` names no profile",
                                suggest(current, files))
-        raw = _read_validated(files[current][0])
+        raw = read(current)
         chain.append(current)
         raws.append(raw)
         current = raw.get("extends")
@@ -677,19 +645,6 @@ def _build(d: Mapping[str, Any]) -> Profile:
                       hires_scale=t.get("hires_scale", 1.0)),
         sysmem_fallback=d.get("sysmem_fallback", "auto"),
     )
-
-
-def list_profiles() -> list[ProfileInfo]:
-    """Every profile (user ones override bundled ones by name), sorted by name. Invalid ones raise."""
-    out = []
-    for name, (path, source) in sorted(_profile_files().items()):
-        raw = _read_validated(path)
-        out.append(ProfileInfo(name, raw.get("description", ""), source, str(path), raw.get("extends")))
-    return out
-
-
-def load_all() -> list[ResolvedProfile]:
-    return [load_profile(name) for name in sorted(_profile_files())]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -758,11 +713,9 @@ def _matched_on(profile: Profile) -> str:
     return "fallback"
 
 
-def select_profile(facts: Facts, family: str | None, candidates: Sequence[ResolvedProfile] | None = None,
+def select_profile(facts: Facts, family: str | None, candidates: Sequence[ResolvedProfile],
                    *, gpu: GpuFacts | None = None, use_largest_gpu: bool = True) -> Selection:
-    """The most specific profile whose `match` fits the machine and family, and why."""
-    if candidates is None:
-        candidates = load_all()
+    """The most specific of `candidates` whose `match` fits the machine and family, and why."""
     if gpu is None and use_largest_gpu:
         gpus = list(facts.usable_gpus)
         gpu = max(gpus, key=lambda g: (g.vram_total_mb or 0), default=None)

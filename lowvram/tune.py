@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Any
 from lowvram import paths
 from lowvram.errors import LowvramError, UsageError
 from lowvram.fsutil import FileLock, atomic_write_bytes, remove_tree, temp_name
-from lowvram.observations import Observation, append_observation, load_observations, measured_road, run_failed
+from lowvram.observation_log import append_observation, load_observations
+from lowvram.observations import Observation, measured_road, run_failed
 
 if TYPE_CHECKING:
     from lowvram.facts import Facts

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from lowvram.observations import Observation, comparable_key, measured_road, run_failed
-from lowvram.reserve import STEP_MB, clamp, formula_inputs, round_down, upper_bound
+from lowvram.reserve_formula import STEP_MB, clamp, formula_inputs, round_down, upper_bound
 
 PASSIVE_CANDIDATES = 6
 TUNE_CANDIDATES = 12

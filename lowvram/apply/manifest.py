@@ -32,13 +32,61 @@ def rel(webui: Path, path: Path) -> str:
 
 
 @dataclass
-class Manifest:
+class ManifestEntries:
+    """What the manifest records: every change lowvram made in one tree, and its JSON form.
+
+    No I/O: `Manifest` adds where it lives, how it is read and written, and the backups.
+    """
+
     webui: Path
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     config_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
     extensions: dict[str, dict[str, Any]] = field(default_factory=dict)
     hook: dict[str, Any] | None = None
     dirs_created: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.files or self.config_keys or self.extensions or self.hook or self.dirs_created)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "webui": str(self.webui),
+            "files": self.files,
+            "config_keys": self.config_keys,
+            "extensions": self.extensions,
+            "hook": self.hook,
+            "dirs_created": self.dirs_created,
+        }
+
+    def read_dict(self, data: dict[str, Any]) -> None:
+        """Take the entries from a parsed manifest.json, dropping any that have the wrong shape."""
+        self.files = _dict(data.get("files"))
+        self.config_keys = _dict(data.get("config_keys"))
+        self.extensions = _dict(data.get("extensions"))
+        hook = data.get("hook")
+        self.hook = hook if isinstance(hook, dict) else None
+        dirs = data.get("dirs_created")
+        self.dirs_created = [d for d in dirs if isinstance(d, str)] if isinstance(dirs, list) else []
+
+    def record_dir_created(self, path: Path) -> None:
+        key = rel(self.webui, path)
+        if key not in self.dirs_created:
+            self.dirs_created.append(key)
+
+    def record_extension(self, name: str, entry: dict[str, Any]) -> None:
+        self.extensions[name] = entry
+
+    def record_hook(self, directory: Path, files: dict[str, str]) -> None:
+        self.hook = {"dir": rel(self.webui, directory), "files": files}
+
+
+@dataclass
+class Manifest(ManifestEntries):
+    """The entries, kept in lowvram's state dir: loaded, saved before the tree changes, and the
+    backups of the user's bytes beside them."""
+
     exists: bool = False  # read from disk (False: a fresh one)
     broken: bool = False  # one was there but unreadable (moved aside as manifest.broken.json)
 
@@ -75,25 +123,8 @@ class Manifest:
             m.broken = True
             return m
         m.exists = True
-        m.files = _dict(data.get("files"))
-        m.config_keys = _dict(data.get("config_keys"))
-        m.extensions = _dict(data.get("extensions"))
-        hook = data.get("hook")
-        m.hook = hook if isinstance(hook, dict) else None
-        dirs = data.get("dirs_created")
-        m.dirs_created = [d for d in dirs if isinstance(d, str)] if isinstance(dirs, list) else []
+        m.read_dict(data)
         return m
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": SCHEMA,
-            "webui": str(self.webui),
-            "files": self.files,
-            "config_keys": self.config_keys,
-            "extensions": self.extensions,
-            "hook": self.hook,
-            "dirs_created": self.dirs_created,
-        }
 
     def save(self) -> None:
         """Atomic + fsynced (fsutil): the tree may change only after this returns."""
@@ -107,10 +138,6 @@ class Manifest:
             fsutil.remove_tree(self.backups)
         self.exists = False
 
-    @property
-    def empty(self) -> bool:
-        return not (self.files or self.config_keys or self.extensions or self.hook or self.dirs_created)
-
     # -- backups -------------------------------------------------------------------------------
 
     def write_backup(self, relpath: str, data: bytes) -> str:
@@ -123,8 +150,6 @@ class Manifest:
             return fsutil.read_regular_bytes(self.backups / name, MAX_BYTES, "backup")
         except fsutil.UnsafeFileError:
             return None
-
-    # -- recording -----------------------------------------------------------------------------
 
     def record_file(self, path: Path, old: bytes | None, new: bytes, *, block: bytes | None = None,
                     added_newline: bool = False, backup_data: bytes | None = None) -> None:
@@ -148,17 +173,6 @@ class Manifest:
             entry["block_sha256"] = sha256(block)
             entry["added_newline"] = bool(added_newline)
         self.files[key] = entry
-
-    def record_dir_created(self, path: Path) -> None:
-        key = rel(self.webui, path)
-        if key not in self.dirs_created:
-            self.dirs_created.append(key)
-
-    def record_extension(self, name: str, entry: dict[str, Any]) -> None:
-        self.extensions[name] = entry
-
-    def record_hook(self, directory: Path, files: dict[str, str]) -> None:
-        self.hook = {"dir": rel(self.webui, directory), "files": files}
 
 
 def _dict(value: Any) -> dict[str, Any]:

@@ -27,8 +27,6 @@ import hashlib
 import os
 import re
 import shlex
-import shutil
-import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +34,18 @@ from pathlib import Path
 from lowvram import markers
 from lowvram.errors import ApplyError
 from lowvram.fsutil import read_regular_bytes
+from lowvram.managed_block import BAT as BAT  # noqa: PLC0414 - re-exported: callers name the kind webui_user.BAT
+from lowvram.managed_block import SH as SH  # noqa: PLC0414 - re-exported, as BAT
+from lowvram.managed_block import (
+    bash_reads,
+    bat_top_lines,
+    block_spans,
+    line_text,
+    sh_first_stop,
+    split_lines,
+    where_name,
+)
 from lowvram.plan import Plan
-
-SH = "sh"
-BAT = "bat"
 
 # The order variables appear in the block; anything else the plan sets follows, sorted.
 ENV_ORDER = ("COMMANDLINE_ARGS", "LD_PRELOAD", "NO_TCMALLOC", "PYTORCH_CUDA_ALLOC_CONF", "CUDA_VISIBLE_DEVICES",
@@ -243,203 +249,10 @@ def encode_block(text: str, kind: str, existing: bytes = b"") -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
-# Finding, inserting and removing the block (bytes in, bytes out)
-#
-# Only a block lowvram could have written counts as lowvram's (issue 14, class 5): the exact
-# marker lines, with only lines of the kinds lowvram writes between them, at the top level of the
-# script, where the shell runs them in order. Marker text anywhere else (a here-document, a
-# multi-line string, a `: '…'` no-op, an `if` or function body, a `goto`-skipped part of a .bat,
-# comments between the markers) is the user's text: kept byte for byte, while apply adds its own
-# block as usual. Where lowvram cannot tell, it refuses with one line rather than guess: a block
-# that looks like lowvram's but is damaged (its end marker gone, or the user's lines inside it, which
-# the block's replacement would lose), two blocks at the top level that the manifest cannot tell
-# apart, or a webui-user.sh that bash cannot read up to the marker or the end (a block there would
-# not run). bash itself says where the top level is (`bash -n`: it parses, nothing runs).
+# Finding, inserting and removing the block (bytes in, bytes out): what the block looks like and
+# where it may sit (the rules) is lowvram/managed_block.py.
 
-BASH_TIMEOUT_S = 10.0
 NL = b"\n"
-_SH_BODY = rb'(?:[^"\\$`]|\\[\\"$`])*'
-_SH_BLOCK_LINES = (
-    re.compile(rb'export COMMANDLINE_ARGS="\$\{COMMANDLINE_ARGS:\+\$COMMANDLINE_ARGS \}' + _SH_BODY + rb'"'),
-    re.compile(rb'export [A-Za-z_][A-Za-z0-9_]*="' + _SH_BODY + rb'"'),
-)
-_BAT_BLOCK_LINES = (
-    re.compile(rb'if defined COMMANDLINE_ARGS for /f "tokens=1,\* delims==" %%([A-Za-z]) in '
-               rb"\('set COMMANDLINE_ARGS'\) do if /i \"%%\1\"==\"COMMANDLINE_ARGS\" "
-               rb'set "COMMANDLINE_ARGS=%%[A-Za-z] [^"]*"'),
-    re.compile(rb'if not defined COMMANDLINE_ARGS set "COMMANDLINE_ARGS=[^"]*"'),
-    re.compile(rb'set "[A-Za-z_][A-Za-z0-9_]*=[^"]*"'),  # also the old `%COMMANDLINE_ARGS% …` line
-)
-_BASH_OPEN = (b"here-document", b"unexpected end of file", b"looking for matching")
-_BAT_JUMP_RE = re.compile(rb"(?:goto|exit)(?:[ \t:/]|$)", re.IGNORECASE)
-_BAT_REM_RE = re.compile(rb"rem(?:[ \t]|$)", re.IGNORECASE)
-
-
-def _markers(kind: str) -> tuple[bytes, bytes]:
-    if kind == SH:
-        return markers.BLOCK_BEGIN.encode(), markers.BLOCK_END.encode()
-    return markers.BAT_BLOCK_BEGIN.encode(), markers.BAT_BLOCK_END.encode()
-
-
-def _lines(data: bytes) -> list[tuple[int, bytes]]:
-    """(offset, line incl. its ending) for each line. Only LF ends a line, for bash and for cmd
-    alike (cmd drops CRs): a lone CR does not start a new line."""
-    out: list[tuple[int, bytes]] = []
-    pos = 0
-    for line in data.split(b"\n"):
-        if pos >= len(data):
-            break
-        end = min(pos + len(line) + 1, len(data))
-        out.append((pos, data[pos:end]))
-        pos = end
-    return out
-
-
-def _text(line: bytes) -> bytes:
-    """A line without its ending (LF, or CRLF)."""
-    line = line[:-1] if line.endswith(b"\n") else line
-    return line[:-1] if line.endswith(b"\r") else line
-
-
-def _is_block_line(text: bytes, kind: str) -> bool:
-    return any(r.fullmatch(text) for r in (_SH_BLOCK_LINES if kind == SH else _BAT_BLOCK_LINES))
-
-
-def _where_name(where: str) -> str:
-    return Path(where).name if where not in ("the file", "") else "the file"
-
-
-def bash_reads(prefix: bytes) -> tuple[str, str]:
-    """How bash reads the end of `prefix`: "top" (every command in it is complete), "open" (it
-    ends inside a here-document, a quoted string, `$(…)` or an unclosed if/case/loop/function),
-    "broken" (a syntax error before that), or "unknown" (no bash here). Plus bash's first line.
-
-    `bash -n` only parses: nothing in the file runs. extglob on, as scripts may switch it on.
-    """
-    bash = shutil.which("bash") if os.name != "nt" else None
-    if bash is None:
-        return "unknown", ""
-    try:
-        proc = subprocess.run([bash, "-O", "extglob", "-n"], input=prefix, capture_output=True,
-                              timeout=BASH_TIMEOUT_S, check=False,
-                              env={"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C"})
-    except (OSError, subprocess.SubprocessError):
-        return "unknown", ""
-    said = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-    first = re.sub(r"^[^:]*bash: ", "", said[0]) if said else ""
-    if any(k in proc.stderr for k in _BASH_OPEN):
-        return "open", first
-    if proc.returncode != 0:
-        return "broken", first
-    return "top", ""
-
-
-def _sh_continues(line: bytes) -> bool:
-    """Does this bash line end in a `\\` that joins the next line to it (not inside a comment or
-    single quotes)?"""
-    quote = b""
-    i = 0
-    while i < len(line):
-        c = line[i:i + 1]
-        if quote == b"'":
-            quote = b"" if c == b"'" else quote
-        elif c == b"\\":
-            if i + 1 == len(line):
-                return True
-            i += 1
-        elif c in b"'\"":
-            quote = b"" if quote == c else (quote or c)
-        elif c == b"#" and not quote and (i == 0 or line[i - 1:i] in b" \t;&|()"):
-            return False
-        i += 1
-    return False
-
-
-def _bat_top_lines(lines: list[tuple[int, bytes]]) -> list[bool]:
-    """Per line: does cmd run it as a statement of its own, at the top level (not inside a
-    parenthesised if/for body, not continued by a `^` from the line before) and on its way through
-    the file (not after an unconditional `goto`/`exit`, until the next label)?"""
-    out: list[bool] = []
-    depth, reachable, continued = 0, True, False
-    for _offset, line in lines:
-        stmt = _text(line).lstrip(b" \t").lstrip(b"@").lstrip(b" \t")
-        top = depth == 0 and reachable and not continued
-        out.append(top)
-        if stmt.startswith(b":") and not continued:
-            reachable = reachable or (depth == 0 and not stmt.startswith(b"::"))
-            continue
-        if _BAT_REM_RE.match(stmt) and not continued:
-            continued = stmt.endswith(b"^")
-            continue
-        quoted, word_start, continued, i = False, True, False, 0
-        while i < len(stmt):
-            c = stmt[i:i + 1]
-            if c == b'"':
-                quoted = not quoted
-            elif not quoted and c == b"^":
-                i += 1
-                continued = i >= len(stmt)
-            elif not quoted and c == b"(" and word_start:
-                depth += 1
-            elif not quoted and c == b")" and depth > 0:
-                depth -= 1
-            word_start = not quoted and c in b" \t&|("
-            i += 1
-        if top and depth == 0 and _BAT_JUMP_RE.match(stmt):
-            reachable = False
-    return out
-
-
-def _top_begins(data: bytes, lines: list[tuple[int, bytes]], begins: list[int], kind: str,
-                where: str) -> list[int]:
-    """The begin-marker lines that sit at the top level of the script."""
-    if kind == BAT:
-        top = _bat_top_lines(lines)
-        return [i for i in begins if top[i]]
-    stop = _sh_first_stop(data, lines)
-    found: list[int] = []
-    for i in begins:
-        if stop is not None and i > stop:
-            continue  # after a top-level `return`/`exit`: bash never gets there
-        if i and _sh_continues(_text(lines[i - 1][1])):
-            continue  # the line before ends in `\`: the marker line continues its command
-        state, said = bash_reads(data[:lines[i][0]])
-        if state == "broken":
-            raise ApplyError(
-                f"cannot tell whether line {i + 1} of {where} (lowvram's marker) is lowvram's block: bash cannot "
-                f"read the lines before it ({said})",
-                f"fix {_where_name(where)} (`bash -n {_where_name(where)}` shows where), then run again")
-        if state != "open":
-            found.append(i)
-    return found
-
-
-def block_spans(data: bytes, kind: str, where: str) -> list[tuple[int, int]]:
-    """Byte spans of every block lowvram could have written (see the rules above)."""
-    begin, end = _markers(kind)
-    lines = _lines(data)
-    texts = [_text(line) for _offset, line in lines]
-    begins = [i for i, t in enumerate(texts) if t == begin]
-    if not begins:
-        return []
-    spans: list[tuple[int, int]] = []
-    for i in _top_begins(data, lines, begins, kind, where):
-        j, mine, blank = i + 1, 0, 0  # blank: the first blank line inside (lowvram writes none)
-        while j < len(texts) and texts[j] not in (begin, end) and (
-                _is_block_line(texts[j], kind) or not texts[j].strip()):
-            mine, blank = (mine + 1, blank) if texts[j].strip() else (mine, blank or j)
-            j += 1
-        if j < len(texts) and texts[j] == end and not blank:
-            spans.append((lines[i][0], lines[j][0] + len(lines[j][1])))
-        elif mine:
-            bad = blank if j < len(texts) and texts[j] == end else j
-            why = ("its end marker is missing" if j >= len(texts) or texts[j] == begin
-                   else f"line {bad + 1} inside it is not one lowvram writes, and would be lost")
-            raise ApplyError(
-                f"{where}: lowvram's managed block at line {i + 1} is damaged ({why})",
-                "move your own lines out of the block, or delete the block's lines by hand "
-                "(`lowvram apply` writes a fresh one), then run again")
-    return spans
 
 
 def find_block(data: bytes, kind: str, where: str = "the file", recorded: str | None = None) -> tuple[int, int] | None:
@@ -478,25 +291,11 @@ def newline_of(data: bytes, kind: str) -> str:
 def call_line_offset(data: bytes) -> int | None:
     """Where the first `call webui.bat` line that cmd runs at the top level starts (the block goes
     right before it); a call inside an if/for body or a skipped part of the file does not count."""
-    lines = _lines(data)
-    top = _bat_top_lines(lines)
+    lines = split_lines(data)
+    top = bat_top_lines(lines)
     for (offset, line), is_top in zip(lines, top, strict=True):
         if is_top and _CALL_WEBUI_RE.match(line):
             return offset
-    return None
-
-
-_SH_STOP_RE = re.compile(rb"[ \t]*(?:return|exit)(?:[ \t;&|)]|$)")
-
-
-def _sh_first_stop(data: bytes, lines: list[tuple[int, bytes]]) -> int | None:
-    """The first line where a sourced webui-user.sh stops for good: a bare `return` or `exit` at the
-    top level (one inside a function, an `if` or a here-document does not count)."""
-    for i, (offset, line) in enumerate(lines):
-        if not _SH_STOP_RE.match(_text(line)) or (i and _sh_continues(_text(lines[i - 1][1]))):
-            continue
-        if bash_reads(data[:offset])[0] in ("top", "unknown"):
-            return i
     return None
 
 
@@ -506,12 +305,12 @@ def _check_runs_at_end(data: bytes, kind: str, where: str) -> None:
     if kind != SH or not data.strip():
         return
     state, said = bash_reads(data)
-    name = _where_name(where)
-    stop = _sh_first_stop(data, _lines(data))
+    name = where_name(where)
+    stop = sh_first_stop(data, split_lines(data))
     if stop is not None:
         raise ApplyError(
             f"lowvram's block would never run at the end of {where}: line {stop + 1} "
-            f"({_text(_lines(data)[stop][1]).decode('utf-8', 'replace').strip()[:40]}) ends the file before it",
+            f"({line_text(split_lines(data)[stop][1]).decode('utf-8', 'replace').strip()[:40]}) ends the file before it",
             f"move that line to the end of {name} (or remove it), then run again")
     if state == "open":
         raise ApplyError(
@@ -650,7 +449,7 @@ def parse_block_vars(block: bytes, kind: str) -> Mapping[str, str]:
     """
     out: dict[str, str] = {}
     for raw in block.split(b"\n"):
-        line = _text(raw).decode("utf-8", "replace")
+        line = line_text(raw).decode("utf-8", "replace")
         if kind == SH:
             m = _SH_EXPORT_RE.fullmatch(line)
             if m:

@@ -1,12 +1,13 @@
 """The typer application, global options, and the one place errors are turned into output.
 
-Each command lives in its own module under lowvram/cli/ and registers itself on `app`; the
-modules are imported at the bottom of this file. Heavy imports happen inside the commands.
+Each command is a plain function in its own module under lowvram/cli/ (`cmd_*.py`); this module
+creates `app` and registers them (pipx's main.py: it only parses and dispatches). The import runs
+one way: app.py imports the command modules, and they never import app.py (what they share with it
+is in common.py and options.py). Heavy imports happen inside the commands.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Annotated, Any
 
@@ -14,6 +15,21 @@ import typer
 from typer.core import TyperGroup
 
 from lowvram import __version__
+from lowvram.cli.cmd_apply import apply_cmd, revert_cmd
+from lowvram.cli.cmd_doctor import HELP as DOCTOR_HELP
+from lowvram.cli.cmd_doctor import doctor
+from lowvram.cli.cmd_estimate import estimate_command
+from lowvram.cli.cmd_extensions import install_extensions
+from lowvram.cli.cmd_launch import HELP as LAUNCH_HELP
+from lowvram.cli.cmd_launch import launch_cmd
+from lowvram.cli.cmd_plan import plan_command
+from lowvram.cli.cmd_profiles import profiles_app
+from lowvram.cli.cmd_reserve import reserve_cmd
+from lowvram.cli.cmd_setup import HELP as SETUP_HELP
+from lowvram.cli.cmd_setup import setup_command
+from lowvram.cli.cmd_tune import HELP as TUNE_HELP
+from lowvram.cli.cmd_tune import tune_cmd
+from lowvram.cli.common import debug_enabled, report_error, set_debug, wants_json
 from lowvram.errors import LowvramError
 
 # --help lists the commands in the order a new user needs them.
@@ -40,11 +56,18 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_state = {"debug": False}
-
-
-def debug_enabled() -> bool:
-    return _state["debug"] or os.environ.get("LOWVRAM_DEBUG", "") not in ("", "0")
+# The commands, in COMMAND_ORDER (which, not this, orders --help). A command without `help=` takes its docstring.
+app.command("doctor", help=DOCTOR_HELP, no_args_is_help=False)(doctor)
+app.add_typer(profiles_app, name="profiles")
+app.command("plan")(plan_command)
+app.command("apply")(apply_cmd)
+app.command("launch", help=LAUNCH_HELP)(launch_cmd)
+app.command("revert")(revert_cmd)
+app.command("install-extensions")(install_extensions)
+app.command("reserve")(reserve_cmd)
+app.command("estimate")(estimate_command)
+app.command("tune", help=TUNE_HELP)(tune_cmd)
+app.command("setup", help=SETUP_HELP)(setup_command)
 
 
 def _version_callback(value: bool) -> None:
@@ -61,24 +84,14 @@ def _root(
         typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
     ] = False,
 ) -> None:
-    _state["debug"] = debug
-
-
-def _wants_json(argv: list[str]) -> bool:
-    return "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
-
-
-def report_error(exc: LowvramError, as_json: bool) -> None:
-    from lowvram import render
-
-    render.error(exc.message, exc.hint, as_json=as_json)
+    set_debug(debug)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turn a LowvramError into one line and a hint, return the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     if "--debug" in args[: args.index("--")] if "--" in args else "--debug" in args:
-        _state["debug"] = True
+        set_debug(True)
     try:
         app(args=args, prog_name="lowvram", standalone_mode=True)
     except SystemExit as exc:
@@ -94,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        report_error(exc, _wants_json(args))
+        report_error(exc, wants_json(args))
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -107,38 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         render.error(
             f"unexpected error: {type(exc).__name__}: {exc}",
             "run again with --debug for the traceback, and report it",
-            as_json=_wants_json(args),
+            as_json=wants_json(args),
         )
         return 1
     return 0
 
 
-# Command modules register themselves on `app` (order = order in --help).
-from lowvram.cli import (  # noqa: E402
-    cmd_apply,
-    cmd_doctor,
-    cmd_estimate,
-    cmd_extensions,
-    cmd_launch,
-    cmd_plan,
-    cmd_profiles,
-    cmd_reserve,
-    cmd_setup,
-    cmd_tune,
-)
-
-__all__ = [
-    "app",
-    "cmd_apply",
-    "cmd_doctor",
-    "cmd_estimate",
-    "cmd_extensions",
-    "cmd_launch",
-    "cmd_plan",
-    "cmd_profiles",
-    "cmd_reserve",
-    "cmd_setup",
-    "cmd_tune",
-    "debug_enabled",
-    "main",
-]
+__all__ = ["COMMAND_ORDER", "app", "debug_enabled", "main", "report_error"]

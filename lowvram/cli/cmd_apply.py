@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from lowvram import render
-from lowvram.cli.app import app
 from lowvram.cli.cmd_extensions import clone_progress, render_extensions, resolve_webui
 from lowvram.cli.options import (
     FactsOpt,
@@ -39,7 +38,6 @@ def _print_changes(changes: list[dict[str, str]], root: Path) -> None:
         print(f"  {render.style(action.ljust(9), styles.get(action, 'dim'))} {_short(change['path'], root)}")
 
 
-@app.command("apply")
 def apply_cmd(  # noqa: PLR0917 - one parameter per CLI option
     profile: ProfileOpt = None,
     webui: WebuiOpt = None,
@@ -111,7 +109,6 @@ def apply_cmd(  # noqa: PLR0917 - one parameter per CLI option
     raise typer.Exit(result.exit_code)
 
 
-@app.command("revert")
 def revert_cmd(webui: WebuiOpt = None, json_out: JsonOpt = False) -> None:
     """Take out everything lowvram put into the WebUI (what its manifest records).
 

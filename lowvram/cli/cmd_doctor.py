@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from lowvram.cli.app import app
+from lowvram.cli.common import debug_enabled
 
 if TYPE_CHECKING:
     from lowvram.doctor import DoctorReport
@@ -25,7 +25,6 @@ Examples:
 """
 
 
-@app.command("doctor", help=HELP, no_args_is_help=False)
 def doctor(
     webui: Annotated[
         Path | None,
@@ -62,8 +61,6 @@ def doctor(
     if as_json:
         render.emit_json(report.to_dict())
     else:
-        from lowvram.cli.app import debug_enabled
-
         sys.stdout.write(render_human(report, debug=debug_enabled()) + "\n")
     raise typer.Exit(report.exit_code)
 

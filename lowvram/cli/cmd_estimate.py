@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from lowvram.cli.app import app
 from lowvram.cli.options import FactsOpt, JsonOpt, UiChoice, WebuiOpt
 from lowvram.errors import UsageError, WebuiError
 
@@ -114,7 +113,7 @@ class EstimateResult:
 
 
 def _profile_values(name: str) -> dict[str, Any]:
-    from lowvram.profiles import load_profile
+    from lowvram.profile_files import load_profile
 
     prof = load_profile(name).profile
     values: dict[str, Any] = {}
@@ -142,7 +141,7 @@ def _profile_values(name: str) -> dict[str, Any]:
 
 def _read_observations(webui: Path) -> tuple[list[Any], list[str]]:
     from lowvram import paths
-    from lowvram.observations import load_observations
+    from lowvram.observation_log import load_observations
 
     loaded = load_observations(paths.observations_path(webui))
     return list(loaded.items), list(loaded.warnings)
@@ -217,6 +216,151 @@ def _vram_from_facts(facts: Facts, notes: list[str]) -> tuple[int | None, int | 
     return gpu.vram_total_mb, used, gpu.name
 
 
+@dataclass(frozen=True)
+class _Machine:
+    """What was found about the machine: the WebUI tree, the facts, and the WebUI's own facts (each may be None)."""
+
+    webui: Path | None
+    facts: Facts | None
+    webui_facts: Any
+    from_file: bool
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """The VRAM to fit into: total, what others hold (headroom), the GPU's name, and where the size came from."""
+
+    total: int | None
+    headroom: int | None
+    gpu: str | None
+    source: str
+
+
+def _probe_machine(webui_arg: Path | None, facts_file: Path | None, vram_mb: int | None,
+                   notes: list[str]) -> _Machine:
+    """Find the WebUI; probe the facts unless --vram-mb makes them unneeded (a facts file is always read)."""
+    import os
+
+    from lowvram.detect import gather_facts, probe_webui, resolve_webui
+
+    webui = resolve_webui(webui_arg)
+    facts: Facts | None = None
+    wf_obj = None
+    from_file = facts_file is not None or bool(os.environ.get("LOWVRAM_FACTS"))
+    if vram_mb is None or from_file:
+        facts = gather_facts(webui, facts_file)
+        wf_obj = facts.webui
+    elif webui is not None:
+        wf_obj = probe_webui(webui)
+    if webui is not None and wf_obj is not None:
+        notes.append(f"WebUI at {webui} ({wf_obj.flavor})")
+    return _Machine(webui, facts, wf_obj, from_file)
+
+
+def _resolve_family(model: str | None, prof: dict[str, Any], wf_obj: Any, notes: list[str]) -> str:
+    """The model family: --model, then the profile, then the WebUI's selected checkpoint."""
+    from lowvram import estimate as est
+
+    family = model or prof.get("family")
+    if family is None and wf_obj is not None and wf_obj.model_family in est.FAMILIES:
+        family = wf_obj.model_family
+        notes.append(f"model family {family} from the WebUI's selected checkpoint")
+    _note_damaged_inputs(wf_obj, family, notes)
+    if family is None:
+        raise UsageError("which model family? none was given and no WebUI checkpoint says",
+                         "add --model sd15, --model sd2 or --model sdxl")
+    return str(family)
+
+
+def _build_request(
+    family: str,
+    prof: dict[str, Any],
+    wf_obj: Any,
+    *,
+    width: int | None,
+    height: int | None,
+    batch: int | None,
+    precision: str | None,
+    vae_precision: str | None,
+    tiled_vae: bool,
+    ui: str | None,
+    attention: str | None,
+    offload: str | None,
+    hires_scale: float | None,
+) -> EstimateRequest:
+    """The validated request: each field from the CLI, then the profile, then the WebUI, then the default."""
+    from lowvram import estimate as est
+
+    ui_key = ui or (wf_obj.flavor if wf_obj is not None and wf_obj.flavor in est.UIS else None) or "a1111"
+    side = NATIVE_SIDE.get(family, 512)
+    bcu = wf_obj.batch_cond_uncond if wf_obj is not None and wf_obj.batch_cond_uncond is not None else True
+    req = est.EstimateRequest(
+        family=family,
+        width=width or prof.get("width") or side,
+        height=height or prof.get("height") or prof.get("width") or side,
+        batch=batch or prof.get("batch") or 1,
+        precision=precision or prof.get("precision", "half"),
+        vae_precision=vae_precision or prof.get("vae_precision") or precision or "half",
+        attention=attention or prof.get("attention", "sdp"),
+        offload=offload or prof.get("offload", "none"),
+        hires_scale=hires_scale if hires_scale is not None else float(prof.get("hires_scale", 1.0)),
+        ui=ui_key,
+        batch_cond_uncond=bcu,
+        tiled_vae=tiled_vae,
+    )
+    est.validate(req)
+    return req
+
+
+def _vram_budget(vram_mb: int | None, machine: _Machine, notes: list[str]) -> _Budget:
+    """--vram-mb, else the UI's GPU from the facts; the headroom is the OS floor or what others use, if more."""
+    facts = machine.facts
+    total: int | None = vram_mb
+    used: int | None = None
+    gpu_name: str | None = None
+    vram_source = "--vram-mb" if vram_mb is not None else "unknown"
+    if total is None and facts is not None:
+        total, used, gpu_name = _vram_from_facts(facts, notes)
+        if total is not None:
+            vram_source = "facts file" if machine.from_file else "NVML"
+    if total is not None and total <= 0:
+        raise UsageError(f"VRAM size {total} MiB is not a size", "give --vram-mb as a positive number of MiB")
+    os_name = facts.system.os if facts is not None else ("windows" if sys.platform == "win32" else "linux")
+    headroom: int | None = None
+    if total is not None:
+        from lowvram.policy import headroom_floor
+
+        headroom = max(headroom_floor(os_name, bool(facts is not None and facts.system.wsl)), used or 0)
+    return _Budget(total, headroom, gpu_name, vram_source)
+
+
+def _fit(req: EstimateRequest, peak_mb: int, budget: _Budget, calibration: Calibration,
+         notes: list[str]) -> tuple[bool | None, int | None]:
+    """(Does it fit, the largest square that does); both None when the VRAM size is unknown."""
+    from lowvram import estimate as est
+
+    if budget.total is None or budget.headroom is None:
+        notes.append("no VRAM size known (no NVIDIA GPU found, no --vram-mb): fits is unknown")
+        return None, None
+    margin = calibration.error
+    fits = est.fits(peak_mb, budget.total, budget.headroom, margin)
+    return fits, est.max_square_px(req, budget.total, budget.headroom, margin, calibration)
+
+
+def _sweep_rows(req: EstimateRequest, calibration: Calibration, budget: _Budget) -> list[dict[str, Any]]:
+    """The --sweep table: each square size under each offload mode of the family."""
+    from lowvram import estimate as est
+
+    total, headroom, margin = budget.total, budget.headroom, calibration.error
+    rows: list[dict[str, Any]] = []
+    for mode in _sweep_modes(req.family):
+        for s in SWEEP_SIDES:
+            e = est.estimate(replace(req, width=s, height=s, offload=mode), calibration)
+            ok = None if total is None or headroom is None else est.fits(e.peak_mb, total, headroom, margin)
+            rows.append({"width": s, "height": s, "offload": mode, "peak_mb": e.peak_mb, "fits": ok})
+    return rows
+
+
 def run_estimate(
     *,
     model: str | None,
@@ -237,93 +381,24 @@ def run_estimate(
     sweep: bool,
 ) -> EstimateResult:
     """Resolve the inputs (CLI > profile > WebUI facts > defaults), estimate, and test the fit."""
-    import os
-
     from lowvram import estimate as est
 
     notes: list[str] = []
     prof = _profile_values(profile) if profile else {}
-
-    from lowvram.detect import gather_facts, probe_webui, resolve_webui
-
-    webui = resolve_webui(webui_arg)
-    facts: Facts | None = None
-    wf_obj = None
-    from_file = facts_file is not None or bool(os.environ.get("LOWVRAM_FACTS"))
-    if vram_mb is None or from_file:
-        facts = gather_facts(webui, facts_file)
-        wf_obj = facts.webui
-    elif webui is not None:
-        wf_obj = probe_webui(webui)
-    if webui is not None and wf_obj is not None:
-        notes.append(f"WebUI at {webui} ({wf_obj.flavor})")
-
-    family = model or prof.get("family")
-    if family is None and wf_obj is not None and wf_obj.model_family in est.FAMILIES:
-        family = wf_obj.model_family
-        notes.append(f"model family {family} from the WebUI's selected checkpoint")
-    _note_damaged_inputs(wf_obj, family, notes)
-    if family is None:
-        raise UsageError("which model family? none was given and no WebUI checkpoint says",
-                         "add --model sd15, --model sd2 or --model sdxl")
-    ui_key = ui or (wf_obj.flavor if wf_obj is not None and wf_obj.flavor in est.UIS else None) or "a1111"
-    side = NATIVE_SIDE.get(family, 512)
-    bcu = wf_obj.batch_cond_uncond if wf_obj is not None and wf_obj.batch_cond_uncond is not None else True
-    req = est.EstimateRequest(
-        family=family,
-        width=width or prof.get("width") or side,
-        height=height or prof.get("height") or prof.get("width") or side,
-        batch=batch or prof.get("batch") or 1,
-        precision=precision or prof.get("precision", "half"),
-        vae_precision=vae_precision or prof.get("vae_precision") or precision or "half",
-        attention=attention or prof.get("attention", "sdp"),
-        offload=offload or prof.get("offload", "none"),
-        hires_scale=hires_scale if hires_scale is not None else float(prof.get("hires_scale", 1.0)),
-        ui=ui_key,
-        batch_cond_uncond=bcu,
-        tiled_vae=tiled_vae,
+    machine = _probe_machine(webui_arg, facts_file, vram_mb, notes)
+    family = _resolve_family(model, prof, machine.webui_facts, notes)
+    req = _build_request(
+        family, prof, machine.webui_facts, width=width, height=height, batch=batch, precision=precision,
+        vae_precision=vae_precision, tiled_vae=tiled_vae, ui=ui, attention=attention, offload=offload,
+        hires_scale=hires_scale,
     )
-    est.validate(req)
-
-    calibration = _calibration_for(webui, req, notes)
-    margin = calibration.error
-
-    total: int | None = vram_mb
-    used: int | None = None
-    gpu_name: str | None = None
-    vram_source = "--vram-mb" if vram_mb is not None else "unknown"
-    if total is None and facts is not None:
-        total, used, gpu_name = _vram_from_facts(facts, notes)
-        if total is not None:
-            vram_source = "facts file" if from_file else "NVML"
-    if total is not None and total <= 0:
-        raise UsageError(f"VRAM size {total} MiB is not a size", "give --vram-mb as a positive number of MiB")
-    os_name = facts.system.os if facts is not None else ("windows" if sys.platform == "win32" else "linux")
-    headroom: int | None = None
-    if total is not None:
-        from lowvram.policy import headroom_floor
-
-        headroom = max(headroom_floor(os_name, bool(facts is not None and facts.system.wsl)), used or 0)
-
+    calibration = _calibration_for(machine.webui, req, notes)
+    budget = _vram_budget(vram_mb, machine, notes)
     result = est.estimate(req, calibration)
-    fits: bool | None = None
-    max_side: int | None = None
-    if total is not None and headroom is not None:
-        fits = est.fits(result.peak_mb, total, headroom, margin)
-        max_side = est.max_square_px(req, total, headroom, margin, calibration)
-    else:
-        notes.append("no VRAM size known (no NVIDIA GPU found, no --vram-mb): fits is unknown")
-
-    sweep_rows: list[dict[str, Any]] | None = None
-    if sweep:
-        sweep_rows = []
-        for mode in _sweep_modes(req.family):
-            for s in SWEEP_SIDES:
-                e = est.estimate(replace(req, width=s, height=s, offload=mode), calibration)
-                ok = None if total is None or headroom is None else est.fits(e.peak_mb, total, headroom, margin)
-                sweep_rows.append({"width": s, "height": s, "offload": mode, "peak_mb": e.peak_mb, "fits": ok})
-    return EstimateResult(req, result, total, headroom, margin, fits, max_side, calibration, gpu_name,
-                          vram_source, notes, sweep_rows)
+    fits, max_side = _fit(req, result.peak_mb, budget, calibration, notes)
+    sweep_rows = _sweep_rows(req, calibration, budget) if sweep else None
+    return EstimateResult(req, result, budget.total, budget.headroom, calibration.error, fits, max_side, calibration,
+                          budget.gpu, budget.source, notes, sweep_rows)
 
 
 def _sweep_modes(family: str) -> tuple[str, ...]:
@@ -406,7 +481,6 @@ def render_sweep(res: EstimateResult) -> str:
     return "\n".join(out)
 
 
-@app.command("estimate")
 def estimate_command(  # noqa: PLR0917 - typer maps each option to a parameter
     model: Annotated[FamilyChoice | None, typer.Option("--model", help="Model family.")] = None,
     width: Annotated[int | None, typer.Option("--width", min=8, max=16384, help="Image width (px).")] = None,

@@ -12,7 +12,6 @@ from typing import Annotated, Any
 import typer
 
 from lowvram import render
-from lowvram.cli.app import app
 from lowvram.cli.options import JsonOpt, WebuiOpt
 from lowvram.errors import WebuiError
 
@@ -87,7 +86,6 @@ def render_extensions(rows: list[dict[str, Any]]) -> str:
                         [styles.get(r["status"]) for r in rows])
 
 
-@app.command("install-extensions")
 def install_extensions(  # noqa: PLR0917 - one parameter per CLI option
     names: Annotated[list[str] | None, typer.Argument(metavar="[NAME]...", help="Registry names (default: every "
                                                       "entry that works on this UI).")] = None,
@@ -122,7 +120,7 @@ def install_extensions(  # noqa: PLR0917 - one parameter per CLI option
     registry = ext_mod.load_registry()
     wanted = list(names or [])
     if profile:
-        from lowvram.profiles import load_profile
+        from lowvram.profile_files import load_profile
 
         wanted += list(load_profile(profile).profile.extensions)
     wanted += [n for n in sources if n not in wanted]

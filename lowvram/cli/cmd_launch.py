@@ -10,7 +10,6 @@ from typing import Annotated, Any
 import typer
 
 from lowvram import render
-from lowvram.cli.app import app
 from lowvram.cli.options import (
     FactsOpt,
     JsonOpt,
@@ -34,10 +33,9 @@ Examples:
 """
 
 
-@app.command(
-    "launch",
-    help="Apply the plan to the WebUI and start it; exits with the UI's exit code.\n" + EXAMPLES,
-)
+HELP = "Apply the plan to the WebUI and start it; exits with the UI's exit code.\n" + EXAMPLES
+
+
 def launch_cmd(  # noqa: PLR0917 - typer maps parameters to options
     extra: Annotated[
         list[str] | None,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from lowvram.cli.app import app
 from lowvram.cli.options import (
     FactsOpt,
     JsonOpt,
@@ -59,7 +58,6 @@ def render_plan_text(plan: Any, facts_note: str | None = None) -> str:
     return "\n".join(lines)
 
 
-@app.command("plan")
 def plan_command(  # noqa: PLR0917 (typer: one parameter per option)
     profile: ProfileOpt = None,
     webui: WebuiOpt = None,

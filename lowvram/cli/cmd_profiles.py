@@ -6,12 +6,10 @@ from typing import Annotated, Any
 
 import typer
 
-from lowvram.cli.app import app
 from lowvram.cli.options import JsonOpt
 
 profiles_app = typer.Typer(name="profiles", help="List profiles, or show one merged with where each value came from.",
                            no_args_is_help=True, rich_markup_mode=None)
-app.add_typer(profiles_app, name="profiles")
 
 
 @profiles_app.command("list")
@@ -24,7 +22,7 @@ def list_command(json_out: JsonOpt = False) -> None:
       lowvram profiles list --json
     """
     from lowvram import paths, render
-    from lowvram.profiles import list_profiles
+    from lowvram.profile_files import list_profiles
 
     infos = list_profiles()
     if json_out:
@@ -59,7 +57,7 @@ def show_command(name: Annotated[str, typer.Argument(help="Profile name (see `lo
       lowvram profiles show 8gb-sdxl --json
     """
     from lowvram import render
-    from lowvram.profiles import load_profile
+    from lowvram.profile_files import load_profile
 
     resolved = load_profile(name)
     data = dict(resolved.data)

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from lowvram.cli.app import app
 from lowvram.cli.options import FactsOpt, JsonOpt, WebuiOpt
 from lowvram.errors import UsageError, WebuiError
 
@@ -120,7 +119,7 @@ def reserve_report(webui: Path, checkpoint: str | None, facts: Facts, observatio
     vram_total, driver = _gpu(facts)
     result: ReserveResult = compute_reserve(observations, checkpoint=checkpoint, vram_total_mb=vram_total,
                                             cuda_context_mb=_cuda_context_mb(), driver=driver)
-    from lowvram.reserve import formula_inputs
+    from lowvram.reserve_formula import formula_inputs
 
     inputs = formula_inputs(observations, checkpoint)
     return {
@@ -193,7 +192,6 @@ def render_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@app.command("reserve")
 def reserve_cmd(  # noqa: PLR0917 - one parameter per CLI option
     webui: WebuiOpt = None,
     checkpoint: Annotated[str | None, typer.Option(
@@ -215,7 +213,8 @@ def reserve_cmd(  # noqa: PLR0917 - one parameter per CLI option
                lowvram reserve --add --free-mb 600 --overflow-mb 1000
     """
     from lowvram import paths, render
-    from lowvram.observations import Observation, append_observation, load_observations, observation_to_dict
+    from lowvram.observation_log import append_observation, load_observations
+    from lowvram.observations import Observation, observation_to_dict
 
     if not add and (free_mb is not None or overflow_mb is not None or sit is not None):
         raise UsageError("--free-mb, --overflow-mb and --sit go with --add",

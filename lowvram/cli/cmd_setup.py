@@ -8,7 +8,6 @@ from typing import Annotated, Any
 
 import typer
 
-from lowvram.cli.app import app
 from lowvram.cli.options import JsonOpt, ModelOpt, ProfileOpt, UiChoice
 from lowvram.errors import UsageError
 
@@ -69,15 +68,14 @@ class _Bar:
             render.note(message)
 
 
-@app.command(
-    "setup",
-    help=(
-        "Install a WebUI at a pinned release (or adopt one already there), configure it for this GPU, "
-        "and print the command that starts it.\n\n"
-        "Example: lowvram setup --ui a1111 --dir ~/sd/stable-diffusion-webui\n\n"
-        "Offline: LOWVRAM_MIRROR=DIR clones from DIR/<ui>, or --source a1111=PATH|URL."
-    ),
+HELP = (
+    "Install a WebUI at a pinned release (or adopt one already there), configure it for this GPU, "
+    "and print the command that starts it.\n\n"
+    "Example: lowvram setup --ui a1111 --dir ~/sd/stable-diffusion-webui\n\n"
+    "Offline: LOWVRAM_MIRROR=DIR clones from DIR/<ui>, or --source a1111=PATH|URL."
 )
+
+
 def setup_command(  # noqa: PLR0917 - one parameter per CLI option
     ui: Annotated[UiChoice | None, typer.Option("--ui", help="Which WebUI to install (default a1111).")] = None,
     directory: Annotated[

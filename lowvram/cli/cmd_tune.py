@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from lowvram import render
-from lowvram.cli.app import app
 from lowvram.cli.options import FactsOpt, JsonOpt, ProfileOpt, WebuiOpt, overrides_from
 
 if TYPE_CHECKING:
@@ -32,11 +31,10 @@ class RoadsChoice(str, enum.Enum):
     resident = "resident"
 
 
-@app.command(
-    "tune",
-    help=("Start the UI (API only, loopback), measure s/it per reserve and road, keep the fastest: "
-          "the next plan and launch use it.\n" + EXAMPLES),
-)
+HELP = ("Start the UI (API only, loopback), measure s/it per reserve and road, keep the fastest: "
+        "the next plan and launch use it.\n" + EXAMPLES)
+
+
 def tune_cmd(  # noqa: PLR0917 - typer maps parameters to options
     webui: WebuiOpt = None,
     profile: ProfileOpt = None,

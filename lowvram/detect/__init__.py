@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lowvram.detect.facts_file import load_facts_file
 from lowvram.detect.webui import detect_flavor, not_a_webui, probe_webui
 from lowvram.errors import WebuiError
-from lowvram.facts import CudaEnv, Facts, load_facts_file
+from lowvram.facts import CudaEnv, Facts
 
 __all__ = ["cuda_env", "detect_flavor", "gather_facts", "probe_webui", "resolve_webui"]
 

@@ -28,6 +28,7 @@ from lowvram.detect.checkpoint import checkpoint_family
 from lowvram.errors import WebuiError
 from lowvram.facts import WebuiFacts
 from lowvram.fsutil import UnsafeFileError, read_regular_bytes, special_kind
+from lowvram.managed_block import BAT, SH, block_spans
 
 GIT_TIMEOUT_S = 1.0
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
@@ -237,12 +238,10 @@ def _shell_literal(value: str) -> bool:
 def _outside_block(text: str, kind: str) -> list[str]:
     """The lines of a webui-user file outside lowvram's managed block(s).
 
-    Only a block lowvram could have written counts (apply/webui_user.py `block_spans`: exact
+    Only a block lowvram could have written counts (managed_block.py `block_spans`: exact
     markers, lowvram's own lines, at the top level); marker text anywhere else is the user's. A
     damaged block (no end marker) is skipped from its begin marker on, as lowvram wrote it.
     """
-    from lowvram.apply.webui_user import BAT, SH, block_spans
-
     begin, end = ((markers.BLOCK_BEGIN, markers.BLOCK_END) if kind == "sh"
                   else (markers.BAT_BLOCK_BEGIN, markers.BAT_BLOCK_END))
     if begin not in text:

@@ -22,7 +22,7 @@ import pytest
 
 from lowvram import paths
 from lowvram.fsutil import FileLock
-from lowvram.observations import load_observations
+from lowvram.observation_log import load_observations
 from tests.fixtures.api_ui import ApiUi, make_api_webui, write_gtx1070_windows_facts
 
 REPO = Path(__file__).resolve().parents[2]

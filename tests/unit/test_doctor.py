@@ -285,7 +285,7 @@ def test_tables_answer_known_rows() -> None:
 # The bundled class profiles' VRAM ranges, read from the YAML: doctor's classes must be the same ones.
 def test_vram_classes_are_the_bundled_profiles_classes() -> None:
     from lowvram.doctor import VRAM_CLASSES
-    from lowvram.profiles import load_profile
+    from lowvram.profile_files import load_profile
 
     lo = 0
     for top, label, sd15_pin, sdxl_pin in VRAM_CLASSES:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lowvram.markers import checkpoint_key
-from lowvram.observations import load_observations, measured_road, run_failed
+from lowvram.observation_log import load_observations
+from lowvram.observations import measured_road, run_failed
 from tests.fixtures.a1111_modules import (
     VERSIONS,
     FakeP,

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from lowvram.errors import ObservationError
+from lowvram.observation_log import append_observation, load_observations
 from lowvram.observations import (
     Observation,
-    append_observation,
-    load_observations,
     observation_from_dict,
     observation_to_dict,
+    parse_observations,
 )
 from tests.fixtures.a1111_modules import hook_path
 
@@ -78,6 +78,17 @@ def test_corrupt_lines_are_skipped_with_their_line_numbers(tmp_path) -> None:
     assert "line 4" in loaded.warnings[2] and "UTF-8" in loaded.warnings[2]
 
 
+def test_parsing_is_pure_and_names_the_file_it_is_given() -> None:
+    good = json.dumps(observation_to_dict(FULL)).encode()
+    loaded = parse_observations(good + b"\n{broken\n" + good, "obs.jsonl")
+    assert loaded.items == (FULL, FULL)
+    assert loaded.warnings == ("obs.jsonl line 2: not valid JSON (a write cut short?); skipped, the other lines are used",)
+    cut = parse_observations(b'"source": "hook"}\n' + good + b"\n{broken", "obs.jsonl", cut=True)
+    assert cut.items == (FULL,)  # the cut first piece is dropped silently
+    assert cut.warnings == ("obs.jsonl (a recent line): not valid JSON (a write cut short?); skipped, the other "
+                            "lines are used",)
+
+
 def test_a_missing_file_is_no_observations(tmp_path) -> None:
     assert load_observations(tmp_path / "none.jsonl") == load_observations(tmp_path / "none.jsonl")
     assert load_observations(tmp_path / "none.jsonl").items == ()
@@ -128,7 +139,8 @@ def test_a_nan_is_refused_not_written(tmp_path) -> None:
 _WRITER = """
 import sys
 sys.path[:0] = [{repo!r}, {patches!r}]
-from lowvram.observations import Observation, append_observation
+from lowvram.observation_log import append_observation
+from lowvram.observations import Observation
 from lowvram_hook.observe import append_record
 path, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 pad = "x" * 3000  # long lines: a torn write would show

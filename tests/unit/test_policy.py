@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from lowvram import policy, profiles
+from lowvram import policy, profile_files
 from lowvram.errors import FlagError, ProfileError
 from lowvram.facts import Facts, TcmallocFacts
 from lowvram.observations import Observation
@@ -20,12 +20,12 @@ CKPT = "sdxl.safetensors|100|1700000000"
 def run(facts: Facts, profile: str | None = None, observations: list[Observation] | None = None,
         overrides: Overrides | None = None, registry: dict[str, ExtensionSpec] | None = None) -> Plan:
     ov = overrides or Overrides(profile=profile)
-    fam = policy.resolve_family(facts, ov, profiles.load_profile(profile) if profile else None)
+    fam = policy.resolve_family(facts, ov, profile_files.load_profile(profile) if profile else None)
     sel = None
     if profile is None:
-        sel = profiles.select_profile(facts, fam.family, gpu=policy.gpu_for(facts, ov), use_largest_gpu=False)
+        sel = profile_files.select_profile(facts, fam.family, gpu=policy.gpu_for(facts, ov), use_largest_gpu=False)
         profile = sel.name
-    return policy.plan(facts, profiles.load_profile(profile), observations or [], ov,
+    return policy.plan(facts, profile_files.load_profile(profile), observations or [], ov,
                        hook_config_path="/state/hook.json", webui_path="/srv/webui",
                        registry=load_registry() if registry is None else registry, family=fam, selection=sel)
 
@@ -335,7 +335,7 @@ def test_family_comes_from_checkpoint_then_model_then_profile() -> None:
     bare = MACHINES["gtx1070-8gb"]
     assert policy.resolve_family(bare, Overrides(model="sdxl"), None).source == "cli"
     explicit = Overrides(profile="gtx1070-sdxl")
-    choice = policy.resolve_family(bare, explicit, profiles.load_profile("gtx1070-sdxl"))
+    choice = policy.resolve_family(bare, explicit, profile_files.load_profile("gtx1070-sdxl"))
     assert choice.family == "sdxl" and choice.source == "profile"
     with pytest.raises(ProfileError, match="model family is unknown") as err:
         policy.require_family(policy.resolve_family(bare, Overrides(), None), bare)
@@ -454,9 +454,9 @@ def test_an_installed_xformers_built_for_another_torch_means_no_xformers_flag() 
     mismatched = with_webui(base, "a1111", "sd15", torch="2.1.2+cu121")
     mismatched = replace(mismatched, webui=replace(mismatched.webui, xformers="0.0.20"))  # built for torch 2.0.1
     matched = replace(mismatched, webui=replace(mismatched.webui, xformers="0.0.23.post1"))
-    bad = policy.plan(mismatched, profiles.load_profile("8gb-sd15"), (), Overrides(), hook_config_path=None,
+    bad = policy.plan(mismatched, profile_files.load_profile("8gb-sd15"), (), Overrides(), hook_config_path=None,
                       webui_path="/srv/webui", registry={}, xformers_builds=builds)
-    good = policy.plan(matched, profiles.load_profile("8gb-sd15"), (), Overrides(), hook_config_path=None,
+    good = policy.plan(matched, profile_files.load_profile("8gb-sd15"), (), Overrides(), hook_config_path=None,
                        webui_path="/srv/webui", registry={}, xformers_builds=builds)
     assert "--xformers" not in bad.args
     attention = bad.decision("attention")

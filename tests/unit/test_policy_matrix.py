@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lowvram import policy, profiles
+from lowvram import policy, profile_files
 from lowvram.plan import Overrides, Plan
 from lowvram.planner import load_registry
 from tests.fixtures.facts_matrix import MACHINES, with_webui
@@ -58,8 +58,8 @@ def make(machine: str, family: str, ui: str, overrides: Overrides | None = None)
     facts = with_webui(MACHINES[machine], ui, family)
     ov = overrides or Overrides()
     fam = policy.resolve_family(facts, ov, None)
-    sel = profiles.select_profile(facts, fam.family, gpu=policy.gpu_for(facts, ov), use_largest_gpu=False)
-    return policy.plan(facts, profiles.load_profile(sel.name), [], ov, hook_config_path="/state/hook.json",
+    sel = profile_files.select_profile(facts, fam.family, gpu=policy.gpu_for(facts, ov), use_largest_gpu=False)
+    return policy.plan(facts, profile_files.load_profile(sel.name), [], ov, hook_config_path="/state/hook.json",
                        webui_path="/srv/webui", registry=load_registry(), family=fam, selection=sel)
 
 

@@ -9,7 +9,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lowvram import paths, policy, profiles, ui
+from lowvram import paths, policy, profile_files, ui
 from lowvram.errors import ProfileError
 from lowvram.facts import Facts, GpuFacts, OtherGpu, SystemFacts, TcmallocFacts, WebuiFacts
 from lowvram.observations import Observation
@@ -102,15 +102,15 @@ def test_any_facts_any_profile_gives_valid_consistent_flags(
 ) -> None:
     facts, _flavor, _family = data
     ov = Overrides(profile=profile, offload=offload, layout=layout)
-    resolved = profiles.load_profile(profile) if profile else None
+    resolved = profile_files.load_profile(profile) if profile else None
     fam = policy.resolve_family(facts, ov, resolved)
     selection = None
     if resolved is None:
         try:
-            selection = profiles.select_profile(facts, fam.family, gpu=policy.gpu_for(facts, ov), use_largest_gpu=False)
+            selection = profile_files.select_profile(facts, fam.family, gpu=policy.gpu_for(facts, ov), use_largest_gpu=False)
         except ProfileError:
             return  # no profile for this machine: a clear error, nothing to plan
-        resolved = profiles.load_profile(selection.name)
+        resolved = profile_files.load_profile(selection.name)
     plan = policy.plan(facts, resolved, observations, ov, hook_config_path="/h.json", webui_path="/w", registry=REGISTRY,
                        family=fam, selection=selection)
     adapter = ui.adapter(plan.ui)

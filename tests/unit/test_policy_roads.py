@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lowvram import policy, profiles
+from lowvram import policy, profile_files
 from lowvram.facts import Facts
 from lowvram.observations import Observation
 from lowvram.plan import Overrides, Plan
@@ -24,8 +24,8 @@ STORAGE_ERROR = "AttributeError: 'UntypedStorage' object has no attribute 'to'"
 def run(observations: list[Observation], facts: Facts = WIN8, **overrides: Any) -> Plan:
     ov = Overrides(**overrides)
     fam = policy.resolve_family(facts, ov, None)
-    sel = profiles.select_profile(facts, fam.family, gpu=policy.gpu_for(facts, ov), use_largest_gpu=False)
-    return policy.plan(facts, profiles.load_profile(sel.name), observations, ov, hook_config_path="/state/hook.json",
+    sel = profile_files.select_profile(facts, fam.family, gpu=policy.gpu_for(facts, ov), use_largest_gpu=False)
+    return policy.plan(facts, profile_files.load_profile(sel.name), observations, ov, hook_config_path="/state/hook.json",
                        webui_path="/srv/webui", registry=load_registry(), family=fam, selection=sel)
 
 

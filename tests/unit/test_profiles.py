@@ -1,4 +1,8 @@
-"""Profiles: every bundled one loads, broken files give one precise line, inheritance, selection."""
+"""Profiles: every bundled one loads, broken files give one precise line, inheritance, selection.
+
+The files are found and read by lowvram.profile_files (the edge); lowvram.profiles (the core) only
+parses, validates, merges and selects what it is handed, and the tests at the end hold it to that.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lowvram import paths, profiles
+from lowvram import paths, profile_files, profiles
 from lowvram.errors import ProfileError
 from lowvram.facts import Facts, SystemFacts
 from tests.fixtures.facts_matrix import MACHINES
@@ -24,7 +28,7 @@ def write_user(name: str, text: str) -> Path:
 
 @pytest.mark.parametrize("name", BUNDLED)
 def test_every_bundled_profile_loads_and_says_what_it_is_for(name: str) -> None:
-    resolved = profiles.load_profile(name)
+    resolved = profile_files.load_profile(name)
     assert resolved.profile.name == name
     assert len(resolved.profile.description) > 40
     text = (paths.bundled_profiles_dir() / f"{name}.yaml").read_text(encoding="utf-8")
@@ -42,13 +46,13 @@ def test_the_matrix_of_classes_exists() -> None:
 @pytest.mark.parametrize(("name", "rung"), [("2gb-sd15", "lowvram"), ("4gb-sd15", "medvram"),
                                             ("2gb-sdxl", "lowvram"), ("4gb-sdxl", "lowvram")])
 def test_thin_margin_classes_pin_their_rung_and_say_so(name: str, rung: str) -> None:
-    p = profiles.load_profile(name).profile
+    p = profile_files.load_profile(name).profile
     assert p.offload == rung
     assert "pinned" in p.description
 
 
 def test_gtx1070_sdxl_inherits_and_names_origins() -> None:
-    r = profiles.load_profile("gtx1070-sdxl")
+    r = profile_files.load_profile("gtx1070-sdxl")
     assert r.chain == ("gtx1070-sdxl", "8gb-sdxl")
     assert r.profile.offload == "medvram-sdxl" and r.profile.attention == "xformers"
     assert r.origins["offload"] == "gtx1070-sdxl"
@@ -61,16 +65,16 @@ def test_gtx1070_sdxl_inherits_and_names_origins() -> None:
 
 def test_user_profile_overrides_bundled_by_name_and_list_says_so() -> None:
     write_user("8gb-sdxl", "description: my own 8 GB SDXL settings for this box\noffload: lowvram\n")
-    infos = {i.name: i for i in profiles.list_profiles()}
+    infos = {i.name: i for i in profile_files.list_profiles()}
     assert infos["8gb-sdxl"].source == "user"
     assert infos["8gb-sd15"].source == "bundled"
     # a bundled child now inherits from the user's parent
-    assert profiles.load_profile("gtx1070-sdxl").profile.target.width is None
+    assert profile_files.load_profile("gtx1070-sdxl").profile.target.width is None
 
 
 def test_unknown_profile_suggests_close_names() -> None:
     with pytest.raises(ProfileError) as err:
-        profiles.load_profile("gtx1070-sxdl")
+        profile_files.load_profile("gtx1070-sxdl")
     assert "no profile named 'gtx1070-sxdl'" in err.value.message
     assert "gtx1070-sdxl" in err.value.hint
 
@@ -101,7 +105,7 @@ BROKEN = [
 def test_broken_profile_gives_one_precise_line(name: str, text: str, expected: str) -> None:
     path = write_user(name, text)
     with pytest.raises(ProfileError) as err:
-        profiles.load_profile(name)
+        profile_files.load_profile(name)
     message = err.value.message
     assert "\n" not in message
     assert str(path) in message
@@ -115,36 +119,36 @@ def test_alias_bomb_is_refused_before_it_expands() -> None:
         lines.append(f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]")
     write_user("bomb", "description: x\n" + "\n".join(lines) + "\n")
     with pytest.raises(ProfileError, match="anchors and aliases"):
-        profiles.load_profile("bomb")
+        profile_files.load_profile("bomb")
 
 
 def test_file_over_one_mib_is_refused() -> None:
     write_user("huge", "description: x\n" + "# padding\n" * 120_000)
     with pytest.raises(ProfileError, match="over the 1 MiB limit"):
-        profiles.load_profile("huge")
+        profile_files.load_profile("huge")
 
 
 def test_extends_cycle_and_missing_parent() -> None:
     write_user("loop-a", "description: a\nextends: loop-b\n")
     write_user("loop-b", "description: b\nextends: loop-a\n")
     with pytest.raises(ProfileError, match="cycle: loop-a → loop-b → loop-a"):
-        profiles.load_profile("loop-a")
+        profile_files.load_profile("loop-a")
     write_user("orphan", "description: o\nextends: 8gb-sdxll\n")
     with pytest.raises(ProfileError) as err:
-        profiles.load_profile("orphan")
+        profile_files.load_profile("orphan")
     assert "`extends: 8gb-sdxll` names no profile" in err.value.message
     assert "8gb-sdxl" in err.value.hint
 
 
 def test_yaml_on_off_reads_as_words() -> None:
     write_user("onoff", "description: x\ntcmalloc: off\nlayout: {mode: on}\n")
-    p = profiles.load_profile("onoff").profile
+    p = profile_files.load_profile("onoff").profile
     assert p.tcmalloc == "off" and p.layout.mode == "on"
 
 
 def test_deep_merge_keeps_sibling_keys() -> None:
     write_user("child", "description: child\nextends: 8gb-sdxl\nprecision: {vae: full}\ntarget: {width: 896}\n")
-    r = profiles.load_profile("child")
+    r = profile_files.load_profile("child")
     assert r.profile.precision.unet == "half" and r.profile.precision.vae == "full"
     assert r.profile.target.width == 896 and r.profile.target.height == 1024
     assert r.origins["precision.vae"] == "child" and r.origins["precision.unet"] == "8gb-sdxl"
@@ -167,25 +171,25 @@ def test_deep_merge_keeps_sibling_keys() -> None:
     ],
 )
 def test_auto_selection_picks_the_most_specific_match(machine: str, family: str, expected: str) -> None:
-    sel = profiles.select_profile(MACHINES[machine], family)
+    sel = profile_files.select_profile(MACHINES[machine], family)
     assert sel.name == expected
     assert "most specific match" in sel.reason
 
 
 def test_selection_says_which_others_matched() -> None:
-    sel = profiles.select_profile(MACHINES["gtx1070-8gb"], "sdxl")
+    sel = profile_files.select_profile(MACHINES["gtx1070-8gb"], "sdxl")
     assert "pascal-sdxl" in sel.others_matched and "8gb-sdxl" in sel.others_matched
     assert "GPU name" in sel.reason
     assert sel.others_matched.index("pascal-sdxl") < sel.others_matched.index("8gb-sdxl")
 
 
 def test_refiner_family_uses_sdxl_profiles_and_unknown_vram_falls_back() -> None:
-    assert profiles.select_profile(MACHINES["rtx3060-12gb"], "sdxl-refiner").name == "12gb-sdxl"
+    assert profile_files.select_profile(MACHINES["rtx3060-12gb"], "sdxl-refiner").name == "12gb-sdxl"
     from dataclasses import replace
 
     gpu = replace(MACHINES["rtx3060-12gb"].gpus[0], vram_total_mb=None, vram_free_mb=None)
     facts = Facts(system=SystemFacts(os="linux"), gpus=(gpu,))
-    assert profiles.select_profile(facts, "sdxl").name == "generic-sdxl"
+    assert profile_files.select_profile(facts, "sdxl").name == "generic-sdxl"
 
 
 def test_no_match_at_all_is_a_profile_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -193,4 +197,65 @@ def test_no_match_at_all_is_a_profile_error(tmp_path: Path, monkeypatch: pytest.
     empty.mkdir()
     monkeypatch.setattr(paths, "bundled_profiles_dir", lambda: empty)
     with pytest.raises(ProfileError, match="no profile matches"):
-        profiles.select_profile(MACHINES["gtx1070-8gb"], "sdxl")
+        profile_files.select_profile(MACHINES["gtx1070-8gb"], "sdxl")
+
+
+# ---------------------------------------------------------------------------------------------
+# The core is pure: it parses bytes it is handed and resolves through the caller's lookup.
+
+
+def test_core_profiles_module_does_no_io() -> None:
+    import ast
+
+    source = Path(profiles.__file__).read_text(encoding="utf-8")
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    assert not {"os", "lowvram.paths", "lowvram.fsutil", "lowvram.profile_files"} & imported
+    assert not [n for n in imported if n.startswith(("lowvram.paths", "lowvram.fsutil"))]
+    calls = {n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", "")
+             for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call)}
+    assert not calls & {"open", "read_bytes", "read_text", "exists", "iterdir", "glob", "stat", "is_file"}
+
+
+def test_parse_yaml_reads_nothing_and_names_the_path_it_is_given() -> None:
+    path = Path("/nowhere/at/all/mine.yaml")
+    doc = profiles.parse_yaml(b"description: x\noffload: lowvram\n", path)
+    assert doc.data == {"description": "x", "offload": "lowvram"} and doc.lines[("offload",)] == 2
+    with pytest.raises(ProfileError) as err:
+        profiles.parse_profile(b"description: x\noffloat: medvram\n", path)
+    assert err.value.message == f"{path}:2: unknown key `offloat` (did you mean `offload`?)"
+    with pytest.raises(ProfileError, match="not UTF-8 text"):
+        profiles.parse_yaml("description: café\n".encode("latin-1"), path)
+
+
+def test_resolve_profile_merges_through_the_callers_lookup() -> None:
+    texts = {"base": b"description: base\noffload: medvram\ntarget: {width: 512, height: 768}\n",
+             "kid": b"description: kid\nextends: base\ntarget: {width: 640}\n"}
+    files = {name: (Path(f"/virtual/{name}.yaml"), "user") for name in texts}
+    read: list[str] = []
+
+    def lookup(name: str) -> dict[str, object]:
+        read.append(name)
+        return profiles.parse_profile(texts[name], files[name][0])
+
+    r = profiles.resolve_profile("kid", files, lookup)
+    assert read == ["kid", "base"]
+    assert r.chain == ("kid", "base") and r.source == "user" and r.path == Path("/virtual/kid.yaml")
+    assert r.profile.offload == "medvram" and r.profile.target.width == 640 and r.profile.target.height == 768
+    assert r.origins["target.width"] == "kid" and r.origins["target.height"] == "base"
+    with pytest.raises(ProfileError) as err:
+        profiles.resolve_profile("kdi", files, lookup)
+    assert err.value.message == "no profile named 'kdi'" and "kid" in err.value.hint
+
+
+def test_pure_selection_takes_its_candidates_and_agrees_with_the_edge() -> None:
+    everything = profile_files.load_all()
+    for machine, family in (("gtx1070-8gb", "sdxl"), ("no-gpu", "sd15"), ("rtx3060-12gb", "sdxl-refiner")):
+        assert profiles.select_profile(MACHINES[machine], family, everything) == \
+            profile_files.select_profile(MACHINES[machine], family)
+    with pytest.raises(ProfileError, match="no profile matches"):
+        profiles.select_profile(MACHINES["gtx1070-8gb"], "sdxl", [])

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from lowvram import paths
-from lowvram.observations import Observation, append_observation, load_observations
+from lowvram.observation_log import append_observation, load_observations
+from lowvram.observations import Observation
 from tests.fixtures.webui_trees import make_webui
 
 GTX1070_WINDOWS = {
