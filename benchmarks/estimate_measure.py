@@ -4,7 +4,7 @@ The models are built from their published configs (no weights are downloaded: me
 depend on the weights' values). On a CUDA machine the figure is `torch.cuda.max_memory_allocated()`
 minus what was allocated before the call; without one, the CPU allocator's peak from the torch
 profiler's memory events ("Total Allocated"), which counts the same tensors but no cuDNN/cuBLAS
-workspaces. The estimator's coefficients (lowvram/estimate.py, `Coefficients`) are checked against
+workspaces. The estimator's coefficients (lowvram/core/estimate/memory.py, `Coefficients`) are checked against
 these figures; the results live in lowvram/data/estimate_reference.json under "measured".
 
 Needs `diffusers` (not a lowvram dependency): `pip install --target /tmp/mdeps diffusers` and run

@@ -11,7 +11,7 @@ import statistics
 import sys
 import time
 
-from lowvram.estimate import EstimateRequest, estimate, max_square_px
+from lowvram.core.estimate.memory import EstimateRequest, estimate, max_square_px
 
 CASES = (
     EstimateRequest("sd15", 512, 512, 1),

@@ -30,7 +30,7 @@ from lowvram.cli.cmd_setup import setup_command
 from lowvram.cli.cmd_tune import HELP as TUNE_HELP
 from lowvram.cli.cmd_tune import tune_cmd
 from lowvram.cli.common import debug_enabled, report_error, set_debug, wants_json
-from lowvram.errors import LowvramError
+from lowvram.core.errors import LowvramError
 
 # --help lists the commands in the order a new user needs them.
 COMMAND_ORDER = ("doctor", "profiles", "plan", "apply", "launch", "revert", "install-extensions", "reserve",
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if debug_enabled():
             raise
-        from lowvram import render
+        from lowvram.cli import render
 
         render.error(
             f"unexpected error: {type(exc).__name__}: {exc}",

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lowvram import render
+from lowvram.cli import render
 from lowvram.cli.cmd_extensions import clone_progress, render_extensions, resolve_webui
 from lowvram.cli.options import (
     FactsOpt,
@@ -21,7 +21,7 @@ from lowvram.cli.options import (
     WebuiOpt,
     overrides_from,
 )
-from lowvram.errors import WebuiError
+from lowvram.core.errors import WebuiError
 
 
 def _short(path: str, root: Path) -> str:
@@ -61,9 +61,9 @@ def apply_cmd(  # noqa: PLR0917 - one parameter per CLI option
       lowvram apply --profile gtx1070-sdxl    # remembered for this WebUI
       lowvram apply --webui ~/stable-diffusion-webui --json
     """
-    from lowvram import state
-    from lowvram.apply import apply_plan
-    from lowvram.planner import make_plan
+    from lowvram.world import state
+    from lowvram.world.apply import apply_plan
+    from lowvram.world.plan_inputs import make_plan
 
     overrides = overrides_from(profile=profile, ui=ui, model=model, offload=offload, layout=layout,
                                sysmem_fallback=sysmem_fallback)
@@ -120,7 +120,7 @@ def revert_cmd(webui: WebuiOpt = None, json_out: JsonOpt = False) -> None:
       lowvram revert
       lowvram revert --webui ~/stable-diffusion-webui --json
     """
-    from lowvram.apply import revert
+    from lowvram.world.apply import revert
 
     tree = resolve_webui(webui, strict=False)
     result = revert(tree)

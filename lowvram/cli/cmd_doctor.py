@@ -11,7 +11,7 @@ import typer
 from lowvram.cli.common import debug_enabled
 
 if TYPE_CHECKING:
-    from lowvram.doctor import DoctorReport
+    from lowvram.world.diagnosis import DoctorReport
 
 HELP = """Check the GPU, driver, RAM, TCMalloc and the WebUI, and say how to fix what is wrong.
 
@@ -40,9 +40,9 @@ def doctor(
 ) -> None:
     import os
 
-    from lowvram import render
-    from lowvram.detect import gather_facts, resolve_webui
-    from lowvram.doctor import build_report
+    from lowvram.cli import render
+    from lowvram.world.detect import gather_facts, resolve_webui
+    from lowvram.world.diagnosis import build_report
 
     facts_file = facts or (Path(os.environ["LOWVRAM_FACTS"]) if os.environ.get("LOWVRAM_FACTS") else None)
     # With a facts file only an explicit WebUI is read from disk; the file's own stands otherwise.
@@ -50,9 +50,9 @@ def doctor(
     gathered = gather_facts(tree, facts_file)
     extra = []
     if tree is not None:
-        from lowvram import paths
-        from lowvram.apply.manifest import check_applied
-        from lowvram.doctor import applied_conflicts, check_lowvram_applied
+        from lowvram.world import paths
+        from lowvram.world.apply.manifest import check_applied
+        from lowvram.world.diagnosis import applied_conflicts, check_lowvram_applied
 
         applied = paths.manifest_path(tree).is_file()
         extra.append(check_lowvram_applied(check_applied(tree) if applied else None,
@@ -66,7 +66,7 @@ def doctor(
 
 
 def _summary_lines(report: DoctorReport) -> list[str]:
-    from lowvram.doctor import chosen_gpu, mib_text
+    from lowvram.world.diagnosis import chosen_gpu, mib_text
 
     f = report.facts
     s = f.system
@@ -107,7 +107,7 @@ def _summary_lines(report: DoctorReport) -> list[str]:
 
 
 def render_human(report: DoctorReport, debug: bool = False) -> str:
-    from lowvram import render
+    from lowvram.cli import render
 
     lines = _summary_lines(report)
     if debug:

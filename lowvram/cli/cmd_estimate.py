@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from lowvram.cli.options import FactsOpt, JsonOpt, UiChoice, WebuiOpt
-from lowvram.errors import UsageError, WebuiError
+from lowvram.core.errors import UsageError, WebuiError
 
 if TYPE_CHECKING:
-    from lowvram.calibration import Calibration
-    from lowvram.estimate import Estimate, EstimateRequest
-    from lowvram.facts import Facts
+    from lowvram.core.estimate.calibration import Calibration
+    from lowvram.core.estimate.memory import Estimate, EstimateRequest
+    from lowvram.core.facts import Facts
 
 SWEEP_SIDES = (512, 640, 768, 896, 1024, 1152, 1280, 1536, 1792, 2048)
 NATIVE_SIDE = {"sd15": 512, "sd2": 768, "sdxl": 1024, "sdxl-refiner": 1024}
@@ -113,7 +113,7 @@ class EstimateResult:
 
 
 def _profile_values(name: str) -> dict[str, Any]:
-    from lowvram.profile_files import load_profile
+    from lowvram.world.profile_files import load_profile
 
     prof = load_profile(name).profile
     values: dict[str, Any] = {}
@@ -140,8 +140,8 @@ def _profile_values(name: str) -> dict[str, Any]:
 
 
 def _read_observations(webui: Path) -> tuple[list[Any], list[str]]:
-    from lowvram import paths
-    from lowvram.observation_log import load_observations
+    from lowvram.world import paths
+    from lowvram.world.observation_log import load_observations
 
     loaded = load_observations(paths.observations_path(webui))
     return list(loaded.items), list(loaded.warnings)
@@ -160,7 +160,7 @@ def _find_stats(webui: Path) -> list[Path]:
 
 
 def _calibration_for(webui: Path | None, template: EstimateRequest, notes: list[str]) -> Calibration:
-    from lowvram.calibration import DEFAULT_CALIBRATION, StatsData, calibrate, parse_stats
+    from lowvram.core.estimate.calibration import DEFAULT_CALIBRATION, StatsData, calibrate, parse_stats
 
     if webui is None:
         return DEFAULT_CALIBRATION
@@ -201,7 +201,7 @@ def _note_damaged_inputs(wf: Any, family: str | None, notes: list[str]) -> None:
 
 def _vram_from_facts(facts: Facts, notes: list[str]) -> tuple[int | None, int | None, str | None]:
     """(VRAM total, measured use by others, GPU name) of the GPU the UI would run on."""
-    from lowvram.policy import webui_gpu
+    from lowvram.core.policy import webui_gpu
 
     # The UI's own device flag (--device-id …) in the user's COMMANDLINE_ARGS picks the card, as for plan.
     choice = webui_gpu(facts)
@@ -241,7 +241,7 @@ def _probe_machine(webui_arg: Path | None, facts_file: Path | None, vram_mb: int
     """Find the WebUI; probe the facts unless --vram-mb makes them unneeded (a facts file is always read)."""
     import os
 
-    from lowvram.detect import gather_facts, probe_webui, resolve_webui
+    from lowvram.world.detect import gather_facts, probe_webui, resolve_webui
 
     webui = resolve_webui(webui_arg)
     facts: Facts | None = None
@@ -259,7 +259,7 @@ def _probe_machine(webui_arg: Path | None, facts_file: Path | None, vram_mb: int
 
 def _resolve_family(model: str | None, prof: dict[str, Any], wf_obj: Any, notes: list[str]) -> str:
     """The model family: --model, then the profile, then the WebUI's selected checkpoint."""
-    from lowvram import estimate as est
+    from lowvram.core.estimate import memory as est
 
     family = model or prof.get("family")
     if family is None and wf_obj is not None and wf_obj.model_family in est.FAMILIES:
@@ -289,7 +289,7 @@ def _build_request(
     hires_scale: float | None,
 ) -> EstimateRequest:
     """The validated request: each field from the CLI, then the profile, then the WebUI, then the default."""
-    from lowvram import estimate as est
+    from lowvram.core.estimate import memory as est
 
     ui_key = ui or (wf_obj.flavor if wf_obj is not None and wf_obj.flavor in est.UIS else None) or "a1111"
     side = NATIVE_SIDE.get(family, 512)
@@ -328,7 +328,7 @@ def _vram_budget(vram_mb: int | None, machine: _Machine, notes: list[str]) -> _B
     os_name = facts.system.os if facts is not None else ("windows" if sys.platform == "win32" else "linux")
     headroom: int | None = None
     if total is not None:
-        from lowvram.policy import headroom_floor
+        from lowvram.core.policy import headroom_floor
 
         headroom = max(headroom_floor(os_name, bool(facts is not None and facts.system.wsl)), used or 0)
     return _Budget(total, headroom, gpu_name, vram_source)
@@ -337,7 +337,7 @@ def _vram_budget(vram_mb: int | None, machine: _Machine, notes: list[str]) -> _B
 def _fit(req: EstimateRequest, peak_mb: int, budget: _Budget, calibration: Calibration,
          notes: list[str]) -> tuple[bool | None, int | None]:
     """(Does it fit, the largest square that does); both None when the VRAM size is unknown."""
-    from lowvram import estimate as est
+    from lowvram.core.estimate import memory as est
 
     if budget.total is None or budget.headroom is None:
         notes.append("no VRAM size known (no NVIDIA GPU found, no --vram-mb): fits is unknown")
@@ -349,7 +349,7 @@ def _fit(req: EstimateRequest, peak_mb: int, budget: _Budget, calibration: Calib
 
 def _sweep_rows(req: EstimateRequest, calibration: Calibration, budget: _Budget) -> list[dict[str, Any]]:
     """The --sweep table: each square size under each offload mode of the family."""
-    from lowvram import estimate as est
+    from lowvram.core.estimate import memory as est
 
     total, headroom, margin = budget.total, budget.headroom, calibration.error
     rows: list[dict[str, Any]] = []
@@ -381,7 +381,7 @@ def run_estimate(
     sweep: bool,
 ) -> EstimateResult:
     """Resolve the inputs (CLI > profile > WebUI facts > defaults), estimate, and test the fit."""
-    from lowvram import estimate as est
+    from lowvram.core.estimate import memory as est
 
     notes: list[str] = []
     prof = _profile_values(profile) if profile else {}
@@ -415,7 +415,7 @@ def _gib(mb: int) -> str:
 
 
 def render_text(res: EstimateResult) -> str:
-    from lowvram import render
+    from lowvram.cli import render
 
     r, e = res.request, res.estimate
     prec = "fp16" if r.precision == "half" else "fp32"
@@ -457,7 +457,7 @@ def render_text(res: EstimateResult) -> str:
 
 
 def render_sweep(res: EstimateResult) -> str:
-    from lowvram import render
+    from lowvram.cli import render
 
     assert res.sweep is not None
     modes = list(dict.fromkeys(row["offload"] for row in res.sweep))
@@ -509,7 +509,7 @@ def estimate_command(  # noqa: PLR0917 - typer maps each option to a parameter
 
     Example: lowvram estimate --model sdxl --width 1024 --height 1024 --vram-mb 8192
     """
-    from lowvram import render
+    from lowvram.cli import render
 
     def val(choice: enum.Enum | None) -> str | None:
         return None if choice is None else str(choice.value)

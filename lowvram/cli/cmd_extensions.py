@@ -11,9 +11,9 @@ from typing import Annotated, Any
 
 import typer
 
-from lowvram import render
+from lowvram.cli import render
 from lowvram.cli.options import JsonOpt, WebuiOpt
-from lowvram.errors import WebuiError
+from lowvram.core.errors import WebuiError
 
 ProgressCb = Callable[[str, float, float | None], None]
 
@@ -45,7 +45,7 @@ def _looks_like_webui(path: Path) -> bool:
 
 def resolve_webui(explicit: Path | None, *, strict: bool = True) -> Path:
     """--webui, then $LOWVRAM_WEBUI, then the current directory if it is a WebUI, then the last used."""
-    from lowvram import state
+    from lowvram.world import state
 
     if explicit is not None:
         path = explicit.expanduser()
@@ -109,10 +109,10 @@ def install_extensions(  # noqa: PLR0917 - one parameter per CLI option
       lowvram install-extensions vram-estimator --update
       lowvram install-extensions --source giant-kitten=~/src/stable-diffusion-webui-giant-kitten
     """
-    from lowvram import fsutil, paths
-    from lowvram.apply import check_writable, clean_stale
-    from lowvram.apply import extensions as ext_mod
-    from lowvram.apply.manifest import Manifest
+    from lowvram.world import fsutil, paths
+    from lowvram.world.apply import check_writable, clean_stale
+    from lowvram.world.apply import extensions as ext_mod
+    from lowvram.world.apply.manifest import Manifest
 
     tree = resolve_webui(webui)
     ui = detect_ui(tree)
@@ -120,7 +120,7 @@ def install_extensions(  # noqa: PLR0917 - one parameter per CLI option
     registry = ext_mod.load_registry()
     wanted = list(names or [])
     if profile:
-        from lowvram.profile_files import load_profile
+        from lowvram.world.profile_files import load_profile
 
         wanted += list(load_profile(profile).profile.extensions)
     wanted += [n for n in sources if n not in wanted]

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lowvram import render
+from lowvram.cli import render
 from lowvram.cli.options import (
     FactsOpt,
     JsonOpt,
@@ -58,14 +58,14 @@ def launch_cmd(  # noqa: PLR0917 - typer maps parameters to options
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    from lowvram import launch as launch_mod
-    from lowvram import paths, planner, state
-    from lowvram.fsutil import FileLock
+    from lowvram.world import launch as launch_mod
+    from lowvram.world import paths, plan_inputs, state
+    from lowvram.world.fsutil import FileLock
 
     extra_args = tuple(extra or ())
     overrides = overrides_from(profile=profile, ui=ui, model=model, offload=offload, layout=layout,
                                sysmem_fallback=sysmem_fallback, no_hook=no_hook, extra_args=extra_args)
-    ctx = planner.make_plan(webui=webui, facts_file=facts, overrides=overrides)
+    ctx = plan_inputs.make_plan(webui=webui, facts_file=facts, overrides=overrides)
     spec = launch_mod.build_launch(ctx.plan, ctx.facts, ctx.webui, extra_args=extra_args, python=python,
                                    no_hook=no_hook)
     assert ctx.webui is not None  # build_launch refuses a plan without a WebUI
@@ -82,13 +82,13 @@ def launch_cmd(  # noqa: PLR0917 - typer maps parameters to options
     lock = FileLock(paths.lock_path(tree), what=f"the WebUI at {tree}")
     lock.acquire()
     try:
-        from lowvram.apply import apply_plan
+        from lowvram.world.apply import apply_plan
 
         applied = ctx.plan
         if no_hook and ctx.plan.ui == "a1111":
             # --no-hook is this run's (LOWVRAM_HOOK=off, which the block never sets, docs/architecture.md#from-facts-to-a-launch): the
             # block and the hook config stay as they are without it, for the user's own webui.sh.
-            applied = planner.make_plan(webui=webui, facts_file=facts,
+            applied = plan_inputs.make_plan(webui=webui, facts_file=facts,
                                         overrides=replace(overrides, no_hook=False)).plan
         result = apply_plan(applied, tree, ctx.facts, lock_held=True)
         if not ctx.from_facts_file:

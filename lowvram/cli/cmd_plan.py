@@ -33,7 +33,7 @@ def _value(value: Any) -> str:
 
 def render_plan_text(plan: Any, facts_note: str | None = None) -> str:
     """The human view of a plan (apply/launch print it too)."""
-    from lowvram import render
+    from lowvram.cli import render
 
     lines = []
     head = f"Plan for {plan.ui}" + (f" at {plan.webui}" if plan.webui else " (no WebUI found)")
@@ -73,8 +73,8 @@ def plan_command(  # noqa: PLR0917 (typer: one parameter per option)
 
     Example: lowvram plan --profile gtx1070-sdxl --json
     """
-    from lowvram import render
-    from lowvram.planner import make_plan
+    from lowvram.cli import render
+    from lowvram.world.plan_inputs import make_plan
 
     overrides = overrides_from(profile=profile, ui=ui, model=model, offload=offload, layout=layout,
                                sysmem_fallback=sysmem_fallback)

@@ -21,8 +21,9 @@ def list_command(json_out: JsonOpt = False) -> None:
       lowvram profiles list
       lowvram profiles list --json
     """
-    from lowvram import paths, render
-    from lowvram.profile_files import list_profiles
+    from lowvram.cli import render
+    from lowvram.world import paths
+    from lowvram.world.profile_files import list_profiles
 
     infos = list_profiles()
     if json_out:
@@ -56,8 +57,8 @@ def show_command(name: Annotated[str, typer.Argument(help="Profile name (see `lo
       lowvram profiles show gtx1070-sdxl
       lowvram profiles show 8gb-sdxl --json
     """
-    from lowvram import render
-    from lowvram.profile_files import load_profile
+    from lowvram.cli import render
+    from lowvram.world.profile_files import load_profile
 
     resolved = load_profile(name)
     data = dict(resolved.data)

@@ -14,18 +14,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from lowvram.cli.options import FactsOpt, JsonOpt, WebuiOpt
-from lowvram.errors import UsageError, WebuiError
+from lowvram.core.errors import UsageError, WebuiError
 
 if TYPE_CHECKING:
-    from lowvram.facts import Facts
-    from lowvram.observations import Observation
-    from lowvram.reserve import ReserveResult
+    from lowvram.core.facts import Facts
+    from lowvram.core.observations import Observation
+    from lowvram.core.reserve import ReserveResult
 
 RECENT_ROWS = 8
 
 
 def _find_webui(webui: Path | None) -> Path:
-    from lowvram.detect import resolve_webui
+    from lowvram.world.detect import resolve_webui
 
     found = resolve_webui(webui)
     if found is None:
@@ -35,13 +35,13 @@ def _find_webui(webui: Path | None) -> Path:
 
 
 def _gather(webui: Path, facts_file: Path | None) -> Facts:
-    from lowvram.detect import gather_facts
+    from lowvram.world.detect import gather_facts
 
     return gather_facts(webui, facts_file)
 
 
 def _gpu(facts: Facts) -> tuple[int | None, str | None]:
-    from lowvram.policy import webui_gpu
+    from lowvram.core.policy import webui_gpu
 
     gpu = webui_gpu(facts).gpu
     if gpu is None:
@@ -56,7 +56,7 @@ def _ckpt_name(key: str) -> str:
 def _checkpoint_dirs(webui: Path, facts: Facts) -> list[Path]:
     """Where A1111 looks for checkpoints (as detect does): the selected one's folder, --ckpt-dir,
     <--models-dir or --data-dir/models>/Stable-diffusion, then the tree's own models folder."""
-    from lowvram.detect.webui import flag_value
+    from lowvram.world.detect.webui import flag_value
 
     args = facts.webui.user_args if facts.webui is not None else None
 
@@ -82,8 +82,8 @@ def resolve_checkpoint(name: str, webui: Path, facts: Facts, observations: list[
 
     The name may be given as the UI lists it, `sd_xl_base_1.0.safetensors [31e35c80fc]`.
     """
-    from lowvram.detect.webui import strip_hash
-    from lowvram.markers import checkpoint_key
+    from lowvram.core.markers import checkpoint_key
+    from lowvram.world.detect.webui import strip_hash
 
     if "|" in name:
         return name
@@ -105,7 +105,7 @@ def resolve_checkpoint(name: str, webui: Path, facts: Facts, observations: list[
 
 def _cuda_context_mb() -> int | None:
     try:
-        from lowvram.estimate import CUDA_CONTEXT_MB
+        from lowvram.core.estimate.memory import CUDA_CONTEXT_MB
     except ImportError:
         return None
     return int(CUDA_CONTEXT_MB)
@@ -113,13 +113,13 @@ def _cuda_context_mb() -> int | None:
 
 def reserve_report(webui: Path, checkpoint: str | None, facts: Facts, observations: list[Observation],
                    warnings: list[str]) -> dict[str, Any]:
-    from lowvram.observations import observation_to_dict
-    from lowvram.reserve import compute_reserve
+    from lowvram.core.observations import observation_to_dict
+    from lowvram.core.reserve import compute_reserve
 
     vram_total, driver = _gpu(facts)
     result: ReserveResult = compute_reserve(observations, checkpoint=checkpoint, vram_total_mb=vram_total,
                                             cuda_context_mb=_cuda_context_mb(), driver=driver)
-    from lowvram.reserve_formula import formula_inputs
+    from lowvram.core.reserve_formula import formula_inputs
 
     inputs = formula_inputs(observations, checkpoint)
     return {
@@ -149,7 +149,7 @@ def _mb(value: Any) -> str:
 
 
 def render_report(report: dict[str, Any]) -> str:
-    from lowvram import render
+    from lowvram.cli import render
 
     lines = [render.style(f"Layout reserve for {report['webui']}", "bold")]
     ck = report["checkpoint"]
@@ -212,9 +212,10 @@ def reserve_cmd(  # noqa: PLR0917 - one parameter per CLI option
     Examples:  lowvram reserve --webui ~/stable-diffusion-webui
                lowvram reserve --add --free-mb 600 --overflow-mb 1000
     """
-    from lowvram import paths, render
-    from lowvram.observation_log import append_observation, load_observations
-    from lowvram.observations import Observation, observation_to_dict
+    from lowvram.cli import render
+    from lowvram.core.observations import Observation, observation_to_dict
+    from lowvram.world import paths
+    from lowvram.world.observation_log import append_observation, load_observations
 
     if not add and (free_mb is not None or overflow_mb is not None or sit is not None):
         raise UsageError("--free-mb, --overflow-mb and --sit go with --add",

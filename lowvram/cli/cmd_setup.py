@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from lowvram.cli.options import JsonOpt, ModelOpt, ProfileOpt, UiChoice
-from lowvram.errors import UsageError
+from lowvram.core.errors import UsageError
 
 
 def _parse_sources(values: list[str] | None) -> dict[str, str]:
@@ -60,7 +60,7 @@ class _Bar:
         self._progress.update(self._task, completed=done, total=total)
 
     def say(self, message: str) -> None:
-        from lowvram import render
+        from lowvram.cli import render
 
         if self._progress is not None:
             self._progress.console.print(message, style="dim", highlight=False)
@@ -95,7 +95,8 @@ def setup_command(  # noqa: PLR0917 - one parameter per CLI option
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    from lowvram import render, setup_ui
+    from lowvram.cli import render
+    from lowvram.world import setup_ui
 
     sources = _parse_sources(source)
     with _Bar(enabled=not as_json) as bar:
@@ -117,7 +118,7 @@ def setup_command(  # noqa: PLR0917 - one parameter per CLI option
 
 
 def _print_human(result: Any) -> None:
-    from lowvram import render
+    from lowvram.cli import render
 
     where = str(result.dir)
     if result.adopted:

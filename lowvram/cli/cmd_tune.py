@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from lowvram import render
+from lowvram.cli import render
 from lowvram.cli.options import FactsOpt, JsonOpt, ProfileOpt, WebuiOpt, overrides_from
 
 if TYPE_CHECKING:
-    from lowvram.tune import Probe, TuneEvent, TuneResult
+    from lowvram.world.tune_session import Probe, TuneEvent, TuneResult
 
 EXAMPLES = """
 Examples:
@@ -52,7 +52,7 @@ def tune_cmd(  # noqa: PLR0917 - typer maps parameters to options
     request_timeout: Annotated[float, typer.Option("--request-timeout", hidden=True, min=0.1)] = 600.0,
     stop_timeout: Annotated[float, typer.Option("--stop-timeout", hidden=True, min=0.1)] = 10.0,
 ) -> None:
-    from lowvram.tune import TuneError, TuneSettings, run_tune
+    from lowvram.world.tune_session import TuneError, TuneSettings, run_tune
 
     settings = TuneSettings(width=width, height=height, steps=steps, repeats=repeats, roads=roads.value,
                             max_minutes=max_minutes, ready_timeout_s=ready_timeout, request_timeout_s=request_timeout,

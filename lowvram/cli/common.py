@@ -10,7 +10,7 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lowvram.errors import LowvramError
+    from lowvram.core.errors import LowvramError
 
 _state = {"debug": False}
 
@@ -32,6 +32,6 @@ def wants_json(argv: list[str]) -> bool:
 
 def report_error(exc: LowvramError, as_json: bool) -> None:
     """Print a LowvramError as `error: …` and `hint: …` on stderr (and the JSON error object with --json)."""
-    from lowvram import render
+    from lowvram.cli import render
 
     render.error(exc.message, exc.hint, as_json=as_json)

@@ -1,7 +1,7 @@
 """The plan options every planning command shares (plan, apply, launch, tune, setup).
 
 Declared once so the commands spell them, document them and validate them the same way;
-`overrides_from()` turns them into the `Overrides` the planner takes.
+`overrides_from()` turns them into the `Overrides` the policy takes (via `world/plan_inputs.py`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from lowvram.plan import Overrides
+from lowvram.core.plan import Overrides
 
 
 class UiChoice(str, enum.Enum):
@@ -95,7 +95,7 @@ def overrides_from(
     no_hook: bool = False,
     extra_args: tuple[str, ...] = (),
 ) -> Overrides:
-    """The shared options as the planner's `Overrides` (None = not asked)."""
+    """The shared options as the policy's `Overrides` (None = not asked)."""
     offload_value = _value(offload)
     return Overrides(
         profile=profile.strip() if profile else None,

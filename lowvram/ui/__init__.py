@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lowvram.errors import FlagError
+from lowvram.core.errors import FlagError
 from lowvram.ui.a1111 import A1111, parse_ui_version
 from lowvram.ui.base import (
     Contradiction,

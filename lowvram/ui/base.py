@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from lowvram.errors import FlagError
+from lowvram.core.errors import FlagError
 
 FLAGS_DIR = Path(__file__).resolve().parent / "flags"
 

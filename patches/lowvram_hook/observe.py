@@ -1,7 +1,7 @@
 """What the hook measures and how it records it (docs/architecture.md#records).
 
 Each record is one JSON line appended with a single write() on an O_APPEND descriptor, the same
-format lowvram/observations.py reads (this module cannot import it: the hook runs in the UI's
+format lowvram/core/observations.py reads (this module cannot import it: the hook runs in the UI's
 Python). Overflow is the Windows "Shared Usage" PDH counter of this process where it can be read,
 else `max(0, peak reserved + non-torch use − dedicated total)`.
 """
@@ -21,7 +21,7 @@ MIB = 1024 * 1024
 
 
 def checkpoint_key(filename: str) -> str | None:
-    """name|size|mtime, exactly as lowvram.markers.checkpoint_key (A1111's sha256 is lazy/optional)."""
+    """name|size|mtime, exactly as lowvram.core.markers.checkpoint_key (A1111's sha256 is lazy/optional)."""
     try:
         st = os.stat(filename)
     except OSError:

@@ -225,7 +225,7 @@ def read_memory(ui: UiState, job: Job, peaks: bool) -> dict[str, Any]:
 
 def job_record(job: Job, memory: dict[str, Any], *, ok: bool, reason: str, now: float, elapsed: float,
                free_mb: int | None, sit: float | None) -> dict[str, Any]:
-    """The record lowvram/observations.py reads (schema 1; its fields and order do not change)."""
+    """The record lowvram/core/observations.py reads (schema 1; its fields and order do not change)."""
     cfg = job.cfg
     ooms = memory["ooms"]
     return {

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from lowvram import fsutil, markers, paths
-from lowvram.apply import apply_plan, check_applied, revert
-from lowvram.errors import ApplyError, LockError
+from lowvram.core import markers
+from lowvram.core.errors import ApplyError, LockError
+from lowvram.world import fsutil, paths
+from lowvram.world.apply import apply_plan, check_applied, revert
 from tests.fixtures.git_repos import (
     Remotes,
     linux_facts,
@@ -69,7 +70,7 @@ def test_apply_then_revert_restores_the_tree_byte_for_byte(tree: Path, remotes: 
 
 
 def test_unfetchable_extension_still_writes_the_block_and_exits_1(tree: Path, remotes: Remotes) -> None:
-    from lowvram.plan import ExtensionSpec
+    from lowvram.core.plan import ExtensionSpec
 
     bad = ExtensionSpec(name="giant-kitten", url=str(tree.parent / "nowhere.git"), ref=remotes.kitten.pin,
                         dir=remotes.kitten.dir)
@@ -197,14 +198,14 @@ def stub_planner(monkeypatch: pytest.MonkeyPatch, remotes: Remotes):  # type: ig
         plan = simple_plan(extensions=(spec_for(remotes.kitten),), hook=True)
         return types.SimpleNamespace(plan=plan, facts=linux_facts(), webui=webui, from_facts_file=facts_file is not None)
 
-    module = types.ModuleType("lowvram.planner")
+    module = types.ModuleType("lowvram.world.plan_inputs")
     module.make_plan = make_plan  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "lowvram.planner", module)
+    monkeypatch.setitem(sys.modules, "lowvram.world.plan_inputs", module)
     return calls
 
 
 def test_cli_apply_json_contract_and_remembered_profile(cli, tree: Path, stub_planner: list) -> None:  # type: ignore[type-arg]
-    from lowvram import state
+    from lowvram.world import state
 
     res = cli("apply", "--webui", str(tree), "--profile", "gtx1070-sdxl", "--json")
     assert res.code == 0, res.err
@@ -246,7 +247,7 @@ def test_cli_apply_dry_run_prints_the_diff(cli, tree: Path, stub_planner: list) 
 
 
 def test_cli_apply_with_facts_remembers_nothing(cli, tree: Path, stub_planner: list, tmp_path: Path) -> None:  # type: ignore[type-arg]
-    from lowvram import state
+    from lowvram.world import state
 
     facts = tmp_path / "facts.json"
     facts.write_text("{}")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lowvram import paths
-from lowvram.apply import apply_plan
+from lowvram.world import paths
+from lowvram.world.apply import apply_plan
 from tests.fixtures.git_repos import linux_facts, simple_plan
 from tests.fixtures.webui_trees import STOCK_WEBUI_USER_SH, make_webui
 

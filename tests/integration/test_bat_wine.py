@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lowvram.apply import apply_plan, revert
+from lowvram.world.apply import apply_plan, revert
 from tests.fixtures.git_repos import linux_facts, simple_plan
 from tests.fixtures.webui_trees import STOCK_WEBUI_USER_BAT, make_webui
 

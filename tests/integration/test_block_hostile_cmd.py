@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from lowvram.apply import apply_plan, revert
-from lowvram.detect.webui import parse_bat_args
-from lowvram.errors import ApplyError
+from lowvram.core.errors import ApplyError
+from lowvram.world.apply import apply_plan, revert
+from lowvram.world.detect.webui import parse_bat_args
 from tests.fixtures.git_repos import linux_facts, simple_plan
 from tests.fixtures.webui_trees import make_webui
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from lowvram import markers
-from lowvram.apply import apply_plan, revert
-from lowvram.apply import webui_user as wu
-from lowvram.errors import ApplyError
+from lowvram.core import markers
+from lowvram.core.errors import ApplyError
+from lowvram.world.apply import apply_plan, revert
+from lowvram.world.apply import webui_user as wu
 from tests.fixtures.git_repos import linux_facts, simple_plan
 from tests.fixtures.webui_trees import STOCK_WEBUI_USER_BAT, STOCK_WEBUI_USER_SH, make_webui
 from tests.integration.test_block_hostile_cmd import wine_cmd

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lowvram.apply import apply_plan
+from lowvram.world.apply import apply_plan
 from tests.fixtures.facts_matrix import MACHINES, write_facts
 from tests.fixtures.git_repos import linux_facts, simple_plan
 from tests.fixtures.webui_trees import make_webui

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from lowvram import paths
-from lowvram.apply import webui_user
+from lowvram.world import paths
+from lowvram.world.apply import webui_user
 from tests.conftest import REPO
 from tests.fixtures.faults import install_noext_profile, snapshot, write_gtx1070_facts
 from tests.fixtures.launchers import events, fake_env, make_fake_a1111

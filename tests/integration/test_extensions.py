@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lowvram import fsutil
-from lowvram.apply import extensions as ext_mod
+from lowvram.world import fsutil
+from lowvram.world.apply import extensions as ext_mod
 from tests.fixtures.git_repos import Remotes, git, head_of, make_remotes, registry_entry, write_registry
 from tests.fixtures.webui_trees import make_webui
 
@@ -196,7 +196,7 @@ def test_registry_dirs_escaping_extensions_are_refused(tmp_path: Path, remotes: 
 
 
 def test_escaping_plan_spec_is_refused_at_install(tmp_path: Path, remotes: Remotes) -> None:
-    from lowvram.apply.manifest import Manifest
+    from lowvram.world.apply.manifest import Manifest
 
     tree = make_webui(tmp_path / "w")
     entry = ext_mod.RegistryEntry(name="giant-kitten", url=remotes.kitten.url, ref=remotes.kitten.pin,

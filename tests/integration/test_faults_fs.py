@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from lowvram import fsutil, paths
+from lowvram.world import fsutil, paths
 from tests.conftest import REPO
 from tests.fixtures.faults import (
     DISK_FULL_DRIVER,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lowvram import paths
+from lowvram.world import paths
 from tests.conftest import REPO
 from tests.fixtures.faults import GTX1070_LINUX, snapshot
 from tests.fixtures.launchers import events, fake_env, make_fake_a1111
@@ -134,7 +134,7 @@ def test_a_linux_lowvram_home_is_never_written_into_a_bat(tmp_path: Path, home: 
 @pytest.mark.wine
 @pytest.mark.skipif(shutil.which("wine") is None, reason="wine is not installed (Debian package `wine`)")
 def test_bat_run_by_cmd_runs_nothing_and_keeps_every_value(tmp_path: Path) -> None:
-    from lowvram.apply import apply_plan, revert
+    from lowvram.world.apply import apply_plan, revert
     from tests.fixtures.git_repos import linux_facts, simple_plan
 
     tree = make_webui(tmp_path / "webui", webui_user_sh=None, webui_user_bat=STOCK_WEBUI_USER_BAT.replace(

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from lowvram import fsutil, paths
-from lowvram.apply import apply_plan, revert
+from lowvram.world import fsutil, paths
+from lowvram.world.apply import apply_plan, revert
 from tests.conftest import REPO
 from tests.fixtures.git_repos import Remotes, linux_facts, make_remotes, simple_plan, spec_for, tree_snapshot
 from tests.fixtures.webui_trees import make_webui
@@ -25,9 +25,9 @@ from tests.fixtures.webui_trees import make_webui
 DRIVER = """
 import json, os, sys
 from pathlib import Path
-from lowvram.apply import apply_plan, extensions
+from lowvram.world.apply import apply_plan, extensions
 from tests.fixtures.git_repos import linux_facts, simple_plan
-from lowvram.plan import ExtensionSpec
+from lowvram.core.plan import ExtensionSpec
 extensions.REGISTRY_FILE = Path(os.environ["TEST_REGISTRY"])
 specs = tuple(ExtensionSpec(**s) for s in json.loads(os.environ["TEST_SPECS"]))
 plan = simple_plan(extensions=specs, hook=os.environ["TEST_HOOK"] == "1")

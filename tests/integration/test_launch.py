@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from lowvram import launch, paths
-from lowvram.errors import FlagError, LaunchError, LockError, UsageError
-from lowvram.facts import Facts, SystemFacts, WebuiFacts
-from lowvram.fsutil import FileLock
-from lowvram.plan import EstimateSummary, HookPlan, Plan, ReservePlan, TcmallocPlan
+from lowvram.core.errors import FlagError, LaunchError, LockError, UsageError
+from lowvram.core.facts import Facts, SystemFacts, WebuiFacts
+from lowvram.core.plan import EstimateSummary, HookPlan, Plan, ReservePlan, TcmallocPlan
+from lowvram.world import launch, paths
+from lowvram.world.fsutil import FileLock
 from tests.fixtures.launchers import events, fake_env, make_fake_a1111, read_record
 from tests.fixtures.webui_trees import make_webui
 
@@ -190,7 +190,7 @@ def test_windows_runs_webui_user_bat_with_stdin_closed(tmp_path: Path) -> None:
 def test_windows_launches_the_bat_that_holds_the_block(tmp_path: Path, call_line: str) -> None:
     """apply puts the block before the `call …webui.bat` line; launch must run that file, not
     webui.bat directly (which would skip the block)."""
-    from lowvram.apply import apply_plan
+    from lowvram.world.apply import apply_plan
 
     user_bat = f"@echo off\r\nset COMMANDLINE_ARGS=\r\n{call_line}\r\n"
     tree = make_webui(tmp_path / "win", webui_user_sh=None, webui_user_bat=user_bat)
@@ -309,7 +309,7 @@ def test_signal_reaches_the_ui_group_and_its_death_is_the_exit_code(fake: Path, 
 
 DRIVER = (
     "import sys\nfrom pathlib import Path\n"
-    "from lowvram import launch, paths\nfrom lowvram.fsutil import FileLock\n"
+    "from lowvram.world import launch, paths\nfrom lowvram.world.fsutil import FileLock\n"
     "from tests.integration.test_launch import make_facts, make_plan\n"
     "tree = Path(sys.argv[1])\n"
     "spec = launch.build_launch(make_plan(), make_facts(tree), tree, euid=0)\n"

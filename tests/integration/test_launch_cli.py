@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from lowvram import launch, paths, state
+from lowvram.world import launch, paths, state
 from tests.conftest import REPO
 from tests.fixtures.launchers import events, fake_env, make_fake_a1111
 from tests.fixtures.webui_trees import make_webui
@@ -215,11 +215,11 @@ def test_no_hook_reaches_the_ui_and_the_hook_stays_quiet(
 def test_broken_hook_config_leaves_the_ui_running(tree: Path, facts_file: Path, tmp_path: Path,
                                                   offline: Path) -> None:
     """apply writes the config; a garbled one at start-up must cost the UI nothing."""
-    from lowvram import planner
-    from lowvram.apply import apply_plan
-    from lowvram.plan import Overrides
+    from lowvram.core.plan import Overrides
+    from lowvram.world import plan_inputs
+    from lowvram.world.apply import apply_plan
 
-    ctx = planner.make_plan(webui=tree, facts_file=facts_file, overrides=Overrides(profile="gtx1070-sdxl"))
+    ctx = plan_inputs.make_plan(webui=tree, facts_file=facts_file, overrides=Overrides(profile="gtx1070-sdxl"))
     apply_plan(ctx.plan, tree, ctx.facts)
     paths.hook_config_path(tree).write_text('{"schema": 1, "layout": "yes", "reserve_mb": -')
     spec = launch.build_launch(ctx.plan, ctx.facts, tree)

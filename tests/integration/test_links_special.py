@@ -29,7 +29,8 @@ from typing import Any
 
 import pytest
 
-from lowvram import fsutil, markers, paths
+from lowvram.core import markers
+from lowvram.world import fsutil, paths
 from tests.fixtures.faults import disk_full, install_noext_profile, snapshot, temps, write_gtx1070_facts
 from tests.fixtures.links_special import COMMANDS, NAMES, PLACES, Bench, fingerprint, fingerprint_diff
 from tests.fixtures.webui_trees import make_webui

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lowvram import markers, paths
-from lowvram.apply import apply_plan, revert
+from lowvram.core import markers
+from lowvram.world import paths
+from lowvram.world.apply import apply_plan, revert
 from tests.fixtures.git_repos import Remotes, git, head_of, linux_facts, make_remotes, simple_plan, spec_for
 from tests.fixtures.webui_trees import STOCK_WEBUI_USER_SH, make_webui
 

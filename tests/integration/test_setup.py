@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lowvram import fsutil, markers, paths, setup_ui, state
+from lowvram.core import markers
+from lowvram.world import fsutil, paths, setup_ui, state
 from tests.conftest import run_lowvram
 from tests.fixtures.fake_nvml import gtx1070, no_driver
 from tests.fixtures.ui_repos import UiMirror, build_ui_mirror, git, pin_extensions
@@ -29,7 +30,7 @@ def mirror(tmp_path_factory: pytest.TempPathFactory) -> UiMirror:
 @pytest.fixture(autouse=True)
 def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests run as on a machine without an NVIDIA GPU, whatever this one has."""
-    from lowvram.detect import nvml
+    from lowvram.world.detect import nvml
 
     monkeypatch.setattr(nvml, "pynvml", no_driver())
 
@@ -173,7 +174,7 @@ def test_explicit_profile_is_remembered(cli, with_mirror: UiMirror, tmp_path: Pa
 
 def test_gtx1070_gets_its_flags_and_extensions_from_the_mirror(cli, with_mirror: UiMirror, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from lowvram.detect import nvml
+    from lowvram.world.detect import nvml
 
     monkeypatch.setattr(nvml, "pynvml", gtx1070())
     target = tmp_path / "w"
@@ -201,7 +202,7 @@ def test_gtx1070_gets_its_flags_and_extensions_from_the_mirror(cli, with_mirror:
 
 def test_facts_from_a_file_plan_for_that_machine_and_remember_nothing(
         cli, with_mirror: UiMirror, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lowvram.detect import nvml
+    from lowvram.world.detect import nvml
 
     monkeypatch.setattr(nvml, "pynvml", gtx1070())
     facts = cli("doctor", "--json").out
@@ -220,7 +221,7 @@ def test_facts_from_a_file_plan_for_that_machine_and_remember_nothing(
 
 def test_an_extension_that_cannot_be_fetched_fails_the_run_but_not_the_setup(
         cli, mirror: UiMirror, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lowvram.detect import nvml
+    from lowvram.world.detect import nvml
 
     monkeypatch.setattr(nvml, "pynvml", gtx1070())
     monkeypatch.setenv("LOWVRAM_MIRROR", str(mirror.root))  # the registry's real pins: not in the mirror
@@ -245,7 +246,7 @@ def test_other_uis(cli, with_mirror: UiMirror, tmp_path: Path, ui: str) -> None:
     data = _json(r.out)
     assert data["ui"] == ui
     assert data["commit"] == with_mirror[ui].commit
-    from lowvram.detect.webui import detect_flavor
+    from lowvram.world.detect.webui import detect_flavor
 
     assert detect_flavor(target) == ui
     assert data["launch"] == f"lowvram launch --webui {target}"
@@ -260,7 +261,7 @@ def test_other_uis(cli, with_mirror: UiMirror, tmp_path: Path, ui: str) -> None:
 
 def test_sdnext_on_a_pascal_card_warns_about_its_cuda_13_torch(cli, with_mirror: UiMirror, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from lowvram.detect import nvml
+    from lowvram.world.detect import nvml
 
     monkeypatch.setattr(nvml, "pynvml", gtx1070())
     r = cli("setup", "--ui", "sdnext", "--dir", str(tmp_path / "sdnext"), "--json")

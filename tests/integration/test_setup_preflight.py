@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lowvram import setup_ui
+from lowvram.world import setup_ui
 
 
 def _fake_python(bin_dir: Path, name: str, version: str | None) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lowvram import setup_ui
-from lowvram.errors import UsageError
+from lowvram.core.errors import UsageError
+from lowvram.world import setup_ui
 
 SHA = re.compile(r"^[0-9a-f]{40}$")
 
@@ -61,7 +61,7 @@ def test_a_broken_registry_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_the_registry_is_shipped_in_the_package() -> None:
-    from lowvram import paths
+    from lowvram.world import paths
 
     assert paths.data_file("uis.json").is_file()
 

@@ -176,7 +176,7 @@ class Lab:
 
 @pytest.fixture
 def lab(lowvram_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
-    from lowvram.detect import nvml
+    from lowvram.world.detect import nvml
     from tests.fixtures.fake_nvml import gtx1070
 
     monkeypatch.setattr(nvml, "pynvml", gtx1070())  # setup probes the machine: a GTX 1070 (its plan has extensions)
@@ -478,7 +478,7 @@ def test_clone_into_a_folder_git_cannot_write_says_where_not_the_network(lab: La
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A clone that fails on the destination side (here: a folder git cannot write in, made so after
     the preflight passed) gets the hint about that folder, not "check the URL and your network"."""
-    from lowvram import gitops
+    from lowvram.world import gitops
 
     dest = lab.root / "dest" / "ext"
     dest.parent.mkdir()

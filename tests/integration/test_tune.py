@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from lowvram import paths
-from lowvram.fsutil import FileLock
-from lowvram.observation_log import load_observations
+from lowvram.world import paths
+from lowvram.world.fsutil import FileLock
+from lowvram.world.observation_log import load_observations
 from tests.fixtures.api_ui import ApiUi, make_api_webui, write_gtx1070_windows_facts
 
 REPO = Path(__file__).resolve().parents[2]
@@ -251,7 +251,7 @@ def test_every_probe_failing_is_exit_1_with_one_json_document(cli: Any, tree: Ap
 def test_a_port_in_the_users_commandline_args_is_where_tune_talks(tmp_path: Path, cli: Any, facts: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A1111 reads COMMANDLINE_ARGS after its command line: the user's --port beats tune's."""
-    from lowvram.tune import free_port
+    from lowvram.world.tune_session import free_port
     from tests.fixtures.webui_trees import STOCK_WEBUI_USER_SH
 
     (tmp_path / "mirror").mkdir()

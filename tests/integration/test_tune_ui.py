@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lowvram.launch import LaunchSpec
-from lowvram.tune import (
+from lowvram.world.launch import LaunchSpec
+from lowvram.world.tune_session import (
     ApiClient,
     TuneError,
     TuneEvent,

@@ -41,7 +41,7 @@ def test_installed_wheel_finds_its_bundled_files(wheel: Path, tmp_path: Path) ->
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
                    check=True, capture_output=True, text=True, timeout=300)
     probe = (
-        "from lowvram import paths; "
+        "from lowvram.world import paths; "
         "p = paths.bundled_profiles_dir(); h = paths.bundled_patches_dir(); "
         "print(p); print(h); print(len(list(p.glob('*.yaml')))); print(len(list(h.rglob('*.py'))))"
     )

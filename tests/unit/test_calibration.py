@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from lowvram import estimate as est
-from lowvram.calibration import (
+from lowvram.core.estimate import memory as est
+from lowvram.core.estimate.calibration import (
     DEFAULT_CALIBRATION,
     StatsData,
     StatsRecord,
@@ -16,8 +16,8 @@ from lowvram.calibration import (
     parse_stats,
     request_for_flags,
 )
-from lowvram.estimate import EstimateRequest
-from lowvram.observations import Observation
+from lowvram.core.estimate.memory import EstimateRequest
+from lowvram.core.observations import Observation
 
 
 def _rec(width: int, batch: int, reserved: float) -> dict[str, object]:
@@ -105,7 +105,7 @@ def _truth(act: float, vae: float, extra_mb: float = 0.0) -> est.Coefficients:
 
 
 def _observations(truth: est.Coefficients, family: str = "sd15") -> list[Observation]:
-    from lowvram.calibration import Calibration
+    from lowvram.core.estimate.calibration import Calibration
 
     cal = Calibration(coefficients=truth)
     out = []
@@ -143,7 +143,7 @@ def test_calibration_from_stats_json_fits_the_working_memory() -> None:
     truth = est.DEFAULT_COEFFICIENTS.with_(act_scale=1.3, vae_scale=1.3)
     template = EstimateRequest("sd15", 512, 512, attention="split")
     records = []
-    from lowvram.calibration import Calibration
+    from lowvram.core.estimate.calibration import Calibration
 
     for side in range(256, 1025, 128):
         for batch in (1, 2, 4):

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from lowvram import paths
+from lowvram.world import paths
 from tests.conftest import run_lowvram
 from tests.fixtures.git_repos import tree_snapshot
 from tests.fixtures.safetensors import FAMILY_KEYS

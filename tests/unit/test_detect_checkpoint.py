@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lowvram.detect.checkpoint import checkpoint_family, read_safetensors_header
-from lowvram.errors import WebuiError
+from lowvram.core.errors import WebuiError
+from lowvram.world.detect.checkpoint import checkpoint_family, read_safetensors_header
 from tests.fixtures.safetensors import FAMILY_KEYS, write_checkpoint, write_safetensors
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from lowvram import state
-from lowvram.detect import gather_facts, nvml, resolve_webui
-from lowvram.errors import FactsError, WebuiError
-from lowvram.facts import facts_from_dict
+from lowvram.core.errors import FactsError, WebuiError
+from lowvram.core.facts import facts_from_dict
+from lowvram.world import state
+from lowvram.world.detect import gather_facts, nvml, resolve_webui
 from tests.fixtures import fake_nvml
 from tests.fixtures.webui_trees import make_webui
 

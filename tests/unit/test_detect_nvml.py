@@ -5,7 +5,7 @@ from __future__ import annotations
 import pynvml
 import pytest
 
-from lowvram.detect import nvml
+from lowvram.world.detect import nvml
 from tests.fixtures import fake_nvml
 
 
@@ -137,8 +137,8 @@ def test_real_nvml_when_a_gpu_is_here() -> None:
 def test_a_gpu_without_a_handle_is_not_called_lost_off_the_bus(use) -> None:
     """NoPermission on one GPU's handle (a container given only some /dev/nvidia*): that GPU is unusable, the other
     is read, and doctor does not tell the user to reboot for a GPU that never fell off the bus."""
-    from lowvram.doctor import check_gpu
-    from lowvram.facts import Facts, SystemFacts
+    from lowvram.core.facts import Facts, SystemFacts
+    from lowvram.world.diagnosis import check_gpu
 
     use(fake_nvml.FakeNvml([fake_nvml.gtx1070_gpu(),
                             fake_nvml.rtx3060_gpu(fail={"nvmlDeviceGetHandleByIndex": pynvml.NVMLError_NoPermission})]))

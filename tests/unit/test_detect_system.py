@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lowvram.detect import system
-from lowvram.facts import OtherGpu
+from lowvram.core.facts import OtherGpu
+from lowvram.world.detect import system
 
 
 def _card(root: Path, name: str, vendor: str, device: str = "0x73ff", product: str | None = None) -> None:

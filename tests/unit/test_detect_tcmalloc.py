@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lowvram.detect import tcmalloc
-from lowvram.facts import SystemFacts
+from lowvram.core.facts import SystemFacts
+from lowvram.world.detect import tcmalloc
 
 LINUX = SystemFacts(os="linux", arch="x86_64", glibc="2.36")
 

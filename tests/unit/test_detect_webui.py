@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowvram import markers
-from lowvram.detect import webui
-from lowvram.errors import WebuiError
+from lowvram.core import markers
+from lowvram.core.errors import WebuiError
+from lowvram.world.detect import webui
 from tests.fixtures.safetensors import write_checkpoint
 from tests.fixtures.webui_trees import STOCK_WEBUI_USER_BAT, STOCK_WEBUI_USER_SH, make_webui
 

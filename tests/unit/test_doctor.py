@@ -6,8 +6,16 @@ from dataclasses import replace
 
 import pytest
 
-from lowvram.doctor import STATUSES, Check, DoctorReport, build_report, min_driver_for_cuda, run_checks, xformers_torch
-from lowvram.facts import Facts, GpuFacts, OtherGpu, SystemFacts, TcmallocFacts, WebuiFacts
+from lowvram.core.facts import Facts, GpuFacts, OtherGpu, SystemFacts, TcmallocFacts, WebuiFacts
+from lowvram.world.diagnosis import (
+    STATUSES,
+    Check,
+    DoctorReport,
+    build_report,
+    min_driver_for_cuda,
+    run_checks,
+    xformers_torch,
+)
 
 LINUX = SystemFacts(os="linux", os_version="Debian 12", arch="x86_64", ram_mb=32000, swap_mb=2048, glibc="2.36")
 TCM_OK = TcmallocFacts(library="/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", usable=True, reason="ok")
@@ -284,8 +292,8 @@ def test_tables_answer_known_rows() -> None:
 
 # The bundled class profiles' VRAM ranges, read from the YAML: doctor's classes must be the same ones.
 def test_vram_classes_are_the_bundled_profiles_classes() -> None:
-    from lowvram.doctor import VRAM_CLASSES
-    from lowvram.profile_files import load_profile
+    from lowvram.world.diagnosis import VRAM_CLASSES
+    from lowvram.world.profile_files import load_profile
 
     lo = 0
     for top, label, sd15_pin, sdxl_pin in VRAM_CLASSES:
@@ -305,8 +313,8 @@ def test_vram_class_names_the_rung_plan_actually_picks(os_name: str, tmp_path) -
     """Every card size: the flag doctor names for SD 1.5 and SDXL is the offload `lowvram plan` decides (no WebUI:
     A1111). Before, a 3.2 GB card was told "--lowvram" (plan: --medvram) and a 10 GB card "SDXL fits without
     offloading" (plan: --medvram-sdxl)."""
-    from lowvram.plan import Overrides
-    from lowvram.planner import make_plan
+    from lowvram.core.plan import Overrides
+    from lowvram.world.plan_inputs import make_plan
     from tests.fixtures.facts_matrix import write_facts
 
     system = LINUX if os_name == "linux" else SystemFacts(os="windows", ram_mb=32000)
@@ -383,11 +391,11 @@ def test_doctor_sizes_the_same_gpu_the_plan_targets(flavor: str, flag_value: str
     """Forge/ComfyUI device flags set CUDA_VISIBLE_DEVICES themselves; doctor must follow the same rule."""
     from dataclasses import replace as _replace
 
-    from lowvram import policy
-    from lowvram.doctor import chosen_gpu
-    from lowvram.facts import CudaEnv
-    from lowvram.plan import Overrides
+    from lowvram.core import policy
+    from lowvram.core.facts import CudaEnv
+    from lowvram.core.plan import Overrides
     from lowvram.ui import adapter
+    from lowvram.world.diagnosis import chosen_gpu
     from tests.fixtures.facts_matrix import MACHINES, with_webui
 
     flag = adapter(flavor).device_flag

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lowvram.detect import nvml
+from lowvram.world.detect import nvml
 from tests.conftest import run_lowvram
 from tests.fixtures import fake_nvml
 from tests.fixtures.webui_trees import make_webui

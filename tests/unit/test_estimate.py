@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowvram import estimate as est
-from lowvram.errors import UsageError
-from lowvram.estimate import EstimateRequest, estimate, fits, max_square_px
+from lowvram.core.errors import UsageError
+from lowvram.core.estimate import memory as est
+from lowvram.core.estimate.memory import EstimateRequest, estimate, fits, max_square_px
 
-REFERENCE = Path(est.__file__).parent / "data" / "estimate_reference.json"
+REFERENCE = Path(est.__file__).resolve().parents[2] / "data" / "estimate_reference.json"
 
 requests = st.builds(
     EstimateRequest,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lowvram import fsutil, gitops
-from lowvram.errors import ExtensionError
+from lowvram.core.errors import ExtensionError
+from lowvram.world import fsutil, gitops
 from tests.fixtures.git_repos import git, head_of, make_extension_repo
 
 ACCEPTED = [

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowvram.facts import CudaEnv, Facts, GpuFacts, SystemFacts
-from lowvram.gpuselect import select_gpu, visible_gpus
+from lowvram.core.facts import CudaEnv, Facts, GpuFacts, SystemFacts
+from lowvram.core.gpuselect import select_gpu, visible_gpus
 
 SMALL = GpuFacts(index=0, uuid="GPU-aaaa1111-0000", name="NVIDIA GeForce GTX 1050 Ti", vram_total_mb=4096,
                  compute_capability="6.1")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowvram.markers import checkpoint_key
-from lowvram.observation_log import load_observations
-from lowvram.observations import measured_road, run_failed
+from lowvram.core.markers import checkpoint_key
+from lowvram.core.observations import measured_road, run_failed
+from lowvram.world.observation_log import load_observations
 from tests.fixtures.a1111_modules import (
     VERSIONS,
     FakeP,

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lowvram import gitops
-from lowvram.apply import extensions as ext_mod
-from lowvram.apply.manifest import Manifest
-from lowvram.errors import ExtensionError, LowvramError
+from lowvram.core.errors import ExtensionError, LowvramError
+from lowvram.world import gitops
+from lowvram.world.apply import extensions as ext_mod
+from lowvram.world.apply.manifest import Manifest
 from tests.fixtures.git_repos import make_remotes, write_registry
 from tests.fixtures.webui_trees import make_webui
 

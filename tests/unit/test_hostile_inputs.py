@@ -23,14 +23,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lowvram import paths
-from lowvram.apply import apply_plan, revert, webui_user
-from lowvram.detect import webui as detect_webui
-from lowvram.detect.facts_file import load_facts_file
-from lowvram.errors import ApplyError, FactsError, LowvramError, ProfileError, WebuiError
-from lowvram.facts import facts_from_dict
-from lowvram.observation_log import load_observations
-from lowvram.profile_files import load_profile
+from lowvram.core.errors import ApplyError, FactsError, LowvramError, ProfileError, WebuiError
+from lowvram.core.facts import facts_from_dict
+from lowvram.world import paths
+from lowvram.world.apply import apply_plan, revert, webui_user
+from lowvram.world.detect import webui as detect_webui
+from lowvram.world.detect.facts_file import load_facts_file
+from lowvram.world.observation_log import load_observations
+from lowvram.world.profile_files import load_profile
 from tests.fixtures.git_repos import linux_facts, simple_plan
 from tests.fixtures.webui_trees import STOCK_WEBUI_USER_BAT, STOCK_WEBUI_USER_SH, make_webui
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from lowvram.errors import ObservationError
-from lowvram.observation_log import append_observation, load_observations
-from lowvram.observations import (
+from lowvram.core.errors import ObservationError
+from lowvram.core.observations import (
     Observation,
     observation_from_dict,
     observation_to_dict,
     parse_observations,
 )
+from lowvram.world.observation_log import append_observation, load_observations
 from tests.fixtures.a1111_modules import hook_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -139,8 +139,8 @@ def test_a_nan_is_refused_not_written(tmp_path) -> None:
 _WRITER = """
 import sys
 sys.path[:0] = [{repo!r}, {patches!r}]
-from lowvram.observation_log import append_observation
-from lowvram.observations import Observation
+from lowvram.world.observation_log import append_observation
+from lowvram.core.observations import Observation
 from lowvram_hook.observe import append_record
 path, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 pad = "x" * 3000  # long lines: a torn write would show

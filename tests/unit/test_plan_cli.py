@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lowvram import state
 from lowvram.ui.base import load_flagset
+from lowvram.world import state
 from tests.fixtures.facts_matrix import MACHINES, write_facts
 from tests.fixtures.webui_trees import make_webui
 

@@ -6,12 +6,13 @@ from dataclasses import replace
 
 import pytest
 
-from lowvram import policy, profile_files
-from lowvram.errors import FlagError, ProfileError
-from lowvram.facts import Facts, TcmallocFacts
-from lowvram.observations import Observation
-from lowvram.plan import ExtensionSpec, Overrides, Plan
-from lowvram.planner import load_registry
+from lowvram.core import policy
+from lowvram.core.errors import FlagError, ProfileError
+from lowvram.core.facts import Facts, TcmallocFacts
+from lowvram.core.observations import Observation
+from lowvram.core.plan import ExtensionSpec, Overrides, Plan
+from lowvram.world import profile_files
+from lowvram.world.plan_inputs import load_registry
 from tests.fixtures.facts_matrix import MACHINES, with_webui
 
 CKPT = "sdxl.safetensors|100|1700000000"
@@ -137,7 +138,7 @@ def test_resident_road_needs_twice_the_vram_in_ram() -> None:
 
 
 def test_layout_drops_allocator_settings_that_fight_it(tmp_path: object) -> None:
-    from lowvram import paths
+    from lowvram.world import paths
 
     d = paths.user_profiles_dir()
     d.mkdir(parents=True, exist_ok=True)
@@ -182,7 +183,7 @@ def test_tcmalloc_rules(tcmalloc: TcmallocFacts, os_name: str, ui: str, env_key:
 
 
 def test_profile_turning_tcmalloc_off_sets_no_tcmalloc() -> None:
-    from lowvram import paths
+    from lowvram.world import paths
 
     d = paths.user_profiles_dir()
     d.mkdir(parents=True, exist_ok=True)
@@ -267,7 +268,7 @@ def test_forge_and_comfyui_device_flag_is_kept_not_rewritten_to_zero(flavor: str
 
 
 def test_profile_args_are_validated_against_the_ui() -> None:
-    from lowvram import paths
+    from lowvram.world import paths
 
     d = paths.user_profiles_dir()
     d.mkdir(parents=True, exist_ok=True)
@@ -318,7 +319,7 @@ def test_headroom_is_measured_with_os_minimums() -> None:
 
 def test_wont_fit_warns_with_what_would() -> None:
     facts = with_webui(MACHINES["gtx1650-4gb"], "a1111", "sdxl")
-    from lowvram import paths
+    from lowvram.world import paths
 
     d = paths.user_profiles_dir()
     d.mkdir(parents=True, exist_ok=True)
@@ -357,8 +358,8 @@ def test_plan_json_round_trips() -> None:
 def test_the_profiles_layout_order_reaches_the_hook_config() -> None:
     from pathlib import Path
 
-    from lowvram import paths
-    from lowvram.hookconfig import build_hook_config
+    from lowvram.world import paths
+    from lowvram.world.hookconfig import build_hook_config
 
     d = paths.user_profiles_dir()
     d.mkdir(parents=True, exist_ok=True)
@@ -372,8 +373,8 @@ def test_the_profiles_layout_order_reaches_the_hook_config() -> None:
 def test_the_profiles_model_first_reaches_the_hook_config() -> None:
     from pathlib import Path
 
-    from lowvram import paths
-    from lowvram.hookconfig import build_hook_config
+    from lowvram.world import paths
+    from lowvram.world.hookconfig import build_hook_config
 
     d = paths.user_profiles_dir()
     d.mkdir(parents=True, exist_ok=True)
@@ -396,7 +397,7 @@ def test_a_device_flag_naming_no_gpu_never_turns_the_plan_into_cpu_mode() -> Non
 
 
 def test_cuda_visible_devices_hiding_every_gpu_says_so() -> None:
-    from lowvram.facts import CudaEnv
+    from lowvram.core.facts import CudaEnv
 
     facts = replace(with_webui(MACHINES["gtx1070-8gb"], "a1111", "sdxl"), cuda=CudaEnv("", None))
     plan = run(facts)
@@ -418,7 +419,7 @@ def test_comfyui_is_left_to_pick_its_attention_so_an_installed_xformers_stays_on
     d = plan.decision("attention")
     assert d is not None and "0.0.28.post3" in d.reason and "PyTorch SDP" in d.reason
     # A profile that names another backend still gets its flag.
-    from lowvram import paths
+    from lowvram.world import paths
 
     pdir = paths.user_profiles_dir()
     pdir.mkdir(parents=True, exist_ok=True)
@@ -429,7 +430,7 @@ def test_comfyui_is_left_to_pick_its_attention_so_an_installed_xformers_stays_on
 def test_when_the_users_rung_wins_the_plan_and_the_hook_record_say_so() -> None:
     from pathlib import Path
 
-    from lowvram.hookconfig import build_hook_config
+    from lowvram.world.hookconfig import build_hook_config
 
     facts = with_webui(MACHINES["gtx1070-8gb"], "a1111", "sdxl",
                        user_args=("--lowvram", "--opt-split-attention-invokeai"))
@@ -447,7 +448,7 @@ def test_when_the_users_rung_wins_the_plan_and_the_hook_record_say_so() -> None:
 def test_an_installed_xformers_built_for_another_torch_means_no_xformers_flag() -> None:
     """A1111 keeps an xformers that is already in the venv: if it does not match the venv's torch,
     --xformers would make the UI fail to load it, so the plan takes SDP and says why."""
-    from lowvram.planner import load_xformers_builds
+    from lowvram.world.plan_inputs import load_xformers_builds
 
     builds = load_xformers_builds()
     base = MACHINES["gtx1070-8gb"]

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from lowvram import policy, profile_files
-from lowvram.plan import Overrides, Plan
-from lowvram.planner import load_registry
+from lowvram.core import policy
+from lowvram.core.plan import Overrides, Plan
+from lowvram.world import profile_files
+from lowvram.world.plan_inputs import load_registry
 from tests.fixtures.facts_matrix import MACHINES, with_webui
 
 XF = "--xformers"

@@ -9,12 +9,14 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lowvram import paths, policy, profile_files, ui
-from lowvram.errors import ProfileError
-from lowvram.facts import Facts, GpuFacts, OtherGpu, SystemFacts, TcmallocFacts, WebuiFacts
-from lowvram.observations import Observation
-from lowvram.plan import Overrides
-from lowvram.planner import load_registry
+from lowvram import ui
+from lowvram.core import policy
+from lowvram.core.errors import ProfileError
+from lowvram.core.facts import Facts, GpuFacts, OtherGpu, SystemFacts, TcmallocFacts, WebuiFacts
+from lowvram.core.observations import Observation
+from lowvram.core.plan import Overrides
+from lowvram.world import paths, profile_files
+from lowvram.world.plan_inputs import load_registry
 
 BUNDLED = sorted(p.stem for p in paths.bundled_profiles_dir().glob("*.yaml"))
 REGISTRY = load_registry()

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from lowvram import policy, profile_files
-from lowvram.facts import Facts
-from lowvram.observations import Observation
-from lowvram.plan import Overrides, Plan
-from lowvram.planner import load_registry
+from lowvram.core import policy
+from lowvram.core.facts import Facts
+from lowvram.core.observations import Observation
+from lowvram.core.plan import Overrides, Plan
+from lowvram.world import profile_files
+from lowvram.world.plan_inputs import load_registry
 from tests.fixtures.facts_matrix import MACHINES, with_webui
 
 CKPT = "sdxl.safetensors|100|1700000000"

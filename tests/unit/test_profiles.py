@@ -1,6 +1,6 @@
 """Profiles: every bundled one loads, broken files give one precise line, inheritance, selection.
 
-The files are found and read by lowvram.profile_files (the edge); lowvram.profiles (the core) only
+The files are found and read by lowvram.world.profile_files (the edge); lowvram.core.profiles (the core) only
 parses, validates, merges and selects what it is handed, and the tests at the end hold it to that.
 """
 
@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from lowvram import paths, profile_files, profiles
-from lowvram.errors import ProfileError
-from lowvram.facts import Facts, SystemFacts
+from lowvram.core import profiles
+from lowvram.core.errors import ProfileError
+from lowvram.core.facts import Facts, SystemFacts
+from lowvram.world import paths, profile_files
 from tests.fixtures.facts_matrix import MACHINES
 
 BUNDLED = sorted(p.stem for p in paths.bundled_profiles_dir().glob("*.yaml"))
@@ -214,8 +215,8 @@ def test_core_profiles_module_does_no_io() -> None:
             imported |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-    assert not {"os", "lowvram.paths", "lowvram.fsutil", "lowvram.profile_files"} & imported
-    assert not [n for n in imported if n.startswith(("lowvram.paths", "lowvram.fsutil"))]
+    assert not {"os", "lowvram.world.paths", "lowvram.world.fsutil", "lowvram.world.profile_files"} & imported
+    assert not [n for n in imported if n.startswith(("lowvram.world.paths", "lowvram.world.fsutil"))]
     calls = {n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", "")
              for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call)}
     assert not calls & {"open", "read_bytes", "read_text", "exists", "iterdir", "glob", "stat", "is_file"}

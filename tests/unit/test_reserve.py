@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from lowvram.observations import Observation
-from lowvram.reserve import compute_reserve
+from lowvram.core.observations import Observation
+from lowvram.core.reserve import compute_reserve
 
 CK = "sdxl.safetensors|6938078334|1700000000"
 OTHER = "v1-5.safetensors|4265380512|1690000000"

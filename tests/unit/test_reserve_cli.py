@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from lowvram import paths
-from lowvram.observation_log import append_observation, load_observations
-from lowvram.observations import Observation
+from lowvram.core.observations import Observation
+from lowvram.world import paths
+from lowvram.world.observation_log import append_observation, load_observations
 from tests.fixtures.webui_trees import make_webui
 
 GTX1070_WINDOWS = {
@@ -127,7 +127,7 @@ def test_a_corrupt_line_is_a_warning_and_the_rest_counts(cli, tree) -> None:
 
 
 def test_tuning_results_show_and_win(cli, tree) -> None:
-    from lowvram.detect.webui import probe_webui
+    from lowvram.world.detect.webui import probe_webui
 
     key = probe_webui(tree).checkpoint_key
     path = paths.observations_path(tree)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from lowvram.errors import UsageError
-from lowvram.facts import Facts, SystemFacts
-from lowvram.observations import Observation
-from lowvram.tune import (
+from lowvram.core.errors import UsageError
+from lowvram.core.facts import Facts, SystemFacts
+from lowvram.core.observations import Observation
+from lowvram.world.tune_session import (
     ApiClient,
     Probe,
     TreeSnapshot,
@@ -125,7 +125,7 @@ def test_client_ignores_proxies_and_reads_error_bodies(echo_port: int, monkeypat
 
 
 def test_client_raises_oserror_when_nothing_listens() -> None:
-    from lowvram.tune import free_port
+    from lowvram.world.tune_session import free_port
 
     with pytest.raises(OSError):
         ApiClient(free_port()).get("/sdapi/v1/progress", timeout=2)
@@ -290,7 +290,7 @@ def test_listen_addresses_read_linux_proc_net(tmp_path: Path) -> None:
 
 
 def test_the_snapshot_puts_back_every_byte_and_takes_away_what_tune_added(tmp_path: Path) -> None:
-    from lowvram import paths
+    from lowvram.world import paths
 
     webui = tmp_path / "webui"
     (webui / "extensions" / "lowvram-layout" / "scripts").mkdir(parents=True)
@@ -325,7 +325,7 @@ def test_the_snapshot_puts_back_every_byte_and_takes_away_what_tune_added(tmp_pa
 
 
 def test_the_snapshot_of_a_tree_without_lowvram_removes_the_hook_and_extensions_dir(tmp_path: Path) -> None:
-    from lowvram import paths
+    from lowvram.world import paths
 
     webui = tmp_path / "webui"
     webui.mkdir()

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from lowvram.observations import Observation
-from lowvram.tuning import (
+from lowvram.core.observations import Observation
+from lowvram.core.search import (
     PASSIVE_CANDIDATES,
     TUNE_CANDIDATES,
     candidate_grid,

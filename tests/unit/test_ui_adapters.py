@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from lowvram import ui
-from lowvram.errors import FlagError
+from lowvram.core.errors import FlagError
 from lowvram.ui.base import FLAGS_DIR, FlagSet, load_flagset, reserve_gb
 
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lowvram import markers
-from lowvram.apply import webui_user as wu
-from lowvram.errors import ApplyError
+from lowvram.core import markers
+from lowvram.core.errors import ApplyError
+from lowvram.world.apply import webui_user as wu
 from tests.fixtures.git_repos import simple_plan
 from tests.fixtures.webui_trees import STOCK_WEBUI_USER_BAT, STOCK_WEBUI_USER_SH
 

@@ -1,0 +1,1 @@
+"""The memory model and its calibration: what a generation needs in VRAM."""

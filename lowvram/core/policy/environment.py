@@ -1,0 +1,74 @@
+"""The environment the UI starts with: the allocator settings (less those that fight the layout),
+TCMalloc, and the variables the launch sets."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from lowvram.core.facts import Facts
+from lowvram.core.plan import HookPlan, ReservePlan, TcmallocPlan
+from lowvram.core.policy.builder import Builder, GpuStep, Inputs, Merge, UiStep
+from lowvram.core.policy.flags import join_args
+from lowvram.ui.base import UiAdapter
+
+ALLOC_LAYOUT_CONFLICTS = {
+    "max_split_size_mb": "stops the freed reserve block from serving smaller requests",
+    "backend": "cudaMallocAsync bypasses PyTorch's block cache, which the layout relies on",
+    "expandable_segments": "changes how segments map physical pages; untested with the layout",
+    "garbage_collection_threshold": "acts only after set_per_process_memory_fraction, which A1111 never calls",
+}
+
+
+def decide_allocator(b: Builder, inp: Inputs, reserve: ReservePlan) -> str:
+    alloc = dict(inp.prof.alloc_conf)
+    if reserve.applied:
+        for key in list(alloc):
+            if key in ALLOC_LAYOUT_CONFLICTS and (key != "backend" or "cudaMallocAsync" in alloc[key]):
+                b.add(f"alloc_conf.{key}", None, "auto", f"dropped with the layout on: {ALLOC_LAYOUT_CONFLICTS[key]}")
+                del alloc[key]
+    for key, value in alloc.items():
+        b.add(f"alloc_conf.{key}", value, "profile", f"profile {inp.prof.name}")
+    return ",".join(f"{k}:{v}" for k, v in alloc.items())
+
+
+def decide_tcmalloc(b: Builder, inp: Inputs, u: UiStep) -> tuple[TcmallocPlan, dict[str, str]]:
+    prof = inp.prof
+    tc, tc_env = _tcmalloc(inp.facts, u.ui, prof.tcmalloc)
+    b.add("tcmalloc", tc.enabled, "profile" if prof.tcmalloc != "auto" else "auto", tc.reason)
+    return tc, tc_env
+
+
+def _tcmalloc(facts: Facts, ui: UiAdapter, wanted: str) -> tuple[TcmallocPlan, dict[str, str]]:
+    tc = facts.tcmalloc
+    if facts.system.os != "linux":
+        return TcmallocPlan(False, None, f"TCMalloc is preloaded only on Linux ({facts.system.os} here)"), {}
+    if not ui.supports_tcmalloc:
+        return TcmallocPlan(False, None, f"{ui.title}'s launcher does not preload TCMalloc"), {}
+    if wanted == "off":
+        return TcmallocPlan(False, None, "profile turns TCMalloc off"), {"NO_TCMALLOC": "1"}
+    if tc.usable and tc.library:
+        return (TcmallocPlan(True, tc.library, f"preloading {tc.library} (less RAM bloat when swapping checkpoints)"),
+                {"LD_PRELOAD": tc.library})
+    if tc.library:
+        return (TcmallocPlan(False, tc.library, f"{tc.library} is not usable ({tc.reason}): NO_TCMALLOC keeps "
+                             "webui.sh from preloading it"), {"NO_TCMALLOC": "1"})
+    hint = f" (install {tc.package})" if tc.package else ""
+    return TcmallocPlan(False, None, f"no TCMalloc library found{hint}"), {}
+
+
+def decide_env(b: Builder, u: UiStep, g: GpuStep, m: Merge, *, tc_env: Mapping[str, str], alloc_conf: str,
+               hook: HookPlan, hook_config_path: str | None) -> dict[str, str]:
+    env: dict[str, str] = {}
+    if u.ui.has_webui_user:
+        merged_args = [*m.user_kept, *m.plan_args] if m.merge == "assign" else m.plan_args
+        env["COMMANDLINE_ARGS"] = join_args(merged_args)
+    env.update(tc_env)
+    if alloc_conf:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = alloc_conf
+    if g.choice.pin_uuid:
+        env["CUDA_VISIBLE_DEVICES"] = g.choice.pin_uuid
+        b.add("cuda_visible_devices", g.choice.pin_uuid, "auto",
+              "several NVIDIA GPUs: the chosen one is pinned by UUID, so it is CUDA device 0 whatever the order")
+    if hook.enabled and hook_config_path:
+        env["LOWVRAM_CONFIG"] = hook_config_path
+    return env

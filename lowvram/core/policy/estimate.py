@@ -1,0 +1,99 @@
+"""Whether the plan fits: the estimator asked per rung (each once), the estimate step, and what to try
+where the plan will not fit (docs/architecture.md#the-policy, "What fits")."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lowvram.core.estimate import memory as est
+from lowvram.core.plan import EstimateSummary
+from lowvram.core.policy.builder import Builder, GpuStep, Target, UiStep
+
+ESTIMATE_FAMILIES = ("sd15", "sd2", "sdxl", "sdxl-refiner")
+
+
+def _est_attention(attention: str) -> str:
+    """The estimator's backend for a planned one (a user's --opt-split-attention-v1 included)."""
+    mapped = {"sdp-no-mem": "sdp", "auto": "sdp", "split-v1": "split", "invokeai": "split"}.get(attention, attention)
+    return mapped if mapped in est.ATTENTIONS else "sdp"
+
+
+def _est_offload(rung: str) -> str:
+    return {"novram": "lowvram", "cpu": "none"}.get(rung, rung)
+
+
+def _estimate(family: str, *, width: int, height: int, target_batch: int, hires: float, precision: str,
+              vae: str, attention: str, rung: str, ui_key: str, bcu: bool) -> est.Estimate:
+    att, off = _est_attention(attention), _est_offload(rung)
+    req = est.EstimateRequest(family=family, width=width, height=height, batch=target_batch,
+                              precision="full" if precision == "full" else "half",
+                              vae_precision="full" if vae == "full" else "half", attention=att,
+                              offload=off, hires_scale=hires, ui=ui_key, batch_cond_uncond=bcu)
+    return est.estimate(req)
+
+
+class Fits:
+    """Whether a rung's estimate fits, estimating each rung once (the estimate summary reuses them)."""
+
+    def __init__(self, fam: str, g: GpuStep, t: Target, *, unet: str, vae: str, attention: str,
+                 ui_key: str) -> None:
+        self.estimates: dict[str, est.Estimate] = {}
+        self.can_estimate = fam in ESTIMATE_FAMILIES and not g.cpu_mode and not g.foreign
+        self._fam, self._g, self._t = fam, g, t
+        self._unet, self._vae, self.attention, self._ui_key = unet, vae, attention, ui_key
+
+    def __call__(self, rung: str) -> bool | None:
+        vram_total = self._g.vram_total
+        if not self.can_estimate or vram_total is None:
+            return None
+        if rung not in self.estimates:
+            t = self._t
+            self.estimates[rung] = _estimate(self._fam, width=t.width, height=t.height, target_batch=t.batch,
+                                             hires=t.hires, precision=self._unet, vae=self._vae,
+                                             attention=self.attention, rung=rung, ui_key=self._ui_key, bcu=t.bcu)
+        return est.fits(self.estimates[rung].peak_mb, vram_total, self._g.room)
+
+
+def decide_estimate(b: Builder, fam: str, u: UiStep, g: GpuStep, *, t: Target, fits: Fits, offload: str,
+                   road: str, rungs: Sequence[str], unet: str, vae: str, attention: str) -> EstimateSummary:
+    """The estimate summary, and what to try where the plan will not fit."""
+    vram_total, room = g.vram_total, g.room
+    fits.attention = attention  # a user's backend that won the merge counts for estimates made from here on
+    fit = fits(offload) if not g.cpu_mode else None
+    peak = fits.estimates[offload].peak_mb if offload in fits.estimates else None
+    if peak is not None:
+        b.add("estimate", peak, "auto",
+              f"{fam} {t.width}×{t.height} batch {t.batch} on {offload}: peak {peak} MiB vs {vram_total} MiB − "
+              f"{room} MiB headroom ({'fits' if fit else 'does not fit'} with a {int(est.DEFAULT_MARGIN * 100)} % margin)")
+    elif fits.can_estimate:
+        b.add("estimate", None, "auto", "the GPU's VRAM size is unknown: no estimate")
+    if fit is False and road == "swap":
+        b.warn(_wont_fit(fam, width=t.width, height=t.height, offload=offload, rungs=rungs, vram_total=vram_total,
+                         room=room, unet=unet, vae=vae, attention=attention, ui_key=u.key, bcu=t.bcu,
+                         batch=t.batch, hires=t.hires))
+    return EstimateSummary(peak, fit)
+
+
+def _wont_fit(fam: str, *, width: int, height: int, offload: str, rungs: Sequence[str], vram_total: int | None,
+              room: int, unet: str, vae: str, attention: str, ui_key: str, bcu: bool, batch: int,
+              hires: float) -> str:
+    text = f"{fam} at {width}×{height} is estimated not to fit {vram_total} MiB on {offload}"
+    parts: list[str] = []
+    if vram_total:
+        att, off = _est_attention(attention), _est_offload(offload)
+        req = est.EstimateRequest(family=fam, width=width, height=height, batch=batch,
+                                  precision="full" if unet == "full" else "half",
+                                  vae_precision="full" if vae == "full" else "half", attention=att, offload=off,
+                                  hires_scale=hires, ui=ui_key, batch_cond_uncond=bcu)
+        side = est.max_square_px(req, vram_total, room)
+        if side:
+            parts.append(f"a smaller size (up to about {side}×{side})")
+        tiled = est.estimate(est.EstimateRequest(**{**req.__dict__, "tiled_vae": True}))
+        if est.fits(tiled.peak_mb, vram_total, room):
+            parts.append("tiled VAE decoding")
+    lower = [r for r in rungs if rungs.index(r) > rungs.index(offload)] if offload in rungs else []
+    if lower:
+        parts.append(f"--offload {lower[0]}")
+    if batch > 1:
+        parts.append("batch 1")
+    return text + (": try " + ", ".join(parts) if parts else "")

@@ -1,0 +1,99 @@
+"""The road: swap or resident, where both exist (docs/architecture.md#the-policy, "Two roads"), and the
+offload the resident road overrides."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lowvram.core.facts import GpuFacts
+from lowvram.core.observations import Observation
+from lowvram.core.policy.builder import Builder, GpuStep, Inputs, RoadChoice, Target, UiStep
+from lowvram.core.policy.road_history import avoid_failed, failure_text, last_failures, measured_choice, road_history
+from lowvram.core.reserve import laid_out
+
+
+def _tuned_road(observations: Sequence[Observation], checkpoint: str | None, gpu: GpuFacts | None,
+                size: tuple[int, int]) -> tuple[str, str, str] | None:
+    """`lowvram tune` measured both roads at the target size: its winner stands (docs/architecture.md#tune).
+
+    Only tune's own probes count here; the hook's runs keep the median comparison
+    (road_history.measured_choice).
+    """
+    from lowvram.core import search
+
+    # A probe planned for the resident road whose layout did not run measured nothing about it.
+    probes = [o for o in observations if o.source == "tuning" and laid_out(o)]
+    if not probes:
+        return None
+    state = search.tuning_state(probes, checkpoint, gpu.driver if gpu else None, size)
+    measured = {p.road for p in state.probes if p.sit is not None}
+    if state.best is None or measured != {"swap", "resident"}:
+        return None
+    return (state.best.road, "tuning",
+            f"tuned: the {state.best.road} road was faster ({state.best.sit:.3f} s/it at {size[0]}×{size[1]}; "
+            "`lowvram tune` measured both roads)")
+
+
+def _resident_failed(observations: Sequence[Observation], checkpoint: str | None, gpu: GpuFacts | None) -> str | None:
+    """Why the resident road's last run failed, or None when it did not."""
+    history = road_history(observations, checkpoint, gpu.driver if gpu else None)
+    failed = last_failures(history, "").get("resident")
+    return None if failed is None else failure_text(failed)
+
+
+def _auto_road(observations: Sequence[Observation], checkpoint: str | None, gpu: GpuFacts | None, *,
+               rung: str, target: tuple[int, int, int]) -> RoadChoice:
+    """`--layout auto` where both roads exist: not a road that just failed, then tune's winner, then
+    the faster measured like with like, else explore (docs/architecture.md#the-policy)."""
+    driver = gpu.driver if gpu else None
+    history = road_history(observations, checkpoint, driver)
+    failed = last_failures(history, rung)
+    if failed:
+        return avoid_failed(failed, rung)
+    tuned = _tuned_road(observations, checkpoint, gpu, target[:2])
+    if tuned is not None:
+        return RoadChoice(*tuned)
+    return measured_choice(history, rung, (*target, "cuda"))
+
+
+def decide_road(b: Builder, inp: Inputs, u: UiStep, g: GpuStep, *, spill_possible: bool, rung: str,
+               checkpoint: str | None, target: Target) -> RoadChoice:
+    facts, prof, overrides, gpu, vram_total = inp.facts, inp.prof, inp.overrides, g.gpu, g.vram_total
+    ram_ok = bool(facts.system.ram_mb and vram_total and facts.system.ram_mb >= 2 * vram_total)
+    resident_possible = u.key == "a1111" and spill_possible and ram_ok and gpu is not None and not g.cpu_mode
+    why_no_resident = (
+        "only A1111 runs the layout hook" if u.key != "a1111" else
+        "memory cannot spill here (sysmem fallback off), so only the swap road exists" if not spill_possible else
+        "no NVIDIA GPU" if gpu is None else
+        f"RAM {facts.system.ram_mb} MiB is under 2 × VRAM" if not ram_ok else ""
+    )
+    layout_mode = overrides.layout or prof.layout.mode
+    layout_src = "cli" if overrides.layout else "profile"
+    if layout_mode == "off" or g.no_nvidia:
+        return RoadChoice("swap", layout_src,
+                          "--layout off / profile: the swap road" if layout_mode == "off" else "no NVIDIA GPU")
+    if not resident_possible:
+        if layout_mode == "on":
+            b.warn(f"--layout on asked for the resident road, but {why_no_resident}")
+        return RoadChoice("swap", "auto", f"swap road: {why_no_resident}")
+    if layout_mode == "on":
+        if (failed := _resident_failed(inp.observations, checkpoint, gpu)) is not None:
+            asked = "--layout on" if layout_src == "cli" else f"profile {prof.name} (layout on)"
+            b.warn(f"{asked}: the resident road's last run failed ({failed}); trying it again as asked")
+        return RoadChoice("resident", layout_src, "--layout on: the resident road (model on the GPU, layout + reserve)")
+    auto = _auto_road(inp.observations, checkpoint, gpu, rung=rung,
+                      target=(target.width, target.height, target.batch))
+    if auto.warning:
+        b.warn(auto.warning)
+    return RoadChoice(auto.road, auto.source, auto.reason)
+
+
+def record_offload_and_road(b: Builder, offload: tuple[str, str, str], road: RoadChoice) -> str:
+    """The resident road keeps the whole model on the GPU; both decisions are recorded here."""
+    rung, src, why = offload
+    if road.road == "resident" and rung != "none":
+        why = f"resident road: whole model on the GPU (was {rung}; giant-kitten's premise)"
+        rung, src = "none", road.source
+    b.add("offload", rung, src, why)
+    b.add("road", road.road, road.source, road.reason)
+    return rung

@@ -1,0 +1,179 @@
+"""What recorded runs say about the two roads: which road's last run failed, and which was faster
+measured like with like (docs/architecture.md#the-policy, "Two roads")."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from lowvram.core.observations import Observation, comparable_key, measured_road, run_failed
+from lowvram.core.policy.builder import RoadChoice
+
+ROAD_WINDOW = 5  # the latest measurements per road in one comparable group
+FAILURE_TEXT = 80  # how much of a recorded failure reason the road's reason quotes
+
+
+def road_history(observations: Sequence[Observation], checkpoint: str | None,
+                 driver: str | None) -> list[Observation]:
+    """Hook and tuning runs of this checkpoint on this driver (where both are known), oldest first.
+
+    All of them, not only the last RECENT_RUNS: a road's last failure must not age out behind
+    runs on the other road, and the comparison looks for its own size and device among them.
+    """
+    runs = [o for o in observations if o.source in ("hook", "tuning")
+            and (checkpoint is None or o.checkpoint in (None, checkpoint))
+            and not (driver and o.driver and o.driver != driver)]
+    return sorted(runs, key=lambda o: o.time)
+
+
+def _is_probe(o: Observation) -> bool:
+    """A run of `lowvram tune` (its saved probe, or a hook record tagged with tune's run tag)."""
+    return o.source == "tuning" or (o.tag or "").startswith("tune")
+
+
+def _road_failure(o: Observation, road: str, rung: str) -> bool | None:
+    """What run `o` says about `road` (the swap road on `rung`): True failed, False worked, None nothing.
+
+    The swap road is the run's offload rung: a run on another rung is another swap road (the
+    ladder moves off a rung that ran out of memory). A tune probe on the resident road that failed
+    with its layout in place failed at that reserve (tune tries reserves that may not fit), not
+    the road; one whose layout failed or was refused did fail the road.
+    """
+    if o.road != road or (road == "swap" and o.offload != rung):
+        return None
+    if run_failed(o):
+        if road == "resident" and _is_probe(o) and not o.layout_error:
+            return None
+        return True
+    return False if measured_road(o) == road else None
+
+
+def last_failures(history: Sequence[Observation], rung: str) -> dict[str, Observation]:
+    """The roads whose latest run (that said anything about the road) failed, with that run."""
+    failed: dict[str, Observation] = {}
+    for road in ("swap", "resident"):
+        for o in reversed(history):
+            verdict = _road_failure(o, road, rung)
+            if verdict is not None:
+                if verdict:
+                    failed[road] = o
+                break
+    return failed
+
+
+def failure_text(o: Observation) -> str:
+    """The recorded reason, short: the layout's error, else the job's reason."""
+    if o.layout_error:
+        text = f"layout failed: {o.layout_error}"
+    elif o.reason:
+        text = o.reason
+    else:
+        text = "out of memory" if o.ooms else "the job failed"
+    text = " ".join(text.split())
+    return text if len(text) <= FAILURE_TEXT else text[:FAILURE_TEXT - 1].rstrip() + "…"
+
+
+def avoid_failed(failed: Mapping[str, Observation], rung: str) -> RoadChoice:
+    """Never pick a road whose last run failed; with both failed, the safer swap road, warned."""
+    swap, res = failed.get("swap"), failed.get("resident")
+    if swap is not None and res is not None:
+        both = f"swap on {rung}: {failure_text(swap)}; resident: {failure_text(res)}"
+        return RoadChoice("swap", "observations", f"the last runs on both roads failed ({both}): the swap road, "
+                          "the safer one", f"the last runs on both roads failed ({both}): planned the swap road; "
+                          "the UI's console says more")
+    if res is not None:
+        return RoadChoice("swap", "observations", f"resident road: its last run failed ({failure_text(res)}); "
+                          "the swap road (--layout on tries the resident road again)")
+    assert swap is not None
+    return RoadChoice("resident", "observations", f"swap road on {rung}: its last run failed "
+                      f"({failure_text(swap)}); the resident road")
+
+
+@dataclass(frozen=True)
+class _Comparison:
+    key: tuple[object, ...]
+    swap: float
+    resident: float
+    unit: str  # "s/it" or "s/image"
+    runs: tuple[int, int]
+    steps: int | None  # the step count of a wall-time comparison
+    latest: float
+
+
+def _measurements(history: Sequence[Observation], rung: str) -> dict[tuple[object, ...], dict[str, list[Observation]]]:
+    """Successful runs that really measured a road (the swap road on `rung` only), by comparable_key."""
+    groups: dict[tuple[object, ...], dict[str, list[Observation]]] = {}
+    for o in history:
+        road = measured_road(o)
+        if road is None or run_failed(o) or (o.sit is None and o.wall_s is None):
+            continue
+        if road == "swap" and o.offload != rung:
+            continue
+        groups.setdefault(comparable_key(o), {"swap": [], "resident": []})[road].append(o)
+    return groups
+
+
+def _compare(key: tuple[object, ...], swap: Sequence[Observation], res: Sequence[Observation]) -> _Comparison | None:
+    """Swap against resident within one comparable group, or None where they cannot be compared.
+
+    Wall time per image (`wall_s`) is the fairer figure: it holds what s/it hides, --medvram's
+    model moves before and after sampling. It is compared where both roads have it at the same
+    step count (the most recent such count); otherwise the median s/it, which does not depend on
+    the step count. Each side is the median of its latest ROAD_WINDOW runs.
+    """
+    walls = {o.steps for o in swap if o.wall_s is not None} & {o.steps for o in res if o.wall_s is not None}
+    walls.discard(None)
+    if walls:
+        steps = max(walls, key=lambda n: max(o.time for o in [*swap, *res] if o.steps == n))
+        s = [o.wall_s for o in swap if o.wall_s is not None and o.steps == steps][-ROAD_WINDOW:]
+        r = [o.wall_s for o in res if o.wall_s is not None and o.steps == steps][-ROAD_WINDOW:]
+        unit, at_steps = "s/image", steps
+    else:
+        s = [o.sit for o in swap if o.sit is not None][-ROAD_WINDOW:]
+        r = [o.sit for o in res if o.sit is not None][-ROAD_WINDOW:]
+        unit, at_steps = "s/it", None
+    if not s or not r:
+        return None
+    return _Comparison(key, statistics.median(s), statistics.median(r), unit, (len(s), len(r)), at_steps,
+                       max(o.time for o in [*swap, *res]))
+
+
+def _where(key: tuple[object, ...]) -> str:
+    width, height, batch, device = key
+    text = f"{width}×{height}" if width is not None and height is not None else "an unrecorded size"
+    if batch != 1:
+        text += f" batch {batch}"
+    return text + (f" on {device}" if device else " (device not recorded)")
+
+
+def _preferred(keys: Iterable[tuple[object, ...]], target: tuple[object, ...],
+               latest: Callable[[tuple[object, ...]], float]) -> tuple[object, ...]:
+    """The plan's target size and batch (its device first), else the group measured most recently."""
+    keys = list(keys)
+    at_target = [k for k in keys if k[:3] == target[:3]]
+    return max(at_target or keys, key=lambda k: (k[3] == target[3], latest(k)))
+
+
+def measured_choice(history: Sequence[Observation], rung: str, target: tuple[object, ...]) -> RoadChoice:
+    """The faster road where a like-with-like pair exists (the target's size first), else explore."""
+    groups = _measurements(history, rung)
+    pairs = {key: c for key, g in groups.items() if (c := _compare(key, g["swap"], g["resident"])) is not None}
+    if pairs:
+        c = pairs[_preferred(pairs, target, lambda k: pairs[k].latest)]
+        faster = "resident" if c.resident < c.swap else "swap"
+        how = f"wall time per image at {c.steps} steps, median" if c.steps is not None else "median"
+        return RoadChoice(faster, "observations", f"measured at {_where(c.key)}: swap {c.swap:.2f} {c.unit} vs "
+                          f"resident {c.resident:.2f} {c.unit} ({how} of {c.runs[0]}/{c.runs[1]} runs): "
+                          f"{faster} is faster")
+    measured = {measured_road(o) for o in history if not run_failed(o) and (o.sit is not None or o.wall_s is not None)}
+    if "swap" not in measured:
+        return RoadChoice("swap", "auto", "exploring: the profile's road (swap) first, measured before the other")
+    if "resident" not in measured:
+        return RoadChoice("resident", "auto", "exploring: the resident road once, reserve 0 first so free and "
+                          "overflow get measured")
+    # Both measured, never like with like: measure the road missing where the user generates.
+    key = _preferred(groups, target, lambda k: max(o.time for runs in groups[k].values() for o in runs))
+    road = "swap" if not groups[key]["swap"] else "resident"
+    return RoadChoice(road, "auto", f"exploring: no swap (on {rung}) and resident runs at the same size and device "
+                      f"to compare yet: the {road} road, to measure it at {_where(key)}")

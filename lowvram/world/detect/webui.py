@@ -1,0 +1,657 @@
+"""A WebUI install on disk: flavor, version, venv, torch/xformers builds, checkpoint, user flags.
+
+Everything is read from files (docs/architecture.md#detection): no torch import and no subprocess except
+`git describe` with a 1 s limit. The user's COMMANDLINE_ARGS are read from webui-user.sh/.bat
+outside lowvram's managed block; a value that the shell would expand ($VAR, `…`, %VAR%) is not
+literal and is reported as such rather than guessed.
+
+Damaged inputs (docs/architecture.md#damaged-and-hostile-inputs): config.json and the checkpoint's safetensors header are optional
+inputs, so damage there is a warning (`WebuiFacts.config_error`, `.checkpoint_error`) and the command
+goes on as the UI itself would (default settings; a family that `--model` gives); a settings file
+that cannot be opened at all (a FIFO, a folder, too large) stays one WebuiError line.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shlex
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from lowvram.core import markers
+from lowvram.core.errors import WebuiError
+from lowvram.core.facts import WebuiFacts
+from lowvram.world.detect.checkpoint import checkpoint_family
+from lowvram.world.fsutil import UnsafeFileError, read_regular_bytes, special_kind
+from lowvram.world.managed_block import BAT, SH, block_spans
+
+GIT_TIMEOUT_S = 1.0
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+MAX_WALK = 5000
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+MAX_SCRIPT_BYTES = 4 * 1024 * 1024  # webui-user.sh / .bat: a few KiB in every release
+MAX_SMALL_READ = 256 * 1024  # version files, METADATA, the head of CHANGELOG.md
+
+NOT_A_WEBUI_HINT = (
+    "give the folder that holds webui.sh / webui-user.bat (A1111, Forge, SD.Next) or main.py (ComfyUI), "
+    "or install one with `lowvram setup`"
+)
+
+
+def detect_flavor(path: Path) -> str | None:
+    """comfyui | sdnext | forge | a1111 | None, in that order (Forge and SD.Next carry A1111's files)."""
+    root = Path(path)
+    try:
+        if not root.is_dir():
+            return None
+        if (root / "comfy").is_dir() and (root / "main.py").is_file():
+            return "comfyui"
+        launcher = any((root / n).is_file() for n in ("launch.py", "webui.sh", "webui.bat"))
+        if (root / "installer.py").is_file() and launcher:
+            return "sdnext"
+        if ((root / "modules_forge").is_dir() or (root / "backend" / "args.py").is_file()) and launcher:
+            return "forge"
+        if ((root / "webui.sh").is_file() or (root / "webui.bat").is_file()) and (root / "modules" / "cmd_args.py").is_file():
+            return "a1111"
+    except OSError:
+        return None
+    return None
+
+
+def not_a_webui(path: Path) -> WebuiError:
+    if not Path(path).exists():
+        return WebuiError(f"{path} does not exist", NOT_A_WEBUI_HINT)
+    return WebuiError(f"{path} is not a Stable Diffusion WebUI", NOT_A_WEBUI_HINT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Version
+
+
+def _git_describe(root: Path) -> str | None:
+    if not (root / ".git").exists():
+        return None
+    try:
+        proc = subprocess.run(
+            ["git", "-c", f"safe.directory={root}", "-C", str(root), "describe", "--tags"],
+            capture_output=True, text=True, timeout=GIT_TIMEOUT_S, check=False,
+            env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    tag = proc.stdout.strip() if proc.returncode == 0 else ""
+    if not tag:
+        return None
+    return tag[1:] if re.match(r"^v\d", tag) else tag
+
+
+_CHANGELOG_RE = re.compile(r"^##\s+\[?v?(\d+\.\d+(?:\.\d+)?(?:[-+.]?[0-9A-Za-z]+)*)")
+
+
+def _read_text(path: Path) -> str | None:
+    """A small file lowvram only peeks into (a version): None when missing, a FIFO, a device or a
+    folder (checked before opening, so nothing blocks); only its head when it is huge."""
+    try:
+        data = read_regular_bytes(path, MAX_SMALL_READ, head=True)
+    except UnsafeFileError:
+        return None
+    return None if data is None else data.decode("utf-8", "replace")
+
+
+def _changelog_version(root: Path) -> str | None:
+    text = _read_text(root / "CHANGELOG.md")
+    for n, line in enumerate((text or "").splitlines()):
+        if n > 500:
+            break
+        m = _CHANGELOG_RE.match(line)
+        if m:
+            return m.group(1)
+    return None
+
+
+_PY_STR_RE = r"""\s*(?::[^=]*)?=\s*(?:['"]([^'"]*)['"]|(None))"""
+
+
+def _py_assignment(text: str, name: str) -> str | None:
+    m = re.search(rf"^{re.escape(name)}{_PY_STR_RE}", text, re.MULTILINE)
+    return m.group(1) if m and m.group(1) is not None else None
+
+
+def _comfy_version(root: Path) -> str | None:
+    text = _read_text(root / "comfyui_version.py")
+    return None if text is None else _py_assignment(text, "__version__")
+
+
+def webui_version(root: Path, flavor: str) -> str | None:
+    if flavor == "comfyui":
+        return _comfy_version(root) or _git_describe(root)
+    return _git_describe(root) or _changelog_version(root)
+
+
+# ---------------------------------------------------------------------------------------------
+# venv, torch, xformers (read from files: never import torch, never run the venv's python)
+
+
+def _venv_dirs(root: Path, flavor: str) -> list[Path]:
+    dirs = [root / "venv", root / ".venv"]
+    if flavor == "comfyui":
+        dirs.append(root.parent / "python_embeded")
+    return dirs
+
+
+def venv_python(root: Path, flavor: str) -> Path | None:
+    for venv in _venv_dirs(root, flavor):
+        for rel in ("bin/python", "bin/python3", "Scripts/python.exe", "python.exe"):
+            candidate = venv / rel
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _py_minor(path: Path) -> tuple[int, ...]:
+    digits = re.findall(r"\d+", path.parent.name)
+    return tuple(int(d) for d in digits)
+
+
+def site_packages(root: Path, flavor: str) -> Path | None:
+    for venv in _venv_dirs(root, flavor):
+        found = sorted((venv / "lib").glob("python3*/site-packages"), key=_py_minor, reverse=True)
+        found = [p for p in found if p.is_dir()]
+        if found:
+            return found[0]
+        for rel in ("Lib/site-packages",):
+            if (venv / rel).is_dir():
+                return venv / rel
+    return None
+
+
+def _dist_version(site: Path, name: str) -> str | None:
+    """A distribution's version from its dist-info (METADATA's Version, else the folder name)."""
+    prefix = name.lower().replace("-", "_")
+    best: str | None = None
+    for info in sorted(site.glob("*.dist-info")):
+        dist, _, rest = info.name[: -len(".dist-info")].partition("-")
+        if dist.lower().replace("-", "_") != prefix:
+            continue
+        version = rest or None
+        for line in (_read_text(info / "METADATA") or "").splitlines():
+            if line.startswith("Version:"):
+                version = line.split(":", 1)[1].strip()
+                break
+            if not line.strip():
+                break
+        best = version or best
+    return best
+
+
+def _cuda_from_local(version: str | None) -> str | None:
+    m = re.search(r"\+cu(\d+)$", version or "")
+    if not m or len(m.group(1)) < 2:
+        return None
+    digits = m.group(1)
+    return f"{int(digits[:-1])}.{digits[-1]}"
+
+
+def torch_build(site: Path | None) -> tuple[str | None, str | None]:
+    """(torch version, CUDA it was built for) from torch/version.py, else the dist-info."""
+    if site is None:
+        return None, None
+    text = _read_text(site / "torch" / "version.py")
+    if text is not None:
+        version = _py_assignment(text, "__version__")
+        if version:
+            return version, _py_assignment(text, "cuda")
+    version = _dist_version(site, "torch")
+    return version, _cuda_from_local(version)
+
+
+# ---------------------------------------------------------------------------------------------
+# The user's COMMANDLINE_ARGS (webui-user.sh / .bat, outside lowvram's block)
+
+
+def _shell_literal(value: str) -> bool:
+    """False when bash would expand something in `value` ($VAR, $(…), `…`) outside single quotes."""
+    quote = None
+    i = 0
+    while i < len(value):
+        c = value[i]
+        if quote == "'":
+            if c == "'":
+                quote = None
+        elif c == "\\":
+            i += 1
+        elif c in "$`":
+            return False
+        elif c == '"':
+            quote = None if quote == '"' else '"'
+        elif c == "'" and quote is None:
+            quote = "'"
+        i += 1
+    return True
+
+
+def _outside_block(text: str, kind: str) -> list[str]:
+    """The lines of a webui-user file outside lowvram's managed block(s).
+
+    Only a block lowvram could have written counts (managed_block.py `block_spans`: exact
+    markers, lowvram's own lines, at the top level); marker text anywhere else is the user's. A
+    damaged block (no end marker) is skipped from its begin marker on, as lowvram wrote it.
+    """
+    begin, end = ((markers.BLOCK_BEGIN, markers.BLOCK_END) if kind == "sh"
+                  else (markers.BAT_BLOCK_BEGIN, markers.BAT_BLOCK_END))
+    if begin not in text:
+        return text.split("\n")
+    data = text.encode("utf-8", "surrogateescape")
+    try:
+        spans = block_spans(data, SH if kind == "sh" else BAT, "webui-user")
+    except Exception:  # damaged or unreadable: the old reading, begin marker to end marker
+        out: list[str] = []
+        inside = False
+        for line in text.split("\n"):
+            stripped = line.strip()
+            inside = (inside or stripped == begin) and stripped != end
+            if not inside and stripped != end:
+                out.append(line)
+        return out
+    kept = b"".join(data[a:b] for a, b in zip([0] + [s[1] for s in spans], [s[0] for s in spans] + [len(data)],
+                                               strict=True))
+    return kept.decode("utf-8", "surrogateescape").split("\n")
+
+
+_SH_RE = re.compile(r"^\s*export\s+COMMANDLINE_ARGS=(.*)$")
+_BAT_RE = re.compile(r'^\s*@?set\s+(")?COMMANDLINE_ARGS=(.*)$', re.IGNORECASE)
+
+
+def parse_sh_args(text: str) -> tuple[tuple[str, ...] | None, bool]:
+    """(args, literal) from the last `export COMMANDLINE_ARGS=…` outside lowvram's block."""
+    raw = None
+    for line in _outside_block(text, "sh"):
+        m = _SH_RE.match(line.rstrip("\r"))
+        if m:
+            raw = m.group(1)
+    if raw is None:
+        return None, True
+    if not _shell_literal(raw):
+        return None, False
+    try:
+        words = shlex.split(raw, comments=True, posix=True)
+        return tuple(shlex.split(words[0])) if words else (), True
+    except ValueError:
+        return None, False
+
+
+def _bat_set_value(rest: str, quoted: bool) -> str | None:
+    """The value cmd gives COMMANDLINE_ARGS from the text after `COMMANDLINE_ARGS=` on a `set` line
+    (`quoted`: the `set "…"` form), or None where it is not literal.
+
+    As cmd reads a batch line: `%%` is one `%` and any other `%` expands something; then outside
+    double quotes `^` escapes the next character, `&`/`|` end the command and `<`/`>` redirect;
+    `set "X=…"` keeps the text up to the line's last double quote.
+    """
+    if re.sub("%%", "", rest).count("%"):
+        return None
+    rest = rest.replace("%%", "%")
+    out: list[str] = []
+    i = 0
+    while i < len(rest):
+        c = rest[i]
+        if c == '"':
+            quoted = not quoted
+        elif not quoted and c == "^":
+            if i + 1 >= len(rest):
+                return None  # a caret at the end continues the line
+            i += 1
+            c = rest[i]
+        elif not quoted and c in "&|":
+            break
+        elif not quoted and c in "<>":
+            return None
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def parse_bat_args(text: str) -> tuple[tuple[str, ...] | None, bool]:
+    """(args, literal) from the last `set COMMANDLINE_ARGS=…` / `set "COMMANDLINE_ARGS=…"` outside
+    lowvram's block, read as cmd reads it (`%%`, `^`, quotes); `!` is literal unless the file turns
+    on delayed expansion."""
+    raw: str | None = None
+    found = False
+    for line in _outside_block(text, "bat"):
+        m = _BAT_RE.match(line.rstrip("\r"))
+        if m:
+            found = True
+            value = _bat_set_value(m.group(2), bool(m.group(1)))
+            if value is not None and m.group(1):
+                value = value[: value.rfind('"')] if '"' in value else value
+            raw = value
+    if not found:
+        return None, True
+    if raw is None or ("!" in raw and "enabledelayedexpansion" in text.lower()):
+        return None, False
+    try:
+        return tuple(shlex.split(raw)), True
+    except ValueError:
+        return None, False
+
+
+def read_user_args(root: Path, os_name: str) -> tuple[tuple[str, ...] | None, bool]:
+    """The user's flags from webui-user.sh/.bat; a missing file (or a dangling link) has none.
+
+    A FIFO, device, folder, link loop or huge file there is one UnsafeFileError naming it
+    (checked before opening: nothing blocks); a link is read through.
+    """
+    name = "webui-user.bat" if os_name == "windows" else "webui-user.sh"
+    data = read_regular_bytes(root / name, MAX_SCRIPT_BYTES, "webui-user file")
+    if data is None:
+        return None, True
+    text = data.decode("utf-8", "replace")
+    return parse_bat_args(text) if name.endswith(".bat") else parse_sh_args(text)
+
+
+def flag_value(args: tuple[str, ...] | None, flag: str) -> str | None:
+    """The last value given to `flag` (`--flag V` or `--flag=V`), as argparse would keep it."""
+    value = None
+    items = list(args or ())
+    for i, arg in enumerate(items):
+        if arg == flag and i + 1 < len(items):
+            value = items[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1:]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json and the selected checkpoint
+
+
+class ConfigDamagedError(WebuiError):
+    """The settings file is there but the UI cannot load it: `probe_webui` reads past it with a warning."""
+
+
+CONFIG_HINT = "fix it, or move it away (the UI writes a fresh one at start-up)"
+_CONFIG_RESET = ("the UI cannot load it either: at start-up it moves it to tmp/config.json and starts with "
+                 "default settings, which lowvram plans for")
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false",
+               type(None): "null"}
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A1111's settings; missing = a fresh install (defaults); unreadable (a FIFO, a folder, too large) =
+    WebuiError; there but damaged = ConfigDamagedError (see `parse_config`)."""
+    hint = f"fix {path.name} or move it away (the UI writes a fresh one at start-up)"
+    try:
+        raw = read_regular_bytes(path, MAX_CONFIG_BYTES, "UI settings file")
+    except UnsafeFileError as exc:
+        raise WebuiError(exc.message, hint) from exc
+    if raw is None:
+        return {}
+    return parse_config(raw, path)
+
+
+def parse_config(raw: bytes, path: Path) -> dict[str, Any]:
+    """The settings as A1111's `Options.load` reads them: `json.load` of UTF-8 text.
+
+    What that load refuses (not UTF-8, a byte-order mark, broken JSON, nesting too deep, a number
+    over Python's 4300-digit limit) the UI moves to tmp/config.json and replaces with its defaults;
+    JSON that is not an object makes it fail at start-up. Either is one ConfigDamagedError line naming
+    the file. NaN, duplicate keys or a setting of the wrong type load there, so they load here (the
+    readers of single settings check their types).
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigDamagedError(f"{path} is not UTF-8 text (byte {exc.start}): {_CONFIG_RESET}", CONFIG_HINT) from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigDamagedError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}): "
+                                 f"{_CONFIG_RESET}", CONFIG_HINT) from exc
+    except RecursionError as exc:
+        raise ConfigDamagedError(f"{path} is nested too deeply: {_CONFIG_RESET}", CONFIG_HINT) from exc
+    except ValueError as exc:  # an integer over Python's 4300-digit limit
+        raise ConfigDamagedError(f"{path} holds a number with thousands of digits: {_CONFIG_RESET}",
+                                 CONFIG_HINT) from exc
+    if not isinstance(data, dict):
+        kind = _JSON_KINDS.get(type(data), "a value")
+        raise ConfigDamagedError(f"{path} holds {kind}, not an object of settings: the UI does not start with it "
+                                 "(lowvram plans for the default settings)", CONFIG_HINT)
+    return data
+
+
+def strip_hash(title: str) -> str:
+    """'sd_xl_base_1.0.safetensors [31e35c80fc]' -> 'sd_xl_base_1.0.safetensors' (as A1111 does)."""
+    return re.sub(r"\s*\[[0-9a-fA-F]+\]\s*$", "", title).strip()
+
+
+def _abs(root: Path, value: str) -> Path:
+    try:
+        p = Path(value).expanduser()
+    except RuntimeError:  # `~user` of a user that does not exist: bash leaves it as it is, so do we
+        p = Path(value)
+    return p if p.is_absolute() else root / p
+
+
+_NATURAL_RE = re.compile(r"([0-9]+)")
+CHECKPOINT_BLACKLIST = (".vae.ckpt", ".vae.safetensors")  # VAEs beside the checkpoints: never listed
+
+
+def natural_key(text: str) -> list[Any]:
+    """A1111's sort key for model files: digits as numbers ("model2" before "model10"), letters lowercased."""
+    return [int(part) if part.isdigit() else part.lower() for part in _NATURAL_RE.split(text)]
+
+
+def _walk_checkpoints(dirs: list[Path]) -> list[tuple[Path, Path]]:
+    """(dir, file) for every checkpoint under `dirs` in the order A1111 lists them, bounded.
+
+    As A1111's `walk_files`: each dir's folders sorted naturally by path, files naturally within a
+    folder; only `.ckpt`/`.safetensors` (any case), never `*.vae.*`, nothing inside a hidden folder,
+    no broken symlink. A FIFO or device with a checkpoint's name is listed, as A1111 lists it: reading
+    its header then fails with one line naming it (its type is checked before it is opened).
+    """
+    found: list[tuple[Path, Path]] = []
+    seen = 0
+    for d in dirs:
+        if not d.is_dir():  # a FIFO, a file, a dangling link or a link loop there: no checkpoints
+            continue
+        listing: list[tuple[str, list[str]]] = []
+        for dirpath, _dirnames, filenames in os.walk(d, followlinks=True):
+            seen += 1 + len(filenames)  # directories count too: a symlink loop must end the walk
+            if seen > MAX_WALK:
+                break
+            listing.append((dirpath, filenames))
+        for dirpath, filenames in sorted(listing, key=lambda item: natural_key(item[0])):
+            rel = Path(dirpath).relative_to(d)
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            for name in sorted(filenames, key=natural_key):
+                if os.path.splitext(name)[1].lower() not in CHECKPOINT_SUFFIXES or name.endswith(CHECKPOINT_BLACKLIST):
+                    continue
+                file = Path(dirpath) / name
+                if file.is_symlink() and not file.exists():
+                    continue
+                found.append((d, file))
+        if seen > MAX_WALK:
+            break
+    return found
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_file(path: Path) -> bool:
+    """is_file() that is False, not an exception, for a name the OS refuses (too long, NUL, unencodable):
+    a damaged `sd_model_checkpoint` names no file, as in A1111."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _is_entry(path: Path) -> bool:
+    """Something is there: a file, but also a dangling link, a FIFO, a device or a folder the user
+    selected: reading its header then fails with one line naming it (never blocking)."""
+    try:
+        return os.path.lexists(path)
+    except (OSError, ValueError):
+        return False
+
+
+def checkpoint_dirs(root: Path, args: tuple[str, ...] | None) -> list[Path]:
+    """Where A1111 lists checkpoints: `--ckpt-dir` first, then `<models dir>/Stable-diffusion`, where
+    the models dir is `--models-dir`, else `<--data-dir>/models`, else the tree's own `models/`."""
+    data_dir = _abs(root, flag_value(args, "--data-dir") or ".")
+    models_flag = flag_value(args, "--models-dir")
+    models_dir = _abs(root, models_flag) if models_flag else data_dir / "models"
+    dirs = []
+    ckpt_dir = flag_value(args, "--ckpt-dir")
+    if ckpt_dir:
+        dirs.append(_abs(root, ckpt_dir))
+    dirs.append(models_dir / "Stable-diffusion")
+    return list(dict.fromkeys(dirs))
+
+
+def checkpoint_dir_problem(dirs: list[Path]) -> str | None:
+    """A checkpoint folder that is not one (a FIFO, a file, a dangling or looping link): the UI
+    cannot list (or even create) it, so no checkpoint is found; said in one line naming it."""
+    for d in dirs:
+        try:
+            if not os.path.lexists(d) or d.is_dir():
+                continue
+            st = os.lstat(d)
+        except (OSError, ValueError):
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                os.stat(d)
+                what = "a file"
+            except OSError as exc:
+                what = "a link that loops" if exc.errno == errno.ELOOP else "a link to a folder that does not exist"
+            return f"the checkpoint folder {d} is {what} ({os.readlink(d)})"
+        return f"the checkpoint folder {d} is {special_kind(st.st_mode) or 'a file'}, not a folder"
+    return None
+
+
+def find_checkpoint(root: Path, config: dict[str, Any], args: tuple[str, ...] | None) -> tuple[str | None, Path | None]:
+    """(name as the UI shows it, file) of the checkpoint A1111 would load at start-up.
+
+    A1111 lists `--ckpt-dir` first, then `<models dir>/Stable-diffusion`, where the models dir is
+    `--models-dir`, else `<--data-dir>/models`, else the tree's own `models/`.
+    """
+    dirs = checkpoint_dirs(root, args)
+    # --ckpt (default <root>/model.ckpt) wins when the file exists.
+    ckpt = _abs(root, flag_value(args, "--ckpt") or "model.ckpt")
+    if _is_file(ckpt):
+        return ckpt.name, ckpt
+    selected = config.get("sd_model_checkpoint")
+    if isinstance(selected, str) and not _is_text(selected):
+        selected = None  # a lone surrogate (an "\\ud800" escape): A1111 never writes one, no file has that name
+    if isinstance(selected, str) and strip_hash(selected):
+        name = strip_hash(selected).replace("\\", "/")
+        for d in dirs:
+            candidate = d / name
+            if _is_entry(candidate) and not name.endswith(CHECKPOINT_BLACKLIST):
+                return name, candidate
+        base = name.rsplit("/", 1)[-1]
+        for _d, f in _walk_checkpoints(dirs):
+            if f.name == base:
+                return name, f
+    # Nothing selected, or the selection is gone: A1111 loads the first checkpoint it lists.
+    found = _walk_checkpoints(dirs)
+    if found:
+        d, f = found[0]
+        return f.relative_to(d).as_posix(), f
+    if isinstance(selected, str) and strip_hash(selected):
+        return strip_hash(selected), None
+    return None, None
+
+
+def _extension_dirs(ext_root: Path) -> tuple[str, ...]:
+    try:
+        return tuple(sorted(p.name for p in ext_root.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    except OSError:
+        return ()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def probe_webui(path: Path, os_name: str | None = None) -> WebuiFacts:
+    """Read a WebUI tree. Raises WebuiError when `path` is not one, or a file in it is unreadable.
+
+    Damaged optional inputs are read past, never fatal: a config.json the UI cannot load is planned
+    for as the UI's defaults (`config_error`), a damaged checkpoint header leaves the family unknown
+    (`checkpoint_error`); doctor warns about each, plan says it and `--model` answers the family.
+    """
+    from lowvram.world.detect.system import host_os
+
+    root = Path(path).expanduser()
+    flavor = detect_flavor(root)
+    if flavor is None:
+        raise not_a_webui(root)
+    root = root.resolve()
+    os_name = os_name or host_os()
+    site = site_packages(root, flavor)
+    torch, torch_cuda = torch_build(site)
+    xformers = _dist_version(site, "xformers") if site is not None else None
+    python = venv_python(root, flavor)
+    common: dict[str, Any] = {
+        "path": str(root),
+        "flavor": flavor,
+        "version": webui_version(root, flavor),
+        "python": str(python) if python else None,
+        "torch": torch,
+        "torch_cuda": torch_cuda,
+        "xformers": xformers,
+    }
+    if flavor == "comfyui":
+        return WebuiFacts(**common, user_args=None, user_args_literal=True,
+                          extensions=_extension_dirs(root / "custom_nodes"))
+    user_args, literal = read_user_args(root, os_name)
+    data_dir = _abs(root, flag_value(user_args, "--data-dir") or ".")
+    settings_file = flag_value(user_args, "--ui-settings-file")
+    config_error = checkpoint_error = None
+    try:
+        config = read_config(_abs(root, settings_file) if settings_file else data_dir / "config.json")
+    except ConfigDamagedError as exc:  # the UI resets it to its defaults: plan for those, and say so
+        config, config_error = {}, exc.message
+    name, file = find_checkpoint(root, config, user_args)
+    family = key = None
+    if file is None:  # a FIFO, a file or a broken link where the checkpoint folder belongs: say which
+        checkpoint_error = checkpoint_dir_problem(checkpoint_dirs(root, user_args))
+    if file is not None:
+        try:
+            family = checkpoint_family(file)
+        except WebuiError as exc:  # a damaged header: the family is unknown, --model answers it
+            family, checkpoint_error = "unknown", exc.message
+        try:
+            st = file.stat()
+            key = markers.checkpoint_key(file.name, st.st_size, st.st_mtime)
+        except OSError:
+            key = None
+    bcu = config.get("batch_cond_uncond", True)
+    disabled = config.get("disabled_extensions", [])
+    return WebuiFacts(
+        **common,
+        checkpoint=name,
+        checkpoint_path=str(file) if file else None,
+        checkpoint_key=key,
+        model_family=family,
+        batch_cond_uncond=bcu if isinstance(bcu, bool) else True,
+        user_args=user_args,
+        user_args_literal=literal,
+        extensions=_extension_dirs(data_dir / "extensions"),
+        disabled_extensions=tuple(x for x in disabled if isinstance(x, str)) if isinstance(disabled, list) else (),
+        checkpoint_error=checkpoint_error,
+        config_error=config_error,
+    )
