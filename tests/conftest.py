@@ -31,6 +31,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def lowvram_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     for var in _LOWVRAM_VARS:
         monkeypatch.delenv(var, raising=False)
+    # Screens wrap to COLUMNS (80 when piped, docs/architecture.md#the-cli-contract). Tests that check what a
+    # screen says read it unwrapped; tests/unit/test_screens.py checks the layout at 60, 80 and 120 columns.
+    monkeypatch.setenv("COLUMNS", "1000")
     home = tmp_path_factory.mktemp("lowvram-home")
     monkeypatch.setenv("LOWVRAM_HOME", str(home))
     return home

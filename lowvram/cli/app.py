@@ -29,7 +29,7 @@ from lowvram.cli.cmd_setup import HELP as SETUP_HELP
 from lowvram.cli.cmd_setup import setup_command
 from lowvram.cli.cmd_tune import HELP as TUNE_HELP
 from lowvram.cli.cmd_tune import tune_cmd
-from lowvram.cli.common import debug_enabled, report_error, set_debug, wants_json
+from lowvram.cli.common import DEBUG_HELP, debug_enabled, prepare_commands, report_error, set_debug, wants_json
 from lowvram.core.errors import LowvramError
 
 # --help lists the commands in the order a new user needs them.
@@ -38,6 +38,10 @@ COMMAND_ORDER = ("doctor", "profiles", "plan", "apply", "launch", "revert", "ins
 
 
 class _OrderedGroup(TyperGroup):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        prepare_commands(self)
+
     def list_commands(self, ctx: Any) -> list[str]:
         names = super().list_commands(ctx)
         return sorted(names, key=lambda n: (COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER), n))
@@ -78,20 +82,22 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (or set LOWVRAM_DEBUG=1).")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
     ] = False,
 ) -> None:
-    set_debug(debug)
+    if debug:  # never back to False here: main() resets it per run
+        set_debug(True)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turn a LowvramError into one line and a hint, return the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" in args[: args.index("--")] if "--" in args else "--debug" in args:
-        set_debug(True)
+    # --debug anywhere before a `--` (after which the arguments are the UI's), for errors raised before
+    # the command's own --debug is parsed; reset on every call, so one run's --debug never leaks to the next.
+    set_debug("--debug" in (args[: args.index("--")] if "--" in args else args))
     try:
         app(args=args, prog_name="lowvram", standalone_mode=True)
     except SystemExit as exc:

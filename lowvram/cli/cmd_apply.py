@@ -31,11 +31,17 @@ def _short(path: str, root: Path) -> str:
         return path
 
 
-def _print_changes(changes: list[dict[str, str]], root: Path) -> None:
+_WOULD = {"created": "would create", "modified": "would modify", "removed": "would remove"}
+
+
+def _print_changes(changes: list[dict[str, str]], root: Path, dry_run: bool = False) -> None:
     styles = {"created": "ok", "modified": "ok", "removed": "ok", "unchanged": "dim"}
+    width = 12 if dry_run else 9
     for change in changes:
         action = change["action"]
-        print(f"  {render.style(action.ljust(9), styles.get(action, 'dim'))} {_short(change['path'], root)}")
+        label = _WOULD.get(action, action) if dry_run else action
+        line = render.wrap(f"  {label.ljust(width)} {_short(change['path'], root)}", hang=width + 3)
+        print(line.replace(label, render.style(label, styles.get(action, "dim")), 1))
 
 
 def apply_cmd(  # noqa: PLR0917 - one parameter per CLI option
@@ -57,8 +63,10 @@ def apply_cmd(  # noqa: PLR0917 - one parameter per CLI option
 
     \b
     Examples:
-      lowvram apply --dry-run                 # the diff and the extensions; changes nothing
-      lowvram apply --profile gtx1070-sdxl    # remembered for this WebUI
+      # the diff and the extensions; changes nothing
+      lowvram apply --dry-run
+      # remembered for this WebUI
+      lowvram apply --profile gtx1070-sdxl
       lowvram apply --webui ~/stable-diffusion-webui --json
     """
     from lowvram.world import state
@@ -77,7 +85,7 @@ def apply_cmd(  # noqa: PLR0917 - one parameter per CLI option
     if not dry_run and not ctx.from_facts_file:
         state.remember(tree, overrides.profile if overrides.profile else None)
     failed = ("some extensions could not be installed (the managed block was written)",
-              "see the note column; offline, use LOWVRAM_MIRROR=DIR or `lowvram install-extensions "
+              "see the notes under the table; offline, use LOWVRAM_MIRROR=DIR or `lowvram install-extensions "
               "--source NAME=URL`")
     if json_out:
         data = {"schema": 1, "plan": ctx.plan.to_dict(), "webui": str(tree), **result.to_dict()}
@@ -89,17 +97,18 @@ def apply_cmd(  # noqa: PLR0917 - one parameter per CLI option
         raise typer.Exit(result.exit_code)
     plan = ctx.plan
     if dry_run:
-        print(f"apply --dry-run: {tree} ({plan.ui}, profile {plan.profile}); nothing was changed")
+        print(render.wrap(f"apply --dry-run: {tree} ({plan.ui}, profile {plan.profile}); nothing was changed"))
+        _print_changes(result.changes, tree, dry_run=True)
         if result.diff:
             print(result.diff.rstrip("\n"))
         elif result.target:
             print(f"{_short(result.target, tree)} already holds this plan")
     else:
-        print(f"applied profile {plan.profile} to {tree} ({plan.ui}):")
+        print(render.wrap(f"applied profile {plan.profile} to {tree} ({plan.ui}):"))
         _print_changes(result.changes, tree)
     if result.extensions:
         print("extensions:" if not dry_run else "extensions (what apply would do):")
-        print(render_extensions(result.extensions))
+        print(render_extensions(result.extensions, dry_run=dry_run))
     for note in result.notes:
         render.note(note)
     for warning in plan.warnings:

@@ -45,8 +45,9 @@ def doctor(
     from lowvram.world.diagnosis import build_report
 
     facts_file = facts or (Path(os.environ["LOWVRAM_FACTS"]) if os.environ.get("LOWVRAM_FACTS") else None)
-    # With a facts file only an explicit WebUI is read from disk; the file's own stands otherwise.
-    tree = (resolve_webui(webui) if webui is not None else None) if facts_file is not None else resolve_webui(webui)
+    # The one lookup rule (as plan): with a facts file too, the WebUI found is read from disk; the
+    # file's own WebUI stands only where none is found.
+    tree = resolve_webui(webui)
     gathered = gather_facts(tree, facts_file)
     extra = []
     if tree is not None:
@@ -108,21 +109,23 @@ def _summary_lines(report: DoctorReport) -> list[str]:
 
 def render_human(report: DoctorReport, debug: bool = False) -> str:
     from lowvram.cli import render
+    from lowvram.core.words import plural
 
-    lines = _summary_lines(report)
+    lines = [render.wrap(line, hang=8) for line in _summary_lines(report)]
     if debug:
         for g in report.facts.gpus:
             for err in g.errors:
-                lines.append(render.style(f"        NVML GPU {g.index}: {err}", "dim"))
+                lines.append(render.style(render.wrap(f"        NVML GPU {g.index}: {err}", hang=10), "dim"))
     lines.append("")
-    width = max(len(c.id) for c in report.checks) if report.checks else 10
+    rows: list[tuple[render.Cell | str, str, render.Cell | str]] = []
     for c in report.checks:
-        status = render.style(f"{c.status:<4}", c.status)
-        lines.append(f"{status}  {c.id:<{width}}  {c.message}")
+        rows.append((render.Cell(c.status, c.status), c.id, c.message))
         if c.hint and c.status != "skip":
-            lines.append(f"{'':<4}  {'':<{width}}  " + render.style("→ " + c.hint, "hint"))
+            rows.append(("", "", render.Cell("→ " + c.hint, "hint")))
+    lines.append(render.table(("status", "check", "result"), rows, show_header=False, no_wrap=(0, 1)))
     counts = {s: sum(1 for c in report.checks if c.status == s) for s in ("fail", "warn", "ok", "skip")}
     lines.append("")
-    summary = f"{counts['fail']} failed, {counts['warn']} warnings, {counts['ok']} ok, {counts['skip']} skipped"
+    summary = (f"{counts['fail']} failed, {plural(counts['warn'], 'warning')}, {counts['ok']} ok, "
+               f"{counts['skip']} skipped")
     lines.append(render.style(summary, "fail" if counts["fail"] else ("warn" if counts["warn"] else "ok")))
     return "\n".join(lines)

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from lowvram.cli.options import FactsOpt, JsonOpt, UiChoice, WebuiOpt
-from lowvram.core.errors import UsageError, WebuiError
+from lowvram.cli.options import FactsOpt, JsonOpt, UiChoice, WebuiOpt, complete_profile_name
+from lowvram.core.errors import UsageError
+from lowvram.core.words import plural
 
 if TYPE_CHECKING:
     from lowvram.core.estimate.calibration import Calibration
@@ -133,9 +134,8 @@ def _profile_values(name: str) -> dict[str, Any]:
         values["offload"] = prof.offload
     elif prof.offload in ("novram", "cpu"):
         values["offload"] = "lowvram"
-    model = getattr(prof.match, "model", None)
-    if isinstance(model, str):
-        values["family"] = model
+    values["name"] = name
+    values["models"] = tuple(prof.match.model)  # the families it is made for: the first is implied
     return values
 
 
@@ -178,7 +178,7 @@ def _calibration_for(webui: Path | None, template: EstimateRequest, notes: list[
             continue
         parsed = parse_stats(text)
         if parsed.skipped:
-            notes.append(f"{path}: skipped {len(parsed.skipped)} part(s): {'; '.join(parsed.skipped[:3])} (the rest "
+            notes.append(f"{path}: skipped {plural(len(parsed.skipped), 'part')}: {'; '.join(parsed.skipped[:3])} (the rest "
                          "is used; VRAM Estimator's benchmark rewrites the file)")
         if parsed.records:
             stats = parsed
@@ -188,14 +188,11 @@ def _calibration_for(webui: Path | None, template: EstimateRequest, notes: list[
     return calibrate(template, observations, stats)
 
 
-def _note_damaged_inputs(wf: Any, family: str | None, notes: list[str]) -> None:
-    """Damaged optional inputs the WebUI probe read past (detect/webui.py): notes, or the reason to stop."""
+def _note_damaged_inputs(wf: Any, family: str, notes: list[str]) -> None:
+    """Damaged optional inputs the WebUI probe read past (detect/webui.py): notes."""
     if wf is not None and wf.config_error:
         notes.append(f"{wf.config_error} (fix it, or move it away)")
     if wf is not None and wf.checkpoint_error:
-        if family is None:
-            raise WebuiError(f"{wf.checkpoint_error}; its model family is unknown",
-                             "add --model sd15, --model sd2 or --model sdxl (and re-download the checkpoint)")
         notes.append(f"{wf.checkpoint_error} (estimated as --model {family}; re-download it or select another)")
 
 
@@ -237,13 +234,16 @@ class _Budget:
 
 
 def _probe_machine(webui_arg: Path | None, facts_file: Path | None, vram_mb: int | None,
-                   notes: list[str]) -> _Machine:
-    """Find the WebUI; probe the facts unless --vram-mb makes them unneeded (a facts file is always read)."""
+                   notes: list[str], ui: str | None = None) -> _Machine:
+    """Find the WebUI (the one rule, as plan); probe the facts unless --vram-mb makes them unneeded (a
+    facts file is always read). A --ui that contradicts the WebUI found is a usage error, as for plan."""
     import os
 
-    from lowvram.world.detect import gather_facts, probe_webui, resolve_webui
+    from lowvram.world.detect import gather_facts, locate_webui, probe_webui
+    from lowvram.world.plan_inputs import check_ui_matches
 
-    webui = resolve_webui(webui_arg)
+    located = locate_webui(webui_arg)
+    webui = located[0] if located else None
     facts: Facts | None = None
     wf_obj = None
     from_file = facts_file is not None or bool(os.environ.get("LOWVRAM_FACTS"))
@@ -252,24 +252,25 @@ def _probe_machine(webui_arg: Path | None, facts_file: Path | None, vram_mb: int
         wf_obj = facts.webui
     elif webui is not None:
         wf_obj = probe_webui(webui)
+    check_ui_matches(ui, wf_obj, located[1] if located else None)
     if webui is not None and wf_obj is not None:
         notes.append(f"WebUI at {webui} ({wf_obj.flavor})")
     return _Machine(webui, facts, wf_obj, from_file)
 
 
-def _resolve_family(model: str | None, prof: dict[str, Any], wf_obj: Any, notes: list[str]) -> str:
-    """The model family: --model, then the profile, then the WebUI's selected checkpoint."""
-    from lowvram.core.estimate import memory as est
+def _resolve_family(model: str | None, prof: dict[str, Any], wf_obj: Any, ui: str | None, notes: list[str]) -> str:
+    """The model family by plan's rule (core/policy/family.py), what-if first: --model, then the
+    profile's, then the WebUI's selected checkpoint, then what a fresh A1111 loads; else one error
+    (exit 1, as plan) saying which choice settles it."""
+    from lowvram.core.policy.family import choose_family, family_or_error
 
-    family = model or prof.get("family")
-    if family is None and wf_obj is not None and wf_obj.model_family in est.FAMILIES:
-        family = wf_obj.model_family
-        notes.append(f"model family {family} from the WebUI's selected checkpoint")
+    choice = choose_family(wf_obj, model=model, profile=prof.get("name"), profile_models=prof.get("models", ()),
+                           ui=ui, cli_first=True)
+    family = family_or_error(choice, wf_obj, ui)
+    if choice.source != "cli":
+        notes.append(f"model family {family}: {choice.reason}")
     _note_damaged_inputs(wf_obj, family, notes)
-    if family is None:
-        raise UsageError("which model family? none was given and no WebUI checkpoint says",
-                         "add --model sd15, --model sd2 or --model sdxl")
-    return str(family)
+    return family
 
 
 def _build_request(
@@ -385,8 +386,8 @@ def run_estimate(
 
     notes: list[str] = []
     prof = _profile_values(profile) if profile else {}
-    machine = _probe_machine(webui_arg, facts_file, vram_mb, notes)
-    family = _resolve_family(model, prof, machine.webui_facts, notes)
+    machine = _probe_machine(webui_arg, facts_file, vram_mb, notes, ui)
+    family = _resolve_family(model, prof, machine.webui_facts, ui, notes)
     req = _build_request(
         family, prof, machine.webui_facts, width=width, height=height, batch=batch, precision=precision,
         vae_precision=vae_precision, tiled_vae=tiled_vae, ui=ui, attention=attention, offload=offload,
@@ -423,37 +424,44 @@ def render_text(res: EstimateResult) -> str:
     head = (f"{r.family} {r.width}x{r.height}, batch {r.batch}"
             + (f", hires x{r.hires_scale:g}" if r.hires_scale > 1 else "")
             + f", {prec} (VAE {vae}{', tiled' if r.tiled_vae else ''}), {r.attention} attention, offload {r.offload}, {r.ui}")
-    lines = [render.style(head, "bold")]
-    lines.append(f"peak {e.peak_mb} MiB ({_gib(e.peak_mb)} GiB) during {e.phase.replace('_', ' ')};"
-                 f" torch peak {e.torch_peak_mb} MiB")
-    width = 30
-    biggest = max(*e.parts.values(), 1)
-    for name, mb in e.parts.items():
-        if mb <= 0:
-            continue
-        bar = "█" * max(1, round(width * mb / biggest))
-        lines.append(f"  {name:<16} {mb:>7} MiB  {render.style(bar, 'dim')}")
+    lines = [render.style(render.wrap(head), "bold")]
+    lines.append(render.wrap(f"peak {e.peak_mb} MiB ({_gib(e.peak_mb)} GiB) during {e.phase.replace('_', ' ')};"
+                             f" torch peak {e.torch_peak_mb} MiB"))
+    lines.append(_parts_table(e.parts))
     cal = res.calibration
     if cal.points:
-        lines.append(f"calibrated on {cal.points} point(s) ({cal.source}): median error "
-                     f"{(cal.median_error or 0) * 100:.0f} %, max {(cal.max_error or 0) * 100:.0f} %")
+        lines.append(render.wrap(f"calibrated on {plural(cal.points, 'point')} ({cal.source}): median error "
+                                 f"{(cal.median_error or 0) * 100:.0f} %, max {(cal.max_error or 0) * 100:.0f} %"))
     if res.fits is None:
-        lines.append(render.style("fits: unknown (no VRAM size; give --vram-mb)", "skip"))
+        lines.append(render.style(render.wrap("fits: unknown (no VRAM size; give --vram-mb)"), "skip"))
     else:
         assert res.vram_mb is not None and res.headroom_mb is not None
         need = round(e.peak_mb * (1 + res.margin)) + res.headroom_mb
-        verdict = render.style("fits", "ok") if res.fits else render.style("does not fit", "fail")
+        verdict = "fits" if res.fits else "does not fit"
         where = f" ({res.gpu})" if res.gpu else ""
-        lines.append(f"{verdict} in {res.vram_mb} MiB{where}: needs {need} MiB with {res.headroom_mb} MiB headroom"
-                     f" and a {res.margin * 100:.0f} % margin")
+        lines.append(render.lead(verdict, f"in {res.vram_mb} MiB{where}: needs {need} MiB with {res.headroom_mb} MiB "
+                                 f"kept free and a {res.margin * 100:.0f} % margin", "ok" if res.fits else "fail"))
         if res.max_square_px is None:
-            lines.append("largest square that fits: none (not even 64 px; try a lower offload rung)")
+            more = "" if res.request.offload == "lowvram" else "; try more offload, e.g. --offload lowvram"
+            lines.append(render.wrap(f"largest square that fits: none (not even 64 px{more})"))
         else:
             lines.append(f"largest square that fits: {res.max_square_px} px")
     if res.sweep is not None:
         lines.append("")
         lines.append(render_sweep(res))
     return "\n".join(lines)
+
+
+def _parts_table(parts: dict[str, int]) -> str:
+    """Where the peak goes: one row per part, a bar as long as its share (as wide as the screen allows)."""
+    from lowvram.cli import render
+
+    shown = {name: mb for name, mb in parts.items() if mb > 0}
+    width = max(4, min(30, render.screen_width() - 2 - max((len(n) for n in shown), default=0) - 14))
+    biggest = max(*parts.values(), 1)
+    rows = [(name, f"{mb} MiB", render.Cell("█" * max(1, round(width * mb / biggest)), "dim"))
+            for name, mb in shown.items()]
+    return render.table(("part", "MiB", "share"), rows, show_header=False, no_wrap=(0, 1, 2), right=(1,), indent=2)
 
 
 def render_sweep(res: EstimateResult) -> str:
@@ -463,29 +471,27 @@ def render_sweep(res: EstimateResult) -> str:
     modes = list(dict.fromkeys(row["offload"] for row in res.sweep))
     sides = list(dict.fromkeys(row["width"] for row in res.sweep))
     cell = {(row["width"], row["offload"]): row for row in res.sweep}
-    header = ["size", *modes]
-    widths = [9] + [max(14, len(m) + 2) for m in modes]
-    out = ["".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    rows: list[list[str | render.Cell]] = []
     for s in sides:
-        parts = [f"{s}²".ljust(widths[0])]
-        for m, w in zip(modes, widths[1:], strict=True):
-            row = cell[(s, m)]
-            mark = {True: "ok", False: "no", None: ""}[row["fits"]]
-            text = f"{_gib(row['peak_mb'])} GiB {mark}".strip().ljust(w)
-            name = {True: "ok", False: "fail", None: None}[row["fits"]]
-            parts.append(render.style(text, name) if name else text)
-        out.append("".join(parts).rstrip())
+        row: list[str | render.Cell] = [f"{s}²"]
+        for m in modes:
+            fits = cell[(s, m)]["fits"]
+            mark = {True: "ok", False: "no", None: ""}[fits]
+            row.append(render.Cell(f"{_gib(cell[(s, m)]['peak_mb'])} GiB {mark}".strip(),
+                                   {True: "ok", False: "fail", None: None}[fits]))
+        rows.append(row)
+    out = [render.table(["size", *modes], rows, no_wrap=range(len(modes) + 1))]
     if res.vram_mb is not None:
-        out.append(render.style(f"ok = fits in {res.vram_mb} MiB with {res.headroom_mb} MiB headroom and a "
-                                f"{res.margin * 100:.0f} % margin", "dim"))
+        out.append(render.style(render.wrap(f"ok = fits in {res.vram_mb} MiB with {res.headroom_mb} MiB kept free "
+                                            f"and a {res.margin * 100:.0f} % margin"), "dim"))
     return "\n".join(out)
 
 
 def estimate_command(  # noqa: PLR0917 - typer maps each option to a parameter
     model: Annotated[FamilyChoice | None, typer.Option("--model", help="Model family.")] = None,
-    width: Annotated[int | None, typer.Option("--width", min=8, max=16384, help="Image width (px).")] = None,
-    height: Annotated[int | None, typer.Option("--height", min=8, max=16384, help="Image height (px).")] = None,
-    batch: Annotated[int | None, typer.Option("--batch", min=1, max=256, help="Batch size.")] = None,
+    width: Annotated[int | None, typer.Option("--width", min=8, max=16384, metavar="PX", help="Image width (px).")] = None,
+    height: Annotated[int | None, typer.Option("--height", min=8, max=16384, metavar="PX", help="Image height (px).")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", min=1, max=256, metavar="N", help="Batch size.")] = None,
     precision: Annotated[PrecisionChoice | None, typer.Option("--precision", help="UNet/text encoder precision.")] = None,
     vae_precision: Annotated[
         PrecisionChoice | None, typer.Option("--vae-precision", help="VAE precision (full where --no-half-vae).")
@@ -493,13 +499,15 @@ def estimate_command(  # noqa: PLR0917 - typer maps each option to a parameter
     tiled_vae: Annotated[bool, typer.Option("--tiled-vae", help="Decode the VAE in tiles (Tiled VAE extension).")] = False,
     ui: Annotated[UiChoice | None, typer.Option("--ui", help="The UI that runs it (default: the WebUI found, else a1111).")] = None,
     attention: Annotated[AttentionChoice | None, typer.Option("--attention", help="Cross-attention backend (default sdp).")] = None,
-    offload: Annotated[EstOffloadChoice | None, typer.Option("--offload", help="Offload mode (default none).")] = None,
+    offload: Annotated[EstOffloadChoice | None, typer.Option("--offload", help="Offload level: how much of the model moves to RAM (default none).")] = None,
     hires_scale: Annotated[
-        float | None, typer.Option("--hires-scale", min=1.0, max=8.0, help="Hires fix upscale factor (1 = off).")
+        float | None, typer.Option("--hires-scale", min=1.0, max=8.0, metavar="X",
+                                    help="Hires fix upscale factor (1 = off).")
     ] = None,
     profile: Annotated[str | None, typer.Option("--profile", "-p", metavar="NAME",
+                                                autocompletion=complete_profile_name,
                                                 help="Take size, precision, attention and offload from a profile.")] = None,
-    vram_mb: Annotated[int | None, typer.Option("--vram-mb", min=1, help="VRAM size to test against (MiB).")] = None,
+    vram_mb: Annotated[int | None, typer.Option("--vram-mb", min=1, metavar="MIB", help="VRAM size to test against (MiB).")] = None,
     facts: FactsOpt = None,
     webui: WebuiOpt = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="A table of sizes × offload modes: what fits.")] = False,
@@ -507,7 +515,9 @@ def estimate_command(  # noqa: PLR0917 - typer maps each option to a parameter
 ) -> None:
     """Estimate peak VRAM of one generation, its parts, and whether it fits this GPU.
 
-    Example: lowvram estimate --model sdxl --width 1024 --height 1024 --vram-mb 8192
+    \b
+    Example:
+      lowvram estimate --model sdxl --width 1024 --height 1024 --vram-mb 8192
     """
     from lowvram.cli import render
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,8 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from lowvram.cli import render
-from lowvram.cli.options import JsonOpt, WebuiOpt
-from lowvram.core.errors import WebuiError
+from lowvram.cli.options import JsonOpt, WebuiOpt, complete_profile_name
 
 ProgressCb = Callable[[str, float, float | None], None]
 
@@ -37,53 +35,38 @@ def clone_progress(enabled: bool) -> Iterator[ProgressCb | None]:
         yield update
 
 
-def _looks_like_webui(path: Path) -> bool:
-    return any((path / name).exists() for name in ("webui.sh", "webui.bat", "webui-user.sh", "webui-user.bat",
-                                                   "launch.py")) or ((path / "comfy").is_dir()
-                                                                     and (path / "main.py").exists())
-
-
 def resolve_webui(explicit: Path | None, *, strict: bool = True) -> Path:
-    """--webui, then $LOWVRAM_WEBUI, then the current directory if it is a WebUI, then the last used."""
-    from lowvram.world import state
+    """The WebUI by the one lookup rule every command uses (`world/detect`'s `locate_webui`); none is
+    one error line. `strict=False` (revert) also takes a folder lowvram applied a plan to."""
+    from lowvram.world.detect import require_webui
 
-    if explicit is not None:
-        path = explicit.expanduser()
-        if not path.is_dir():
-            raise WebuiError(f"{path} is not a folder", "pass the WebUI's folder with --webui PATH")
-        if strict and not _looks_like_webui(path):
-            raise WebuiError(f"{path} does not look like a WebUI (no webui.sh, webui.bat or launch.py)",
-                             "pass the folder that holds webui.sh / webui-user.bat")
-        return path.resolve()
-    env = os.environ.get("LOWVRAM_WEBUI")
-    if env:
-        return resolve_webui(Path(env), strict=strict)
-    cwd = Path.cwd()
-    if _looks_like_webui(cwd):
-        return cwd.resolve()
-    last = state.last_webui()
-    if last is not None and last.is_dir():
-        return last.resolve()
-    raise WebuiError("no WebUI found here", "pass --webui PATH (or set LOWVRAM_WEBUI)")
+    return require_webui(explicit, why="extensions go into a WebUI's extensions/ folder" if strict
+                         else "revert takes out what apply put into one", applied_ok=not strict)
 
 
 def detect_ui(webui: Path) -> str:
-    """The WebUI's flavor, in the order of docs/architecture.md#detection (ComfyUI, SD.Next, Forge, A1111)."""
-    if (webui / "comfy").is_dir() and (webui / "main.py").exists():
-        return "comfyui"
-    if (webui / "installer.py").exists():
-        return "sdnext"
-    if (webui / "modules_forge").is_dir() or (webui / "backend" / "args.py").exists():
-        return "forge"
-    return "a1111"
+    """The WebUI's flavor (`world/detect`'s `detect_flavor`); A1111 for a folder only lowvram's
+    manifest vouches for (revert)."""
+    from lowvram.world.detect import detect_flavor
+
+    return detect_flavor(webui) or "a1111"
 
 
-def render_extensions(rows: list[dict[str, Any]]) -> str:
+# In a dry run nothing was installed or updated: the status says what apply would do.
+DRY_RUN_STATUS = {"installed": "would install", "updated": "would update"}
+
+
+def render_extensions(rows: list[dict[str, Any]], dry_run: bool = False) -> str:
+    """One row per extension (name, status, folder), then its note on lines of their own: a note holds
+    URLs and commits, which a column beside the folder name would have to cut."""
     styles = {"installed": "ok", "up-to-date": "ok", "updated": "ok", "kept": "warn", "skipped": "skip",
               "failed": "fail", "removed": "ok", "restored": "ok", "gone": "skip"}
-    return render.table(["extension", "status", "folder", "note"],
-                        [[r["name"], r["status"], r.get("dir") or "", r.get("reason") or ""] for r in rows],
-                        [styles.get(r["status"]) for r in rows])
+    table = render.table(["extension", "status", "folder"],
+                         [[r["name"], DRY_RUN_STATUS.get(r["status"], r["status"]) if dry_run else r["status"],
+                           r.get("dir") or ""] for r in rows],
+                         [styles.get(r["status"]) for r in rows], no_wrap=(0, 1))
+    notes = [render.wrap(f"  {r['name']}: {r['reason']}", hang=4) for r in rows if r.get("reason")]
+    return "\n".join([table, *notes])
 
 
 def install_extensions(  # noqa: PLR0917 - one parameter per CLI option
@@ -91,6 +74,7 @@ def install_extensions(  # noqa: PLR0917 - one parameter per CLI option
                                                       "entry that works on this UI).")] = None,
     webui: WebuiOpt = None,
     profile: Annotated[str | None, typer.Option("--profile", "-p", metavar="NAME",
+                                                autocompletion=complete_profile_name,
                                                 help="Install what this profile lists.")] = None,
     source: Annotated[list[str] | None, typer.Option("--source", metavar="NAME=URL",
                                                      help="Install NAME from URL (a local clone, file://, a mirror); "
@@ -107,7 +91,8 @@ def install_extensions(  # noqa: PLR0917 - one parameter per CLI option
     Examples:
       lowvram install-extensions
       lowvram install-extensions vram-estimator --update
-      lowvram install-extensions --source giant-kitten=~/src/stable-diffusion-webui-giant-kitten
+      lowvram install-extensions \\
+          --source giant-kitten=~/src/stable-diffusion-webui-giant-kitten
     """
     from lowvram.world import fsutil, paths
     from lowvram.world.apply import check_writable, clean_stale
@@ -143,14 +128,14 @@ def install_extensions(  # noqa: PLR0917 - one parameter per CLI option
     rows = [r.to_dict() for r in results]
     code = 1 if any(r.status == "failed" for r in results) else 0
     failed = ("some extensions could not be installed",
-              "see the note column; offline, use --source NAME=URL or LOWVRAM_MIRROR=DIR")
+              "see the notes under the table; offline, use --source NAME=URL or LOWVRAM_MIRROR=DIR")
     if json_out:
         data: dict[str, Any] = {"schema": 1, "webui": str(tree), "ui": ui, "extensions": rows}
         if code:
             data["error"] = {"message": failed[0], "hint": failed[1]}
         render.emit_json(data)
     else:
-        print(f"extensions in {tree} ({ui}):")
+        print(render.wrap(f"extensions in {tree} ({ui}):"))
         print(render_extensions(rows))
     if code:
         render.error(*failed)

@@ -28,8 +28,10 @@ Examples:
 
 \b
   lowvram launch --profile gtx1070-sdxl --webui ~/stable-diffusion-webui
-  lowvram launch --dry-run --json         # plan + exact command, cwd, env; changes nothing
-  lowvram launch -- --port 7861 --listen  # extra UI arguments go after --
+  # plan + exact command, cwd, env; changes nothing
+  lowvram launch --dry-run --json
+  # extra UI arguments go after --
+  lowvram launch -- --port 7861 --listen
 """
 
 
@@ -121,28 +123,31 @@ def _stderr_fd() -> int:
 
 
 def _print_dry_run(plan: Any, spec: Any) -> None:
-    print(f"profile   {plan.profile}")
-    print(f"ui        {plan.ui}  ({plan.webui})")
-    print(f"flags     {' '.join(plan.args) or '(none)'}")
+    def say(text: str, hang: int = 10) -> None:
+        print(render.wrap(text, hang=hang))
+
+    say(f"profile   {plan.profile}")
+    say(f"ui        {plan.ui}  ({plan.webui})")
+    say(f"flags     {' '.join(plan.args) or '(none)'}")
     if plan.env:
         print("block     (webui-user managed block)" if plan.ui != "comfyui" else "env")
         for key, value in plan.env.items():
-            print(f"  {key}={value}")
+            say(f"  {key}={value}", hang=4)
     reserve = plan.reserve
-    print(f"reserve   {reserve.mb} MiB ({'applied' if reserve.applied else 'not applied'}; {reserve.reason})")
+    say(f"reserve   {reserve.mb} MiB ({'applied' if reserve.applied else 'not applied'}; {reserve.reason})")
     for warning in plan.warnings:
         render.warn(warning)
     print()
-    print(f"command   {spec.command_line()}")
-    print(f"cwd       {spec.cwd}")
+    print(f"command   {spec.command_line()}")  # kept on one line: it is copied into a shell
+    say(f"cwd       {spec.cwd}")
     if spec.env_changes or spec.env_unset:
         print("env")
         for key, value in spec.env_changes.items():
-            print(f"  {key}={value}")
+            say(f"  {key}={value}", hang=4)
         for key in spec.env_unset:
-            print(f"  unset {key}")
+            say(f"  unset {key}", hang=4)
     for note in spec.notes:
-        print(render.style(f"note: {note}", "dim"))
+        print(render.style(render.wrap(f"note: {note}", hang=6), "dim"))
     for warning in spec.warnings:
         render.warn(warning)
     print(render.style("dry run: nothing was changed", "dim"))

@@ -37,24 +37,24 @@ def render_plan_text(plan: Any, facts_note: str | None = None) -> str:
 
     lines = []
     head = f"Plan for {plan.ui}" + (f" at {plan.webui}" if plan.webui else " (no WebUI found)")
-    lines.append(render.style(head, "bold") + f"  profile {plan.profile}, model {plan.model_family}")
+    lines.append(render.lead(head, f"profile {plan.profile}, model {plan.model_family}", "bold", sep="  "))
     if facts_note:
-        lines.append(render.style(facts_note, "dim"))
+        lines.append(render.style(render.wrap(facts_note), "dim"))
     lines.append("")
     rows = [(d.setting, _value(d.value), d.source, d.reason) for d in plan.decisions]
-    lines.append(render.table(("setting", "value", "source", "why"), rows))
+    lines.append(render.table(("setting", "value", "source", "why"), rows, no_wrap=(0, 2)))
     lines.append("")
-    lines.append(render.style("flags lowvram adds:", "bold") + " " + (" ".join(plan.args) or "(none)"))
+    lines.append(render.lead("flags lowvram adds:", " ".join(plan.args) or "(none)", "bold", hang=4))
     if plan.merge == "assign":
-        lines.append(f"  overrides your {' '.join(plan.user_args_dropped)} (its values come after yours)")
+        lines.append(render.wrap(f"  overrides your {' '.join(plan.user_args_dropped)} (its values come after yours)"))
     if plan.plan_args_dropped:
-        lines.append(f"  left out (your flags contradict them): {' '.join(plan.plan_args_dropped)}")
+        lines.append(render.wrap(f"  left out (your flags contradict them): {' '.join(plan.plan_args_dropped)}"))
     if plan.env:
         lines.append(render.style("environment:", "bold"))
         for key, value in plan.env.items():
-            lines.append(f"  {key}={value}")
+            lines.append(render.wrap(f"  {key}={value}", hang=4))
     for w in plan.warnings:
-        lines.append(render.style("warning:", "warn") + " " + w)
+        lines.append(render.lead("warning:", w, "warn"))
     return "\n".join(lines)
 
 
@@ -71,7 +71,9 @@ def plan_command(  # noqa: PLR0917 (typer: one parameter per option)
 ) -> None:
     """Show what lowvram would configure, and why. Changes nothing.
 
-    Example: lowvram plan --profile gtx1070-sdxl --json
+    \b
+    Example:
+      lowvram plan --profile gtx1070-sdxl --json
     """
     from lowvram.cli import render
     from lowvram.world.plan_inputs import make_plan

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
-from lowvram.cli.options import JsonOpt
+from lowvram.cli.options import JsonOpt, complete_profile_name
 
 profiles_app = typer.Typer(name="profiles", help="List profiles, or show one merged with where each value came from.",
                            no_args_is_help=True, rich_markup_mode=None)
@@ -23,19 +24,40 @@ def list_command(json_out: JsonOpt = False) -> None:
     """
     from lowvram.cli import render
     from lowvram.world import paths
-    from lowvram.world.profile_files import list_profiles
+    from lowvram.world.profile_files import list_checked
 
-    infos = list_profiles()
+    infos, problems = list_checked()
     if json_out:
-        render.emit_json({"schema": 1, "profiles": [i.to_dict() for i in infos]})
+        render.emit_json({"schema": 1, "profiles": [i.to_dict() for i in infos], "warnings": problems})
         return
-    rows = [(i.name, i.source, i.extends or "", _short(i.description)) for i in infos]
-    print(render.table(("name", "source", "extends", "description"), rows))
+    for problem in problems:
+        render.warn(problem)
+    rows = [(i.name, i.source, i.extends or "", _first_sentence(i.description)) for i in infos]
+    print(render.table(("name", "source", "extends", "description"), rows, no_wrap=(0, 1, 2)))
     print(render.style(f"\nuser profiles: {paths.user_profiles_dir()}", "dim"))
 
 
-def _short(text: str, width: int = 90) -> str:
-    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
+def _first_sentence(text: str) -> str:
+    """A description's first sentence, whole (`profiles show` prints all of it); the table wraps it."""
+    import re
+
+    found = re.match(r"(.+?\.)(\s|$)", text.strip(), re.DOTALL)
+    return " ".join((found.group(1) if found else text).split())
+
+
+def yaml_value(value: Any) -> str:
+    """A value as it is written in a profile's YAML (`true`, `null`, `[a, b]`, `{}`), not Python's repr."""
+    import yaml
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    text = yaml.safe_dump(plain(value), default_flow_style=True, allow_unicode=True, width=1 << 20).strip()
+    return text.removesuffix("...").rstrip()
 
 
 def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -47,8 +69,18 @@ def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, data)]
 
 
-@profiles_app.command("show")
-def show_command(name: Annotated[str, typer.Argument(help="Profile name (see `lowvram profiles list`).")],
+class _PlainUsage(TyperCommand):
+    """Usage `profiles show [OPTIONS] NAME`: typer writes a required argument as `{NAME}`, which reads as a
+    placeholder nobody filled in."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
+
+
+@profiles_app.command("show", cls=_PlainUsage)
+def show_command(name: Annotated[str, typer.Argument(metavar="NAME", autocompletion=complete_profile_name,
+                                                    help="Profile name (see `lowvram profiles list`).")],
                  json_out: JsonOpt = False) -> None:
     """One profile with its `extends` chain merged in, and the profile each value came from.
 
@@ -74,15 +106,15 @@ def show_command(name: Annotated[str, typer.Argument(help="Profile name (see `lo
             "origins": dict(sorted(resolved.origins.items())),
         })
         return
-    print(render.style(f"{resolved.name}", "bold") + f"  ({resolved.source}: {resolved.path})")
+    print(render.lead(resolved.name, f"({resolved.source}: {resolved.path})", "bold", sep="  "))
     if len(resolved.chain) > 1:
-        print("extends: " + " → ".join(resolved.chain[1:]))
-    print(resolved.profile.description)
+        print(render.wrap("extends: " + " → ".join(resolved.chain[1:])))
+    print(render.wrap(" ".join(resolved.profile.description.split()), hang=0))
     print()
     order = ("name", "description", "extends")
     rows = []
     for key, value in _flatten({k: v for k, v in data.items() if k not in order}):
-        shown = ", ".join(str(v) for v in value) if isinstance(value, list) else ("{}" if value == {} else value)
+        shown = yaml_value(value)
         origin = resolved.origins.get(key, "default")
         rows.append((key, shown, origin if origin == resolved.name else f"{origin} (inherited)"
                      if origin != "default" else "default"))

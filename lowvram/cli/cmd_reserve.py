@@ -25,13 +25,9 @@ RECENT_ROWS = 8
 
 
 def _find_webui(webui: Path | None) -> Path:
-    from lowvram.world.detect import resolve_webui
+    from lowvram.world.detect import require_webui
 
-    found = resolve_webui(webui)
-    if found is None:
-        raise WebuiError("no WebUI found: observations are kept per WebUI",
-                         "pass --webui PATH, set LOWVRAM_WEBUI, or run this inside the WebUI folder")
-    return found
+    return require_webui(webui, why="observations are kept per WebUI")
 
 
 def _gather(webui: Path, facts_file: Path | None) -> Facts:
@@ -144,6 +140,40 @@ def reserve_report(webui: Path, checkpoint: str | None, facts: Facts, observatio
     }
 
 
+def plan_use(root: Path, facts: Facts, facts_file: Path | None) -> dict[str, Any] | None:
+    """Whether the plan for this WebUI uses a reserve at all, and why (None: cannot tell).
+
+    The reserve only matters where the model is kept in VRAM and the overflow spills into RAM; where the
+    driver never spills (native Linux) the plan swaps parts of the model to RAM and keeps no reserve.
+    """
+    from lowvram.core.errors import LowvramError
+    from lowvram.core.plan import Overrides
+    from lowvram.core.words import SWAP
+    from lowvram.world.plan_inputs import make_plan
+
+    try:
+        plan = make_plan(webui=root, facts_file=facts_file, overrides=Overrides()).plan
+    except LowvramError:
+        plan = None
+    if plan is None:
+        if facts.system.sysmem_fallback in ("unsupported", "off"):
+            return {"uses_reserve": False, "why": f"not used here: VRAM never spills into RAM on this machine (no "
+                                                  f"sysmem fallback), so lowvram's plans {SWAP} and keep no reserve"}
+        return None
+    if plan.reserve.applied:
+        return {"uses_reserve": True, "why": f"used: the plan keeps the model in VRAM and reserves {plan.reserve.mb} MiB"}
+    why = {d.setting: d for d in plan.decisions}
+    fallback = why.get("sysmem_fallback")
+    if fallback is not None and fallback.value == "off":
+        text = (f"not used here: {fallback.reason}, so the plan is to {SWAP} and keep no reserve "
+                "(the figure above is what the readings alone give)")
+    else:
+        reason = why["road"].reason if "road" in why else ""
+        text = "not used by the current plan" + (f", which is to {reason}" if reason.startswith(SWAP)
+                                                 else f" ({reason})" if reason else "")
+    return {"uses_reserve": False, "why": text}
+
+
 def _mb(value: Any) -> str:
     return "-" if value is None else f"{value} MiB"
 
@@ -151,44 +181,52 @@ def _mb(value: Any) -> str:
 def render_report(report: dict[str, Any]) -> str:
     from lowvram.cli import render
 
-    lines = [render.style(f"Layout reserve for {report['webui']}", "bold")]
+    lines = [render.style(render.wrap(f"Layout reserve for {report['webui']}"), "bold")]
     ck = report["checkpoint"]
-    lines.append(f"checkpoint: {_ckpt_name(ck) if ck else 'unknown (only WebUI-wide readings count)'}")
+    lines.append(render.wrap(f"checkpoint: {_ckpt_name(ck) if ck else 'unknown (only WebUI-wide readings count)'}"))
     lines.append("")
-    lines.append(f"reserve       {report['reserve_mb']} MiB  (source: {report['source']})")
-    lines.append(f"why           {report['reason']}")
+    # label → text rows; the text wraps in its column (docs/architecture.md#the-cli-contract: screens fit).
+    facts: list[tuple[str, str]] = [("reserve", f"{report['reserve_mb']} MiB  (source: {report['source']})"),
+                                    ("why", str(report["reason"]))]
+    if report.get("plan"):
+        facts.append(("plan", str(report["plan"]["why"])))
     if report["free_dedicated_mb"] is not None or report["overflow_mb"] is not None:
         free = report["free_dedicated_mb"] or 0
         over = report["overflow_mb"] or 0
-        lines.append(f"formula       free {free} MiB + overflow {over} MiB = {free + over} MiB"
-                     f" → {report['formula_mb']} MiB (clamped to [0, card − CUDA context], down to 64 MiB)")
+        facts.append(("formula", f"free {free} MiB + overflow {over} MiB = {free + over} MiB"
+                                 f" → {report['formula_mb']} MiB (clamped to [0, card − CUDA context], down to 64 MiB)"))
     bound = report["vram_total_mb"]
     if bound is not None:
-        lines.append(f"card          {bound} MiB, CUDA context {report['cuda_context_mb']} MiB"
-                     + (f", clamped by {report['clamped_by']}" if report["clamped_by"] else ""))
-    lines.append(f"observations  {report['observations']} used of {report['recorded']} recorded")
+        facts.append(("card", f"{bound} MiB, CUDA context {report['cuda_context_mb']} MiB"
+                              + (f", clamped by {report['clamped_by']}" if report["clamped_by"] else "")))
+    facts.append(("observations", f"{report['observations']} used of {report['recorded']} recorded"))
     tuning = report.get("tuning")
+    probes: list[dict[str, Any]] = []
     if tuning:
         best = tuning.get("best")
         state = "closed" if tuning["closed"] else "open"
-        text = f"tuning        {state}: {tuning['reason']}"
+        text = tuning["reason"] if tuning["reason"].startswith(state) else f"{state}: {tuning['reason']}"
         if best:
-            text += f"; best {best['road']} road, {best['reserve_mb']} MiB at {best['sit']:.3f} s/it"
-        lines.append(text)
+            text += (f"; best: {best['road']}" + (f" with {best['reserve_mb']} MiB" if best["road"] == "resident" else "")
+                     + f" at {best['sit']:.3f} s/it")
+        facts.append(("tuning", text))
         probes = tuning.get("probes") or []
-        if probes:
-            lines.append("")
-            rows = [(p["road"], p["reserve_mb"], "-" if p["sit"] is None else f"{p['sit']:.3f}", p["runs"],
-                     "ok" if p["ok"] else p["reason"], "swings" if p["unstable"] else "")
-                    for p in probes]
-            lines.append(render.table(("road", "reserve MiB", "s/it", "runs", "result", ""), rows))
+    lines.append(render.table(("", ""), facts, show_header=False, no_wrap=(0,)))
+    if probes:
+        lines.append("")
+        rows = [(p["road"], p["reserve_mb"], "-" if p["sit"] is None else f"{p['sit']:.3f}", p["runs"],
+                 "ok" if p["ok"] else p["reason"], "swings" if p["unstable"] else "")
+                for p in probes]
+        lines.append(render.table(("road", "reserve MiB", "s/it", "runs", "result", ""), rows, no_wrap=(0, 1, 2, 3),
+                                  right=(1, 2, 3)))
     used = report["used"][-RECENT_ROWS:]
     if used:
         lines.append("")
         rows = [(time.strftime("%Y-%m-%d %H:%M", time.localtime(o["time"])), o["source"],
                  _ckpt_name(o["checkpoint"]) if o["checkpoint"] else "(WebUI-wide)", _mb(o["free_mb"]),
                  _mb(o["overflow_mb"]), _mb(o["reserve_mb"])) for o in used]
-        lines.append(render.table(("when", "source", "checkpoint", "free", "overflow", "reserve"), rows))
+        lines.append(render.table(("when", "source", "checkpoint", "free", "overflow", "reserve"), rows,
+                                  no_wrap=(3, 4, 5), right=(3, 4, 5)))
     return "\n".join(lines)
 
 
@@ -209,8 +247,13 @@ def reserve_cmd(  # noqa: PLR0917 - one parameter per CLI option
 ) -> None:
     """Show the layout reserve lowvram computes from this WebUI's observations, or record a reading.
 
-    Examples:  lowvram reserve --webui ~/stable-diffusion-webui
-               lowvram reserve --add --free-mb 600 --overflow-mb 1000
+    The reserve is the VRAM set aside for each generation when the model is kept in VRAM (where VRAM
+    can spill into RAM: Windows, WSL2); the screen says whether the plan uses it.
+
+    \b
+    Examples:
+      lowvram reserve --webui ~/stable-diffusion-webui
+      lowvram reserve --add --free-mb 600 --overflow-mb 1000
     """
     from lowvram.cli import render
     from lowvram.core.observations import Observation, observation_to_dict
@@ -255,6 +298,7 @@ def reserve_cmd(  # noqa: PLR0917 - one parameter per CLI option
         selected = facts.webui.checkpoint_key if facts.webui else None
 
     report = reserve_report(root, selected, facts, observations, warnings)
+    report["plan"] = plan_use(root, facts, facts_file)
     if added is not None:
         report["added"] = observation_to_dict(added)
     if as_json:

@@ -10,6 +10,7 @@ import typer
 
 from lowvram.cli.options import JsonOpt, ModelOpt, ProfileOpt, UiChoice
 from lowvram.core.errors import UsageError
+from lowvram.core.words import plural
 
 
 def _parse_sources(values: list[str] | None) -> dict[str, str]:
@@ -71,7 +72,7 @@ class _Bar:
 HELP = (
     "Install a WebUI at a pinned release (or adopt one already there), configure it for this GPU, "
     "and print the command that starts it.\n\n"
-    "Example: lowvram setup --ui a1111 --dir ~/sd/stable-diffusion-webui\n\n"
+    "\b\nExample:\n  lowvram setup --ui a1111 --dir ~/sd/stable-diffusion-webui\n\n"
     "Offline: LOWVRAM_MIRROR=DIR clones from DIR/<ui>, or --source a1111=PATH|URL."
 )
 
@@ -130,27 +131,28 @@ def _print_human(result: Any) -> None:
     at = result.tag or (result.commit[:12] if result.commit else "unknown version")
     if result.tag and result.commit:
         at = f"{result.tag} ({result.commit[:12]})"
-    print(render.style(f"{result.ui} {at}", "bold") + f" in {where}")
+    print(render.lead(f"{result.ui} {at}", f"in {where}", "bold"))
     print(f"  {how}")
     if result.cleaned:
-        print(f"  removed {len(result.cleaned)} half-made clone(s) left by an interrupted run; started clean")
+        print(render.wrap(f"  removed {plural(len(result.cleaned), 'half-made clone')} left by an interrupted run; "
+                          "started clean"))
     if result.profile:
         print(f"  profile: {result.profile}")
     apply = result.apply or {}
     plan = apply.get("plan") or {}
     if plan.get("args"):
-        print("  flags: " + " ".join(plan["args"]))
+        print(render.wrap("  flags: " + " ".join(plan["args"]), hang=4))
     for change in apply.get("changes") or []:
         if isinstance(change, dict) and change.get("action") != "unchanged":
-            print(f"  {change.get('action')}: {change.get('path')}")
+            print(render.wrap(f"  {change.get('action')}: {change.get('path')}", hang=4))
     for ext in apply.get("extensions") or []:
         if isinstance(ext, dict):
             reason = f" ({ext['reason']})" if ext.get("reason") else ""
-            print(f"  extension {ext.get('name')}: {ext.get('status')}{reason}")
+            print(render.wrap(f"  extension {ext.get('name')}: {ext.get('status')}{reason}", hang=4))
     for warning in result.warnings:
         render.warn(warning)
     for note in result.notes:
-        print(render.style(f"note: {note}", "dim"))
+        print(render.style(render.wrap(f"note: {note}", hang=6), "dim"))
     print()
     if result.before_launch:
         print("Before the first start:")
@@ -161,4 +163,4 @@ def _print_human(result: Any) -> None:
     if result.first_start:
         print(f"The first start downloads about {_mb(result.first_start_download_mb)}:")
         for item in result.first_start:
-            print(f"  - {item.what}: {_mb(item.download_mb)} ({_mb(item.disk_mb)} on disk)")
+            print(render.wrap(f"  - {item.what}: {_mb(item.download_mb)} ({_mb(item.disk_mb)} on disk)", hang=4))

@@ -4,24 +4,32 @@ from __future__ import annotations
 
 import enum
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from lowvram.cli import render
 from lowvram.cli.options import FactsOpt, JsonOpt, ProfileOpt, WebuiOpt, overrides_from
+from lowvram.core.words import plural
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from lowvram.core.plan import Overrides, Plan
+    from lowvram.world.applied import Applied
     from lowvram.world.tune_session import Probe, TuneEvent, TuneResult
 
 EXAMPLES = """
 Examples:
 
-  lowvram tune --webui ~/stable-diffusion-webui          # both roads where memory can spill, 15 minutes at most
-
-  lowvram tune --roads resident --steps 3 --repeats 3    # only the reserve search, more runs per candidate
-
-  lowvram tune --facts gtx1070.json --json               # facts from `doctor --json` stand for the GPU
+\b
+  # both ways where VRAM can spill, 15 minutes at most
+  lowvram tune --webui ~/stable-diffusion-webui
+  # only the reserve search, more runs per candidate
+  lowvram tune --roads resident --steps 3 --repeats 3
+  # facts from `doctor --json` stand for the GPU
+  lowvram tune --facts gtx1070.json --json
 """
 
 
@@ -31,21 +39,26 @@ class RoadsChoice(str, enum.Enum):
     resident = "resident"
 
 
-HELP = ("Start the UI (API only, loopback), measure s/it per reserve and road, keep the fastest: "
-        "the next plan and launch use it.\n" + EXAMPLES)
+HELP = ("Start the UI (API only, loopback), measure s/it for each reserve and each way to run the model (swap "
+        "parts of it to RAM, or keep it in VRAM and reserve memory), keep the fastest: the next plan and launch "
+        "use it.\n" + EXAMPLES)
 
 
 def tune_cmd(  # noqa: PLR0917 - typer maps parameters to options
     webui: WebuiOpt = None,
     profile: ProfileOpt = None,
-    width: Annotated[int | None, typer.Option("--width", help="Image width (default: the profile's target).")] = None,
-    height: Annotated[int | None, typer.Option("--height", help="Image height (default: the profile's target).")] = None,
-    steps: Annotated[int, typer.Option("--steps", min=1, max=150, help="Sampling steps per request.")] = 4,
-    repeats: Annotated[int, typer.Option("--repeats", min=1, max=20,
+    width: Annotated[int | None, typer.Option("--width", metavar="PX",
+                                              help="Image width (default: the profile's target).")] = None,
+    height: Annotated[int | None, typer.Option("--height", metavar="PX",
+                                               help="Image height (default: the profile's target).")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, max=150, metavar="N", help="Sampling steps per request.")] = 4,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, max=20, metavar="N",
                                          help="Measured requests per candidate (after one warm-up).")] = 2,
-    roads: Annotated[RoadsChoice, typer.Option("--roads",
-                                               help="auto = both where memory can spill; swap; resident.")] = RoadsChoice.auto,
-    max_minutes: Annotated[float, typer.Option("--max-minutes", min=0.05, help="Stop searching after this long.")] = 15.0,
+    roads: Annotated[RoadsChoice, typer.Option(
+        "--roads", help="swap = swap parts of the model to RAM; resident = keep the model in VRAM and reserve "
+                        "memory; auto = both where VRAM can spill into RAM.")] = RoadsChoice.auto,
+    max_minutes: Annotated[float, typer.Option("--max-minutes", min=0.05, metavar="MINUTES",
+                                               help="Stop searching after this long.")] = 15.0,
     facts: FactsOpt = None,
     as_json: JsonOpt = False,
     ready_timeout: Annotated[float, typer.Option("--ready-timeout", hidden=True, min=0.1)] = 600.0,
@@ -64,17 +77,62 @@ def tune_cmd(  # noqa: PLR0917 - typer maps parameters to options
     if result.best is None:
         failed = TuneError(f"no candidate could be measured, every probe failed ({result.reason})",
                            "see the reasons in the probe table; `lowvram launch` shows the UI's own output")
+    tree = _tree(result, facts, overrides) if failed is None else None
     if as_json:
         # One document on stdout: the probes (with their reasons) and the error together.
         data = result.to_dict()
+        if tree is not None:
+            data["tree"] = {"file": tree[0].file, "holds_tuned_plan": tree[0].current, "message": tree[1]}
         if failed is not None:
             data["error"] = {"message": failed.message, "hint": failed.hint}
         render.emit_json(data)
     else:
         _print_result(result)
+        if tree is not None:
+            print(render.wrap(tree[1]))
     if failed is not None:
         render.error(failed.message, failed.hint)
         raise typer.Exit(failed.exit_code)
+
+
+def _plan_words(road: str | None, reserve_mb: int | None, args: Sequence[str]) -> str:
+    """A plan in the user's words: how the model runs, the reserve, the flags."""
+    from lowvram.core.words import road_words
+
+    if road == "resident" and reserve_mb is not None:
+        parts = [f"keep the model in VRAM and reserve {reserve_mb} MiB"]
+    else:
+        parts = [road_words(road)] if road else []
+    parts.append("flags " + " ".join(args) if args else "no flags")
+    return ", ".join(parts)
+
+
+def tree_message(plan: Plan, applied: Applied) -> str:
+    """After tune: does the WebUI's managed block still hold the plan from before, and how to apply the tuned one."""
+    tuned = _plan_words(plan.road, plan.reserve.mb if plan.reserve.applied else None, plan.args)
+    if applied.file is None:
+        return (f"nothing is applied in this WebUI yet: `lowvram apply` writes the tuned plan ({tuned}); "
+                "`lowvram launch` applies it and starts the UI")
+    if applied.current:
+        return f"{applied.file} already holds the tuned plan ({tuned}): nothing to apply"
+    before = _plan_words(applied.road, applied.reserve_mb, applied.args)
+    return (f"{applied.file} still holds the plan applied before tuning ({before}); the tuned plan is: {tuned}. "
+            "Run `lowvram apply` to write it (`lowvram launch` applies it as it starts; starting the UI yourself "
+            "runs the older plan until then)")
+
+
+def _tree(result: TuneResult, facts: Path | None, overrides: Overrides) -> tuple[Applied, str] | None:
+    """What the tree holds after tune against the plan `apply` would now write (None: cannot tell)."""
+    from lowvram.core.errors import LowvramError
+    from lowvram.world.applied import applied_against
+    from lowvram.world.plan_inputs import make_plan
+
+    try:
+        plan = make_plan(webui=Path(result.webui), facts_file=facts, overrides=overrides).plan
+        applied = applied_against(plan, Path(result.webui))
+    except LowvramError:
+        return None
+    return applied, tree_message(plan, applied)
 
 
 class _Reporter:
@@ -122,12 +180,10 @@ class _Reporter:
 
 
 def _print_result(result: TuneResult) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False, no_color=not render.use_colour())
-    table = Table(title=f"probes at {result.width}×{result.height}, {result.steps} steps, "
-                        f"{result.repeats} measured runs each", title_justify="left")
+    table = Table(title=f"probes at {result.width}×{result.height}, {plural(result.steps, 'step')}, "
+                        f"{plural(result.repeats, 'measured run')} each", title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("road")
     table.add_column("reserve MiB", justify="right")
@@ -139,14 +195,20 @@ def _print_result(result: TuneResult) -> None:
         table.add_row(str(n), p.road, str(p.reserve_mb) if p.road == "resident" else "-",
                       f"{p.sit:.4f}" if p.sit is not None else "-", p.sit_source if p.ok else "-",
                       mark if p.ok else f"failed: {p.reason}")
-    console.print(table)
-    console.print(chart(result))
+    table.columns[-1].overflow = "fold"
+    print(render.render_rich(table))
+    print(render.wrap(chart(result, width=max(8, min(40, render.screen_width() - 34)))))
     for line in summary(result):
-        print(line)
+        print(render.wrap(line))
 
 
 def _where(p: Probe) -> str:
-    return f"{p.road} road" + (f", reserve {p.reserve_mb} MiB" if p.road == "resident" else "")
+    """A probe in the user's words (the table's road column has the short name)."""
+    from lowvram.core.words import road_words
+
+    if p.road == "resident":
+        return f"resident (model kept in VRAM, reserve {p.reserve_mb} MiB)"
+    return "swap (parts of the model swapped to RAM)" if p.road == "swap" else road_words(p.road)
 
 
 def summary(result: TuneResult) -> list[str]:
@@ -156,17 +218,17 @@ def summary(result: TuneResult) -> list[str]:
     if best is not None and best.sit is not None:
         line = f"best: {_where(best)} at {best.sit:.4f} s/it"
         if start is not None and start.ok and result.gain_pct is not None and start is not best:
-            line += (f", {result.gain_pct:+.1f}% faster than the profile's start ({_where(start)}, "
-                     f"{start.sit:.4f} s/it)")
+            line += (f", {result.gain_pct:+.1f}% faster than the profile's start, {_where(start)} at "
+                     f"{start.sit:.4f} s/it")
         elif start is best:
             line += " (the profile's starting point was already the fastest)"
         lines.append(line)
     if start is not None and not start.ok:
         lines.append(f"the profile's starting point ({_where(start)}) failed: {start.reason}")
     lines.append(f"search: {'closed' if result.closed else 'not closed'} ({result.reason}); "
-                 f"{result.saved} probes kept as observations (source tuning), which the next plan uses")
+                 f"{plural(result.saved, 'probe')} kept as observations (source tuning), which the next plan uses")
     lines.append("tune changed nothing in the WebUI: webui-user, the hook and its config are as they were before; "
-                 "the next `lowvram launch` or `apply` plans with what tune measured")
+                 "the next `lowvram plan`, `apply` and `launch` use what tune measured")
     return lines
 
 
@@ -176,7 +238,8 @@ def chart(result: TuneResult, width: int = 40) -> str:
     if not ok:
         return "(no successful probe to chart)"
     worst = max(p.sit or 0.0 for p in ok) or 1.0
-    lines = ["s/it per reserve and road (shorter is faster)"]
+    lines = ["s/it per road and reserve (shorter is faster; resident = the model kept in VRAM with that reserve, "
+             "swap = parts of the model swapped to RAM)"]
     for road in ("resident", "swap"):
         rows = sorted((p for p in ok if p.road == road), key=lambda p: p.reserve_mb)
         seen: set[int] = set()

@@ -42,9 +42,25 @@ class TriState(str, enum.Enum):
     off = "off"
 
 
+def complete_profile_name(incomplete: str) -> list[str]:
+    """Shell completion for a profile name: the bundled and user profiles (nothing is parsed)."""
+    try:
+        from lowvram.world.profile_files import profile_names
+
+        names = profile_names()
+    except Exception:  # completion must never print a traceback into the shell
+        return []
+    return [n for n in names if n.startswith(incomplete)]
+
+
+def complete_profile(incomplete: str) -> list[str]:
+    """Shell completion for `--profile`: `auto` and every profile name."""
+    return [n for n in ("auto", *complete_profile_name(incomplete)) if n.startswith(incomplete)]
+
+
 ProfileOpt = Annotated[
     str | None,
-    typer.Option("--profile", "-p", metavar="NAME|auto",
+    typer.Option("--profile", "-p", metavar="NAME|auto", autocompletion=complete_profile,
                  help="Profile to plan with (see `lowvram profiles list`); `auto` picks one from the machine."),
 ]
 WebuiOpt = Annotated[
@@ -54,11 +70,13 @@ WebuiOpt = Annotated[
 ]
 UiOpt = Annotated[
     UiChoice | None,
-    typer.Option("--ui", help="Target UI when no WebUI tree is found (default a1111)."),
+    typer.Option("--ui", help="The UI to plan for where no WebUI is found (default a1111); "
+                              "it must match the WebUI found."),
 ]
 ModelOpt = Annotated[
     ModelChoice | None,
-    typer.Option("--model", help="Model family, when the WebUI's selected checkpoint does not say."),
+    typer.Option("--model", help="Model family, when the WebUI's selected checkpoint does not say "
+                                 "(default with no WebUI: sd15, what a fresh A1111 downloads)."),
 ]
 FactsOpt = Annotated[
     Path | None,
@@ -67,15 +85,18 @@ FactsOpt = Annotated[
 ]
 OffloadOpt = Annotated[
     OffloadChoice | None,
-    typer.Option("--offload", help="Offload rung; overrides the profile (auto = the first rung that fits)."),
+    typer.Option("--offload", help="Offload level: how much of the model the UI moves to RAM (none … lowvram); "
+                                   "overrides the profile (auto = the least that fits)."),
 ]
 LayoutOpt = Annotated[
     TriState | None,
-    typer.Option("--layout", help="on = resident road (layout + reserve), off = swap road, auto = explore."),
+    typer.Option("--layout", help="on = keep the model in VRAM and reserve memory (A1111, where VRAM can spill "
+                                  "into RAM); off = swap parts of the model to RAM; auto = try both, keep the faster."),
 ]
 SysmemOpt = Annotated[
     TriState | None,
-    typer.Option("--sysmem-fallback", help="Override what lowvram believes the driver does when VRAM runs out."),
+    typer.Option("--sysmem-fallback", help="Whether the driver spills into RAM when VRAM runs out (on) or fails "
+                                           "(off); overrides what lowvram detected."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (schema 1) instead of a table.")]
 

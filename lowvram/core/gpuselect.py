@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lowvram.core.facts import Facts, GpuFacts
+from lowvram.core.words import plural
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def select_gpu(facts: Facts, device_flag: str | None = None, *, flag_sets_visibl
         except ValueError:
             return GpuChoice(None, f"device flag value {device_flag!r} is not a number")
         if not 0 <= n < len(visible):
-            return GpuChoice(None, f"device {n} asked for, but CUDA sees {len(visible)} GPU(s)")
+            return GpuChoice(None, f"device {n} asked for, but CUDA sees {plural(len(visible), 'GPU')}")
         gpu = visible[n]
         if gpu.lost:
             return GpuChoice(None, f"device {n} is {_describe(gpu)}, which is lost (fell off the bus)")

@@ -14,6 +14,10 @@ BAT_BLOCK_END = "rem <<< lowvram managed block <<<"
 
 HOOK_EXTENSION_DIR = "lowvram-layout"
 
+# Variables the block sets only where nothing before it did (the user's environment or their own
+# lines in webui-user): a value of the user's wins (docs/architecture.md#the-policy, "Torch install").
+UNSET_ONLY_ENV = ("TORCH_COMMAND",)
+
 
 def checkpoint_key(name: str, size: int, mtime: float) -> str:
     """How observations name a checkpoint: file name + size + whole-second mtime.

@@ -64,7 +64,7 @@ def compute_reserve(observations: Sequence[Observation], *, checkpoint: str | No
                       f"candidates measured; best so far {best.reserve_mb} MiB at {best.sit:.3f} s/it)")
         else:
             mb, clamped_by = clamp(best.reserve_mb, vram_total_mb, cuda_context_mb)
-            reason = (f"tuning: {mb} MiB had the best measured speed on the resident road ({best.sit:.3f} s/it "
+            reason = (f"tuning: {mb} MiB had the best measured speed with the model kept in VRAM ({best.sit:.3f} s/it "
                       f"at {_size(state.size)}); {state.reason}")
         return ReserveResult(mb, inputs.free_mb, inputs.overflow_mb, "tuning", clamped_by, reason, used, state,
                              formula_mb)

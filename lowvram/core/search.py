@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 from lowvram.core.observations import Observation, comparable_key, measured_road, run_failed
 from lowvram.core.reserve_formula import STEP_MB, clamp, formula_inputs, round_down, upper_bound
+from lowvram.core.words import plural
 
 PASSIVE_CANDIDATES = 6
 TUNE_CANDIDATES = 12
@@ -296,10 +297,10 @@ def tuning_state(observations: Sequence[Observation], checkpoint: str | None, dr
         reason = "nothing measured yet: reserve 0 first (it measures free and overflow)"
         closed = False
     elif len(measured) >= max_candidates:
-        reason = f"closed after {len(measured)} candidates"
+        reason = f"closed after {plural(len(measured), 'candidate')}"
         closed, nxt = True, None
     elif confirmed >= CONFIRMATIONS and len(measured) >= 3:
-        reason = f"closed: the best was confirmed {confirmed} times"
+        reason = f"closed: the best was confirmed {plural(confirmed, 'time')}"
         closed, nxt = True, None
     elif nxt is None and len(measured) >= 2:
         reason = "closed: every value next to the best has been measured"

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from packaging.version import InvalidVersion, Version
 
-from lowvram.ui.base import FlagSet, Rendered, UiAdapter, UiSettings, load_flagset
+from lowvram.ui.base import CPU_TORCH_INDEX, FlagSet, Rendered, UiAdapter, UiSettings, load_flagset
 
 _VERSION_RE = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
 
@@ -46,6 +46,7 @@ class A1111(UiAdapter):
     supports_tcmalloc = True
     supports_hook = True
     pinned_xformers = ("0.0.23.post1", "2.1.2")
+    torch_command_env = "TORCH_COMMAND"  # launch_utils.prepare_environment: `python -m $TORCH_COMMAND`
     categories: ClassVar[Mapping[str, Mapping[str, str]]] = {
         "offload": {"--medvram": "medvram", "--medvram-sdxl": "medvram-sdxl", "--lowvram": "lowvram"},
         "attention": {
@@ -61,6 +62,14 @@ class A1111(UiAdapter):
         },
         "precision": {"--no-half": "full", "--upcast-sampling": "upcast"},
     }
+
+    def cpu_torch_command(self, version: str | None) -> str:
+        """The default TORCH_COMMAND with PyTorch's CPU index instead of cu121 (1.8–1.10: torch 2.1.2,
+        torchvision 0.16.2; 1.6–1.7: 2.0.1, 0.15.2 from cu118). pip takes `2.1.2+cpu` over PyPI's 2.1.2
+        (a local version sorts after the release), so nothing of CUDA is downloaded."""
+        v = parse_ui_version(version)
+        torch, vision = ("2.0.1", "0.15.2") if v is not None and v < Version("1.8") else ("2.1.2", "0.16.2")
+        return f"pip install torch=={torch} torchvision=={vision} --extra-index-url {CPU_TORCH_INDEX}"
 
     def flagset(self, version: str | None) -> FlagSet:
         v = parse_ui_version(version)
@@ -99,7 +108,7 @@ class A1111(UiAdapter):
             rung = "medvram"
             notes.append("this A1111 predates --medvram-sdxl (1.6): --medvram instead")
         if rung == "novram":
-            notes.append("A1111 has no rung below --lowvram")
+            notes.append("A1111 has no offload level beyond --lowvram")
         flag = A1111_OFFLOAD.get(rung)
         if flag:
             args.append(flag)

@@ -21,6 +21,8 @@ from lowvram.core.errors import FlagError
 FLAGS_DIR = Path(__file__).resolve().parent / "flags"
 
 KINDS = ("flag", "value", "values", "optvalue", "optvalues")
+# PyTorch's index of CPU-only wheels (no CUDA libraries: ~0.2 GB instead of ~2.3 GB).
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 
 # Semantic values the adapters understand.
 OFFLOAD_RUNGS = ("none", "medvram-sdxl", "medvram", "lowvram", "novram", "cpu")
@@ -230,6 +232,7 @@ class UiAdapter(abc.ABC):
     supports_hook = False  # the layout hook (A1111 extensions + script callbacks)
     # xformers build the UI's installer pins, and the torch it was built for (docs/architecture.md#the-policy, "Attention").
     pinned_xformers: tuple[str, str] | None = None
+    torch_command_env: str | None = None  # what the first start's torch install reads; None: no installer
     # category → {flag: semantic value}; two flags of one category with different values contradict.
     categories: ClassVar[Mapping[str, Mapping[str, str]]] = {}
 
@@ -244,6 +247,10 @@ class UiAdapter(abc.ABC):
     def rungs(self, family: str | None, version: str | None) -> tuple[str, ...]:
         """The offload ladder on this UI for this family, fastest first (docs/architecture.md#the-policy)."""
         return ("none", "medvram", "lowvram")
+
+    def cpu_torch_command(self, version: str | None) -> str:
+        """The CPU build of the torch this UI installs: `torch_command_env`'s value, or the user's pip command."""
+        return f"pip install torch torchvision --index-url {CPU_TORCH_INDEX}"
 
     # ---- validation and contradictions ------------------------------------------------------
 

@@ -35,7 +35,7 @@ class ComfyUI(UiAdapter):
         if settings.offload == "cpu":
             return Rendered(("--cpu",), ("CPU mode: --cpu",))
         if settings.offload in ("medvram", "medvram-sdxl"):
-            notes.append("ComfyUI loads partially by itself: no flag for the medvram rung")
+            notes.append("ComfyUI loads partially by itself: no flag for medvram")
         elif settings.offload == "lowvram":
             args.append("--lowvram")
         elif settings.offload == "novram":

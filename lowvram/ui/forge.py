@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar
 
-from lowvram.ui.base import FlagSet, Rendered, UiAdapter, UiSettings, load_flagset
+from lowvram.ui.base import CPU_TORCH_INDEX, FlagSet, Rendered, UiAdapter, UiSettings, load_flagset
 
 FORGE_ATTENTION = {"sdp": "--attention-pytorch", "sub-quad": "--attention-quad", "split": "--attention-split"}
 
@@ -22,6 +22,7 @@ class Forge(UiAdapter):
     device_flag_sets_visible = True  # it sets CUDA_VISIBLE_DEVICES=<id> before torch starts
     supports_tcmalloc = True  # same webui.sh as A1111 1.10
     pinned_xformers = ("0.0.27", "2.3.1")
+    torch_command_env = "TORCH_COMMAND"  # A1111's launch_utils mechanism, with Forge's torch pin
     categories: ClassVar[Mapping[str, Mapping[str, str]]] = {
         # xformers is used whenever it imports, unless disabled; a chosen backend contradicts it.
         "attention": {
@@ -34,6 +35,10 @@ class Forge(UiAdapter):
     def flagset(self, version: str | None) -> FlagSet:
         return load_flagset("forge.txt", "Forge")
 
+    def cpu_torch_command(self, version: str | None) -> str:
+        """Forge's default TORCH_COMMAND (torch 2.3.1, torchvision 0.18.1 from cu121) from the CPU index."""
+        return f"pip install torch==2.3.1 torchvision==0.18.1 --extra-index-url {CPU_TORCH_INDEX}"
+
     def rungs(self, family: str | None, version: str | None) -> tuple[str, ...]:
         return ("none", "lowvram", "novram")
 
@@ -43,7 +48,7 @@ class Forge(UiAdapter):
         if settings.offload == "cpu":
             return Rendered(("--always-cpu", "--skip-torch-cuda-test"), ("CPU mode: --always-cpu",))
         if settings.offload in ("medvram", "medvram-sdxl"):
-            notes.append("Forge swaps models by itself (its GPU Weights slider follows the headroom): no flag")
+            notes.append("Forge swaps models by itself (its GPU Weights slider follows the VRAM kept free): no flag")
         elif settings.offload == "lowvram":
             args.append("--always-low-vram")
         elif settings.offload == "novram":

@@ -9,13 +9,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar
 
-from lowvram.ui.base import FlagSet, Rendered, UiAdapter, UiSettings, load_flagset
+from lowvram.ui.base import CPU_TORCH_INDEX, FlagSet, Rendered, UiAdapter, UiSettings, load_flagset
 
 
 class SdNext(UiAdapter):
     key = "sdnext"
     title = "SD.Next"
     device_flag = "--device-id"
+    # installer.py's check_torch: `pip install $TORCH_COMMAND` (the pip arguments only). With no
+    # nvidia-smi, ROCm or oneAPI it installs plain `torch torchvision`: PyPI's CUDA build on Linux.
+    torch_command_env = "TORCH_COMMAND"
     categories: ClassVar[Mapping[str, Mapping[str, str]]] = {
         "offload": {"--medvram": "medvram", "--lowvram": "lowvram"},
         "attention": {"--xformers": "xformers", "--use-xformers": "xformers"},
@@ -23,6 +26,10 @@ class SdNext(UiAdapter):
 
     def flagset(self, version: str | None) -> FlagSet:
         return load_flagset("sdnext.txt", "SD.Next")
+
+    def cpu_torch_command(self, version: str | None) -> str:
+        """What SD.Next installs on a machine without a GPU (`torch torchvision`), from the CPU index."""
+        return f"torch torchvision --index-url {CPU_TORCH_INDEX}"
 
     def rungs(self, family: str | None, version: str | None) -> tuple[str, ...]:
         return ("none", "medvram", "lowvram")
@@ -38,7 +45,7 @@ class SdNext(UiAdapter):
             notes.append("SD.Next has no --medvram-sdxl: --medvram")
         if rung == "novram":
             rung = "lowvram"
-            notes.append("SD.Next has no rung below --lowvram (sequential offload)")
+            notes.append("SD.Next has no offload level beyond --lowvram (sequential offload)")
         if rung == "medvram":
             args.append("--medvram")
         elif rung == "lowvram":

@@ -26,6 +26,7 @@ from lowvram.core.facts import (
     parse_driver,
 )
 from lowvram.core.gpuselect import GpuChoice
+from lowvram.core.words import plural
 from lowvram.world import paths
 
 STATUSES = ("ok", "warn", "fail", "skip")
@@ -195,11 +196,11 @@ def check_gpu(facts: Facts) -> Check:
     unreadable = [x for x in lost if any(e.startswith("handle:") and not e.endswith("GpuIsLost") for e in x.errors)]
     fell_off = [x for x in lost if x not in unreadable]
     if fell_off:
-        return Check("gpu.nvidia", "warn", message + f"; {len(fell_off)} GPU(s) lost (fell off the bus)",
+        return Check("gpu.nvidia", "warn", message + f"; {plural(len(fell_off), 'GPU')} lost (fell off the bus)",
                      "reboot to get the lost GPU back; lowvram plans for the one that works")
     if unreadable:
         why = ", ".join(e for x in unreadable for e in x.errors) or "no handle"
-        return Check("gpu.nvidia", "warn", message + f"; {len(unreadable)} GPU(s) NVML cannot open ({why})",
+        return Check("gpu.nvidia", "warn", message + f"; {plural(len(unreadable), 'GPU')} NVML cannot open ({why})",
                      "check that this user may use every /dev/nvidia* device (container or cgroup limits); "
                      "lowvram plans for the one it can read")
     if g.errors:
@@ -261,7 +262,7 @@ def family_rung(facts: Facts, g: GpuFacts, family: str, pinned: str | None) -> t
 def _rung_text(rung: str, ui_key: str) -> str:
     if ui_key in ("a1111", "sdnext"):
         return f"--{rung}"
-    return f"lowvram's {rung} rung"
+    return f"the {rung} offload level"
 
 
 def _family_text(name: str, side: int, rung: str, *, ok: bool, pinned: bool, ui_key: str) -> str:
@@ -323,15 +324,16 @@ def check_ram(facts: Facts) -> Check:
     # docs/architecture.md#the-policy: two roads only where memory spills (fallback on/unknown) and RAM ≥ 2 × VRAM (policy's own test).
     spills = facts.system.wsl or facts.system.sysmem_fallback in ("on", "unknown")
     if not spills:
-        return Check("system.ram", "ok", f"{base} (VRAM cannot spill here: the 2 × VRAM rule of the resident road "
-                     "does not apply)")
+        return Check("system.ram", "ok", f"{base} (VRAM cannot spill into RAM here, so lowvram swaps parts of the "
+                     "model to RAM and the 2 × VRAM rule for keeping the model in VRAM does not apply)")
     if ram >= need:
-        return Check("system.ram", "ok", f"{base}: at least 2 × VRAM ({mib_text(need)}), enough for the resident road "
-                     "(layout hook)")
+        return Check("system.ram", "ok", f"{base}: at least 2 × VRAM ({mib_text(need)}), enough to also try keeping "
+                     "the model in VRAM with a reserve (the layout hook)")
     return Check("system.ram", "warn",
-                 f"{base}: under 2 × VRAM ({mib_text(need)}); the resident road (layout hook) needs that, so lowvram "
-                 "keeps the swap road",
-                 f"with at least {mib_text(need)} of RAM lowvram also tries the resident road and keeps the faster one")
+                 f"{base}: under 2 × VRAM ({mib_text(need)}), too little to keep the model in VRAM with a reserve "
+                 "(the layout hook), so lowvram swaps parts of the model to RAM",
+                 f"with at least {mib_text(need)} of RAM lowvram also tries keeping the model in VRAM and keeps the "
+                 "faster way")
 
 
 def check_driver(facts: Facts) -> Check:
@@ -359,18 +361,20 @@ def check_sysmem_fallback(facts: Facts) -> Check:
     driver = g.driver if g else None
     if s.wsl:
         return Check("gpu.sysmem_fallback", "ok",
-                     "WSL2: out-of-VRAM spills into shared memory (slow, not an OOM), whatever the Control Panel says "
-                     "(microsoft/WSL #11050)",
+                     "WSL2: out-of-VRAM spills into shared memory (slow, not an out-of-memory error), whatever the "
+                     "Control Panel says (microsoft/WSL #11050)",
                      "lowvram treats memory as able to spill here and measures the overflow")
     if s.os != "windows":
         return Check("gpu.sysmem_fallback", "ok",
-                     f"{OS_NAMES.get(s.os, s.os)}: no sysmem fallback; running out of VRAM is an out-of-memory error")
+                     f"{OS_NAMES.get(s.os, s.os)}: no sysmem fallback (VRAM never spills into RAM); running out of VRAM "
+                     "is an out-of-memory error")
     version = parse_driver(driver)
     if version is None:
         return Check("gpu.sysmem_fallback", "skip", "driver version unknown: cannot tell whether VRAM spills")
     if version < FALLBACK_FIRST_DRIVER:
         return Check("gpu.sysmem_fallback", "ok",
-                     f"driver {driver} predates sysmem fallback ({FALLBACK_FIRST_TEXT}): out of VRAM is an OOM")
+                     f"driver {driver} predates sysmem fallback ({FALLBACK_FIRST_TEXT}): running out of VRAM is an "
+                     "out-of-memory error")
     if version < FALLBACK_CHOOSABLE_DRIVER:
         return Check("gpu.sysmem_fallback", "warn",
                      f"driver {driver} always spills into shared memory when VRAM runs out (536.40–546.00): "

@@ -325,12 +325,23 @@ class _ProgressAdapter:
             self.callback(names.get(stage_bits, "Cloning"), float(cur_count or 0), total)
 
 
+_DUMP_STDERR_RE = re.compile(r"\bstderr: '(.*)'\s*$", re.DOTALL)
+
+
 def _git_error_text(exc: Exception) -> str:
-    stderr = getattr(exc, "stderr", "") or ""
-    lines = [ln.strip() for ln in str(stderr).splitlines() if ln.strip()]
+    """git's own reason in one line (its `fatal:`/`error:` line), never GitPython's command dump
+    ("Cmd('git') failed due to: exit code(128) cmdline: git clone -v ...")."""
+    stderr = str(getattr(exc, "stderr", "") or "")
+    if not stderr.strip():
+        m = _DUMP_STDERR_RE.search(str(exc))
+        stderr = m.group(1) if m else ""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     lines = [ln.removeprefix("stderr:").strip().strip("'").strip() for ln in lines]
-    text = next((ln for ln in lines if ln.lower().startswith(("fatal:", "error:"))), lines[-1] if lines else str(exc))
-    return text[:300]
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        status = getattr(exc, "status", None)
+        return f"git exited with code {status} and said nothing" if status is not None else type(exc).__name__
+    return next((ln for ln in lines if ln.lower().startswith(("fatal:", "error:"))), lines[-1])[:300]
 
 
 def resolve_commit(repo: Any, ref: str) -> str | None:
@@ -355,13 +366,15 @@ def clone_pinned(
     origin_url: str | None = None,
     progress: Progress | None = None,
     before_rename: Callable[[str], None] | None = None,
+    offline_hint: str | None = None,
 ) -> str:
     """Clone `url` at `ref` (a commit id; a tag or branch name also works) into `dest`.
 
     Returns the commit checked out, on a local branch (see `put_on_branch`). `origin_url`, when given, becomes the clone's `origin` (a
     clone from a mirror or --source then looks like any other install). `before_rename(commit)`
     runs after the clone is verified and before it appears at `dest` (the manifest is written
-    there). On failure nothing is left behind and CloneError says why.
+    there). On failure nothing is left behind and CloneError says why, in git's words; `offline_hint`
+    replaces the hint for a source that cannot be reached (how this command clones offline).
     """
     git = _git()
     url = validate_source_url(url)
@@ -383,7 +396,7 @@ def clone_pinned(
         except git.GitCommandError as exc:
             if prog is not None and not str(getattr(exc, "stderr", "") or "").strip():
                 exc.stderr = "\n".join([*prog.error_lines, *prog.other_lines])
-            raise _clone_failure(exc, url, dest) from exc
+            raise _clone_failure(exc, url, dest, offline_hint, tmp=tmp) from exc
         fsutil.kill_point("gitops:clone:after-fetch")
         commit = resolve_commit(repo, ref)
         if commit is None or not _matches(commit, ref):
@@ -430,16 +443,24 @@ def local_write_hint(folder: Path) -> str:
             "(not FAT/exFAT), then run again")
 
 
-def _clone_failure(exc: BaseException, url: str, dest: Path) -> ExtensionError:
+_LOCAL_FAILURES = ("No space left", "Read-only file system", "File too large", "Disk quota exceeded")
+
+
+def _clone_failure(exc: BaseException, url: str, dest: Path, offline_hint: str | None = None, *,
+                   tmp: Path | None = None) -> ExtensionError:
     """A failed `git clone` as one line: git's refusal of a source another user owns, a destination
-    git cannot write in (a read-only or full disk, a FAT drive), or else the source itself."""
+    git cannot write in (a read-only or full disk, a FAT drive), or else the source itself.
+
+    The destination is blamed only where git's own error names the clone's folder (`tmp`, else the
+    destination's) or a local failure (a full disk): git's "Cloning into '<tmp>'..." line comes before
+    a network failure too, and a source path may lie in the same folder."""
     own = ownership_error(exc)
     if own is not None:
         return own
     text = _git_error_text(exc)  # type: ignore[arg-type]
-    if str(dest.parent) in str(getattr(exc, "stderr", "") or ""):
+    if str(tmp or dest.parent) in text or any(w in text for w in _LOCAL_FAILURES):
         return CloneError(f"cannot clone {url} into {dest.parent}: {text}", local_write_hint(dest.parent))
-    return CloneError(f"cannot clone {url}: {text}",
+    return CloneError(f"cannot clone {url}: {text}", offline_hint or
                       "check the URL and your network; offline, use --source NAME=<local clone> or LOWVRAM_MIRROR=DIR")
 
 

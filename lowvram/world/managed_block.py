@@ -38,12 +38,14 @@ _SH_BODY = rb'(?:[^"\\$`]|\\[\\"$`])*'
 _SH_BLOCK_LINES = (
     re.compile(rb'export COMMANDLINE_ARGS="\$\{COMMANDLINE_ARGS:\+\$COMMANDLINE_ARGS \}' + _SH_BODY + rb'"'),
     re.compile(rb'export [A-Za-z_][A-Za-z0-9_]*="' + _SH_BODY + rb'"'),
+    # a variable set only where it is unset (markers.UNSET_ONLY_ENV): `}` escaped in the default
+    re.compile(rb'export ([A-Za-z_][A-Za-z0-9_]*)="\$\{\1:-(?:[^"\\$`}]|\\[\\"$`}])*\}"'),
 )
 _BAT_BLOCK_LINES = (
     re.compile(rb'if defined COMMANDLINE_ARGS for /f "tokens=1,\* delims==" %%([A-Za-z]) in '
                rb"\('set COMMANDLINE_ARGS'\) do if /i \"%%\1\"==\"COMMANDLINE_ARGS\" "
                rb'set "COMMANDLINE_ARGS=%%[A-Za-z] [^"]*"'),
-    re.compile(rb'if not defined COMMANDLINE_ARGS set "COMMANDLINE_ARGS=[^"]*"'),
+    re.compile(rb'if not defined ([A-Za-z_][A-Za-z0-9_]*) set "\1=[^"]*"'),  # COMMANDLINE_ARGS, UNSET_ONLY_ENV
     re.compile(rb'set "[A-Za-z_][A-Za-z0-9_]*=[^"]*"'),  # also the old `%COMMANDLINE_ARGS% …` line
 )
 _BASH_OPEN = (b"here-document", b"unexpected end of file", b"looking for matching")

@@ -9,12 +9,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lowvram.core import policy
-from lowvram.core.facts import Facts
+from lowvram.core.errors import UsageError
+from lowvram.core.facts import Facts, WebuiFacts
 from lowvram.core.observations import Observation
 from lowvram.core.plan import ExtensionSpec, Overrides, Plan
 from lowvram.core.profiles import ResolvedProfile, Selection
 from lowvram.world import paths, state
-from lowvram.world.profile_files import load_profile, select_profile
+from lowvram.world.profile_files import load_all_checked, load_profile, select_profile
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,25 @@ def _facts_file(facts_file: Path | None) -> Path | None:
     return Path(env) if env else None
 
 
-def _resolve_webui(webui: Path | None) -> Path | None:
-    from lowvram.world.detect import resolve_webui
+def _locate_webui(webui: Path | None) -> tuple[Path, str] | None:
+    from lowvram.world.detect import locate_webui
 
-    return resolve_webui(webui)
+    return locate_webui(webui)
+
+
+def check_ui_matches(ui: str | None, webui: WebuiFacts | None, origin: str | None) -> None:
+    """`--ui` names the UI to plan for where no WebUI is found; one that contradicts the WebUI found
+    is a usage error, never a plan for another UI on that tree (docs/architecture.md#the-cli-contract).
+    `origin` says how the tree was found (`world/detect`'s `locate_webui`), None for a facts file's."""
+    if not ui or webui is None or not webui.flavor or webui.flavor == ui:
+        return
+    from lowvram.ui import adapter
+
+    theirs, wanted = adapter(webui.flavor).title, adapter(ui).title
+    where = (f"the facts file's WebUI at {webui.path} is {theirs}" if origin is None
+             else f"the WebUI found at {webui.path} ({origin}) is {theirs}")
+    raise UsageError(f"--ui {ui}, but {where}",
+                     f"for {wanted}, pass --webui PATH to its folder; for this {theirs}, drop --ui")
 
 
 def _gather(webui: Path | None, facts_file: Path | None) -> Facts:
@@ -68,8 +84,10 @@ def load_xformers_builds() -> dict[str, str]:
 def make_plan(*, webui: Path | None, facts_file: Path | None, overrides: Overrides) -> PlanContext:
     """Everything `lowvram plan` does short of printing; apply/launch/tune/setup reuse it."""
     facts_path = _facts_file(facts_file)
-    webui_path = _resolve_webui(webui)
+    located = _locate_webui(webui)
+    webui_path = located[0] if located else None
     facts = _gather(webui_path, facts_path)
+    check_ui_matches(overrides.ui, facts.webui, located[1] if located else None)
 
     if os.environ.get("LOWVRAM_HOOK", "").strip().lower() == "off" and not overrides.no_hook:
         overrides = replace(overrides, no_hook=True)  # docs/architecture.md#the-policy: --no-hook or LOWVRAM_HOOK=off
@@ -82,9 +100,12 @@ def make_plan(*, webui: Path | None, facts_file: Path | None, overrides: Overrid
     resolved = load_profile(overrides.profile) if overrides.explicit_profile and overrides.profile else None
     family = policy.resolve_family(facts, overrides, resolved)
     selection = None
+    skipped: tuple[str, ...] = ()  # profiles that do not load: left out of the selection, warned once
     if resolved is None:
-        fam = policy.require_family(family, facts)
-        selection = select_profile(facts, fam, gpu=policy.gpu_for(facts, overrides), use_largest_gpu=False)
+        fam = policy.require_family(family, facts, overrides.ui)
+        candidates, problems = load_all_checked()
+        skipped = tuple(problems)
+        selection = select_profile(facts, fam, candidates, gpu=policy.gpu_for(facts, overrides), use_largest_gpu=False)
         resolved = load_profile(selection.name)
 
     observations: tuple[Observation, ...] = ()
@@ -108,6 +129,6 @@ def make_plan(*, webui: Path | None, facts_file: Path | None, overrides: Overrid
         selection=selection,
         xformers_builds=load_xformers_builds(),
     )
-    if obs_warnings:
-        the_plan = replace(the_plan, warnings=the_plan.warnings + obs_warnings)
+    if obs_warnings or skipped:
+        the_plan = replace(the_plan, warnings=the_plan.warnings + skipped + obs_warnings)
     return PlanContext(the_plan, facts, webui_path, facts_path is not None, resolved, selection, observations)

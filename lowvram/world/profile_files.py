@@ -10,6 +10,7 @@ fsutil's regular-file and 1 MiB checks, caches what it validated, and hands it t
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,22 +90,58 @@ def load_profile(name: str) -> ResolvedProfile:
     return resolve_profile(name, files, lambda current: _read_validated(files[current][0]))
 
 
-def list_profiles() -> list[ProfileInfo]:
-    """Every profile (user ones override bundled ones by name), sorted by name. Invalid ones raise."""
-    out = []
-    for name, (path, source) in sorted(_profile_files().items()):
-        raw = _read_validated(path)
+def natural_key(name: str) -> list[str | int]:
+    """Numbers compare as numbers, so the VRAM classes list by card size: 2gb, 4gb, … 12gb, 16gb."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def profile_names() -> list[str]:
+    """Every profile's name, in list order, without reading a file (shell completion)."""
+    return sorted(_profile_files(), key=natural_key)
+
+
+def _skipped(name: str, exc: ProfileError) -> str:
+    return f"profile {name} is skipped: {exc.message}" + (f"; {exc.hint}" if exc.hint else "")
+
+
+def list_checked() -> tuple[list[ProfileInfo], list[str]]:
+    """Every profile (user ones override bundled ones by name) in list order, and one warning per
+    file that does not read or validate: an invalid profile stops only what uses it."""
+    out, problems = [], []
+    for name, (path, source) in sorted(_profile_files().items(), key=lambda item: natural_key(item[0])):
+        try:
+            raw = _read_validated(path)
+        except ProfileError as exc:
+            problems.append(_skipped(name, exc))
+            continue
         out.append(ProfileInfo(name, raw.get("description", ""), source, str(path), raw.get("extends")))
-    return out
+    return out, problems
+
+
+def list_profiles() -> list[ProfileInfo]:
+    """Every valid profile, in list order (`list_checked` also says which were skipped and why)."""
+    return list_checked()[0]
+
+
+def load_all_checked() -> tuple[list[ResolvedProfile], list[str]]:
+    """Every profile that loads (its `extends` chain included), and a warning for each that does not."""
+    loaded, problems = [], []
+    for name in profile_names():
+        try:
+            loaded.append(load_profile(name))
+        except ProfileError as exc:
+            problems.append(_skipped(name, exc))
+    return loaded, problems
 
 
 def load_all() -> list[ResolvedProfile]:
-    return [load_profile(name) for name in sorted(_profile_files())]
+    return load_all_checked()[0]
 
 
 def select_profile(facts: Facts, family: str | None, candidates: Sequence[ResolvedProfile] | None = None,
                    *, gpu: GpuFacts | None = None, use_largest_gpu: bool = True) -> Selection:
-    """`profiles.select_profile` over every profile on disk when no `candidates` are given."""
+    """`profiles.select_profile` over every profile on disk that loads when no `candidates` are given
+    (`load_all_checked` also says which did not)."""
     if candidates is None:
         candidates = load_all()
     return _select_profile(facts, family, candidates, gpu=gpu, use_largest_gpu=use_largest_gpu)

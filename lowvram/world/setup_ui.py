@@ -45,7 +45,9 @@ class Download:
     what: str
     download_mb: int
     disk_mb: int
-    when: str | None = None  # None = always; "no-torch" | "xformers" | "no-checkpoint"
+    # None = always; "no-torch" (the UI's CUDA build) | "no-torch-cpu" (the CPU build a plan without an
+    # NVIDIA GPU chooses, docs/architecture.md#the-policy, "Torch install") | "xformers" | "no-checkpoint"
+    when: str | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class UiSpec:
     first_start: tuple[Download, ...] = ()
     notes: tuple[str, ...] = ()
     before_first_start: tuple[str, ...] = ()  # shell commands, `{dir}` = the tree (ComfyUI's venv)
+    before_first_start_cpu: tuple[str, ...] = ()  # the same where the plan installs torch's CPU build
     min_cc: tuple[int, int] | None = None  # oldest GPU the torch build the UI installs supports
     min_cc_why: str = ""
 
@@ -104,6 +107,7 @@ def load_registry(path: Path | None = None) -> Registry:
                 ),
                 notes=tuple(raw.get("notes") or ()),
                 before_first_start=tuple(raw.get("before_first_start") or ()),
+                before_first_start_cpu=tuple(raw.get("before_first_start_cpu") or ()),
                 min_cc=_cc(raw.get("min_compute_capability")),
                 min_cc_why=(raw.get("min_compute_capability") or {}).get("why", "") + "; "
                 + (raw.get("min_compute_capability") or {}).get("hint", ""),
@@ -258,7 +262,7 @@ def preflight(spec: UiSpec, target: TargetInfo, registry: Registry) -> list[str]
                 f"only {free_mb} MiB free on the disk holding {base}; cloning {spec.name} needs about {needed} MiB",
                 "free some disk space or choose another disk with --dir",
             )
-        first = sum(d.disk_mb for d in spec.first_start) + spec.clone_mb
+        first = sum(d.disk_mb for d in spec.first_start if d.when != "no-torch-cpu") + spec.clone_mb
         if free_mb < first:
             warnings.append(
                 f"only {free_mb} MiB free: the clone fits, but its first start needs about {first} MiB more "
@@ -403,6 +407,7 @@ class SetupResult:
     profile: str | None = None
     remembered: bool = True
     before_launch: list[str] = field(default_factory=list)
+    torch_build: str | None = None  # "cpu" where the plan makes the first start install torch's CPU build
 
     @property
     def launch_command(self) -> str:
@@ -432,6 +437,7 @@ class SetupResult:
             ],
             "first_start_download_mb": self.first_start_download_mb,
             "before_launch": list(self.before_launch),
+            "torch_build": self.torch_build,
             "warnings": list(self.warnings),
             "notes": list(self.notes),
         }
@@ -562,8 +568,7 @@ def setup(
         write_marker(dest, ui=spec.key, dir=str(dest), ref=pin, source=source, phase="done", commit=commit,
                      adopted=adopted)
         result.notes.extend(spec.notes)
-        quoted = shlex.quote(str(dest))
-        result.before_launch = [cmd.replace("{dir}", quoted) for cmd in spec.before_first_start]
+        result.before_launch = _before_launch(spec, dest, result.torch_build)
         return result
     finally:
         lock.release()
@@ -613,12 +618,26 @@ def _clone(spec: UiSpec, dest: Path, info: TargetInfo, *, pin: str, source: str,
     if info.kind == "empty":
         dest.rmdir()  # gitops renames the finished clone into place
     try:
-        return gitops.clone_pinned(source, pin, dest, origin_url=origin, progress=progress, before_rename=verify)
+        return gitops.clone_pinned(source, pin, dest, origin_url=origin, progress=progress, before_rename=verify,
+                                   offline_hint=_offline_hint(spec, source))
     except BaseException:
         if info.kind == "empty" and not dest.exists():
             with contextlib.suppress(OSError):
                 dest.mkdir()
         raise
+
+
+def _offline_hint(spec: UiSpec, source: str) -> str:
+    """What to do when the source cannot be reached: the mirror that lacks this UI, or how to set one."""
+    mirror = os.environ.get("LOWVRAM_MIRROR")
+    if mirror and source == str(Path(mirror).expanduser().absolute() / spec.key):
+        return (f"LOWVRAM_MIRROR={mirror} has no {spec.key} clone: put one at {source} (git clone --mirror "
+                f"{spec.url} {source}), or unset LOWVRAM_MIRROR to clone from {spec.url}")
+    if source != spec.url:  # from --source
+        return (f"check --source {spec.key}={source}: it must be a clone of {spec.name} (a folder or a URL git "
+                "can reach); offline, point it at a local clone")
+    return (f"check your network; offline, set LOWVRAM_MIRROR=DIR with a clone of {spec.name} at DIR/{spec.key}, "
+            f"or pass --source {spec.key}=PATH|URL (a local clone)")
 
 
 def _apply(result: SetupResult, spec: UiSpec, *, profile: str | None, model: str | None,
@@ -654,7 +673,19 @@ def _apply(result: SetupResult, spec: UiSpec, *, profile: str | None, model: str
         result.notes.append("facts came from a file: the path and profile were not remembered")
     else:
         state.remember(result.dir, profile)
+    result.torch_build = cpu_torch_build(ctx.plan)
     result.first_start = _first_start(spec, ctx)
+
+
+def _before_launch(spec: UiSpec, dest: Path, torch_build: str | None) -> list[str]:
+    """The commands to run before the first start (ComfyUI's venv), for the torch build the plan chose."""
+    commands = (torch_build == "cpu" and spec.before_first_start_cpu) or spec.before_first_start
+    return [cmd.replace("{dir}", shlex.quote(str(dest))) for cmd in commands]
+
+
+def cpu_torch_build(plan: Any) -> str | None:
+    """"cpu" where the plan makes the UI's first start install torch's CPU build (no NVIDIA GPU)."""
+    return "cpu" if any(d.setting == "torch_install" and d.value == "cpu" for d in plan.decisions) else None
 
 
 def _apply_dict(applied: Any, plan: Any) -> dict[str, Any]:
@@ -674,11 +705,13 @@ def _apply_dict(applied: Any, plan: Any) -> dict[str, Any]:
 def _first_start(spec: UiSpec, ctx: Any) -> list[Download]:
     webui = getattr(ctx.facts, "webui", None)
     args: Sequence[str] = ctx.plan.args
+    cpu = cpu_torch_build(ctx.plan) == "cpu" and any(d.when == "no-torch-cpu" for d in spec.first_start)
     out = []
     for item in spec.first_start:
         if item.when == "xformers" and "--xformers" not in args:
             continue
-        if item.when == "no-torch" and webui is not None and webui.torch:
+        if item.when in ("no-torch", "no-torch-cpu") and (
+                (webui is not None and webui.torch) or cpu != (item.when == "no-torch-cpu")):
             continue
         if item.when == "no-checkpoint" and webui is not None and webui.checkpoint:
             continue

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from lowvram.core.errors import LowvramError, UsageError
 from lowvram.core.observations import Observation, measured_road, run_failed
+from lowvram.core.words import plural
 from lowvram.world import paths
 from lowvram.world.fsutil import FileLock, atomic_write_bytes, remove_tree, temp_name
 from lowvram.world.observation_log import append_observation, load_observations
@@ -694,7 +695,7 @@ def road_outcome(road: str, probes: Sequence[Probe], done: bool, why: str) -> tu
     if probes and len(failed) == len(probes):
         return False, f"{road} road not measured: {failed[-1].reason}"
     if failed:
-        return done, f"{why} ({len(failed)} of {len(probes)} probes failed)"
+        return done, f"{why} ({len(failed)} of {plural(len(probes), 'probe')} failed)"
     return done, why
 
 
@@ -711,12 +712,19 @@ class _Road:
     plan: Plan
 
 
-def _roads(base_plan: Plan, wanted: str, road_plan: Callable[[str], Plan]) -> list[_Road]:
+def _roads(base_plan: Plan, wanted: str, road_plan: Callable[[str], Plan],
+           note: Callable[[str], None] = lambda _m: None) -> list[_Road]:
     """The roads to measure for `--roads wanted`, the profile's road first."""
     resident: Plan | None = None
     if wanted in ("auto", "resident"):
         candidate = base_plan if base_plan.road == "resident" else road_plan("on")
-        if candidate.road == "resident" and candidate.reserve.applied:
+        if candidate.road == "resident" and candidate.reserve.applied and not candidate.hook.enabled:
+            if wanted == "resident":  # the layout cannot run: every probe would fail after the UI started
+                raise TuneError("the resident road needs the layout hook, and it is off (LOWVRAM_HOOK=off): every "
+                                "probe would fail, so tune starts nothing",
+                                "unset LOWVRAM_HOOK to tune the reserve, or run `lowvram tune --roads swap`")
+            note("the layout hook is off (LOWVRAM_HOOK=off): only the swap road is measured")
+        elif candidate.road == "resident" and candidate.reserve.applied:
             resident = candidate
         elif wanted == "resident":
             raise TuneError("only the swap road exists here: memory cannot spill into shared memory "
@@ -924,9 +932,9 @@ class _Prober:
         measured: list[int] = []
         while True:
             if len(measured) >= MAX_PER_ROAD:
-                return True, f"resident road: closed after {len(measured)} candidates"
+                return True, f"resident road: closed after {plural(len(measured), 'candidate')}"
             if self.time_left() <= 0:
-                return False, f"resident road: out of time after {len(measured)} candidates"
+                return False, f"resident road: out of time after {plural(len(measured), 'candidate')}"
             if not measured:
                 nxt = 0
             elif start_reserve is not None and start_reserve not in measured:
@@ -1042,13 +1050,14 @@ class _Session:
             return make_plan(webui=self.webui, facts_file=self.facts_file,
                              overrides=replace(self.overrides, layout=layout)).plan
 
-        return _roads(self.base_plan, self.settings.roads, road_plan)
+        return _roads(self.base_plan, self.settings.roads, road_plan,
+                      note=lambda message: self.report(TuneEvent("note", message)))
 
     def run(self) -> TuneResult:
         check_user_flags(self.facts, self.report)
         self.report(TuneEvent("plan", f"tuning {self.webui} at {self.ledger.width}×{self.ledger.height}, "
-                                      f"{self.settings.steps} steps, {self.settings.repeats} measured runs per "
-                                      "candidate"))
+                                      f"{plural(self.settings.steps, 'step')}, "
+                                      f"{plural(self.settings.repeats, 'measured run')} per candidate"))
         roads = self.roads()
         closed = True
         reasons: list[str] = []
@@ -1111,6 +1120,7 @@ def run_tune(*, webui: Path | None, facts_file: Path | None, overrides: Override
         raise TuneError(f"tune drives A1111's API and the layout hook; {found} is {flavor}",
                         "use `lowvram launch` there; the reserve search needs A1111")
     ctx = make_plan(webui=found, facts_file=facts_file, overrides=overrides)
+    refuse_untunable(ctx.plan, ctx.facts)
     target = Path(ctx.webui or found)
     lock = FileLock(paths.lock_path(target), what=f"the WebUI at {target}")
     lock.acquire()
@@ -1123,7 +1133,7 @@ def run_tune(*, webui: Path | None, facts_file: Path | None, overrides: Override
             except KeyboardInterrupt:
                 problems = _quietly(session.restore)
                 raise TuneInterruptedError(
-                    f"interrupted: {len(session.probes)} probes kept as observations; the UI was stopped"
+                    f"interrupted: {plural(len(session.probes), 'probe')} kept as observations; the UI was stopped"
                     + (f" and {RESTORED}" if not problems else f", but {'; '.join(problems)}"),
                     "run `lowvram tune` again to finish the search (`lowvram reserve` shows where it stands)",
                 ) from None
@@ -1139,6 +1149,23 @@ def run_tune(*, webui: Path | None, facts_file: Path | None, overrides: Override
             return result
     finally:
         lock.release()
+
+
+def refuse_untunable(plan: Plan, facts: Facts) -> None:
+    """TuneError, before anything starts, where there is nothing to tune: no NVIDIA GPU in the plan
+    means no reserve to keep in VRAM and no offload level to choose (the UI runs on the CPU, or a GPU
+    lowvram plans nothing for), so a UI started only to be measured would tell nothing."""
+    if plan.gpu_index is not None:
+        return
+    if facts.other_gpus:
+        why = "this machine's GPU is not NVIDIA (" + ", ".join(
+            f"{o.vendor} {o.name or ''}".strip() for o in facts.other_gpus) + ")"
+    else:
+        why = f"no NVIDIA GPU here ({facts.nvml_error or 'NVML found none'})"
+    raise TuneError(f"nothing to tune: {why}, so there is no VRAM reserve and no offload level to measure; "
+                    "tune started nothing",
+                    "`lowvram launch` starts the UI as planned; if this machine has an NVIDIA GPU, "
+                    "`lowvram doctor` shows why it was not found")
 
 
 def _quietly(restore: Callable[[], list[str]]) -> list[str]:

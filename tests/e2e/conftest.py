@@ -192,6 +192,7 @@ def a1111(real_a1111: RealA1111, tmp_path: Path, lowvram_home: Path) -> Iterator
     env["LOWVRAM_HOME"] = str(lowvram_home)
     env["PYTHONPATH"] = str(REPO)  # `python -m lowvram` from this checkout, whatever the cwd
     env["GIT_ALLOW_PROTOCOL"] = "file"
+    env["COLUMNS"] = os.environ.get("COLUMNS", "1000")  # screens read unwrapped, as in tests/conftest.py
     tree = Tree(dest, env, real_a1111, env_home=lowvram_home)
     try:
         yield tree

@@ -189,7 +189,9 @@ def test_tune_on_the_real_api_listens_on_loopback_and_leaves_the_tree_as_it_was(
     # A user's own webui-user.sh (hand-edited), then a block planned for their GTX 1070 with
     # --offload medvram (written from that box's facts): tune, which runs here on the CPU, must
     # put that block back, not its own CPU plan (seen: a user's --offload block lost).
-    a1111.webui_user.write_bytes(a1111.webui_user.read_bytes() + b'export COMMANDLINE_ARGS="--no-half-vae"\n')
+    # Their line also keeps A1111 on this GPU-less machine's CPU (the GTX 1070 plan would not).
+    own = " ".join(("--no-half-vae", *CPU_ARGS))
+    a1111.webui_user.write_bytes(a1111.webui_user.read_bytes() + f'export COMMANDLINE_ARGS="{own}"\n'.encode())
     facts = write_gtx1070_facts(a1111.path.parent / "gtx1070.json")
     profile = install_noext_profile(a1111.env_home)
     a1111.lowvram("apply", "--webui", str(a1111.path), "--facts", str(facts), "--profile", profile,
@@ -197,9 +199,15 @@ def test_tune_on_the_real_api_listens_on_loopback_and_leaves_the_tree_as_it_was(
     assert "--medvram" in a1111.webui_user.read_text()
     hook_json = next(a1111.env_home.rglob("hook.json"))
     before = {p: p.read_bytes() for p in (a1111.webui_user, hook_json)}
-    proc = a1111.start([sys.executable, "-m", "lowvram", "tune", "--webui", str(a1111.path), "--width", "64",
-                        "--height", "64", "--steps", "2", "--repeats", "1", "--max-minutes", "4", "--json"],
-                       a1111.path.parent / "tune.json")
+    # This machine has no NVIDIA GPU, and tune refuses at once where there is nothing to tune:
+    # nothing starts, nothing changes.
+    refused = a1111.lowvram("tune", "--webui", str(a1111.path), "--steps", "2", timeout=60)
+    assert refused.returncode == 1 and "nothing to tune" in refused.stderr, refused.stderr
+    assert all(path.read_bytes() == data for path, data in before.items())
+    # With the GTX 1070's facts tune plans for that card; the UI itself runs on this CPU.
+    proc = a1111.start([sys.executable, "-m", "lowvram", "tune", "--webui", str(a1111.path), "--facts", str(facts),
+                        "--width", "64", "--height", "64", "--steps", "2", "--repeats", "1", "--max-minutes", "4",
+                        "--json"], a1111.path.parent / "tune.json")
     seen: set[str] = set()
     stop = threading.Event()
     watcher = threading.Thread(target=_listening_addresses, args=(proc.pid, stop, seen), daemon=True)

@@ -29,7 +29,12 @@ def test_every_ui_is_pinned_with_a_reason() -> None:
         assert spec.clone_mb > 0 and spec.python_supported, key
         assert spec.first_start, key
         assert all(d.download_mb > 0 and d.disk_mb > 0 for d in spec.first_start), key
-        assert all(d.when in (None, "no-torch", "xformers", "no-checkpoint") for d in spec.first_start), key
+        assert all(d.when in (None, "no-torch", "no-torch-cpu", "xformers", "no-checkpoint")
+                   for d in spec.first_start), key
+        # Without an NVIDIA GPU the first start installs torch's CPU build: a much smaller download.
+        cuda = [d for d in spec.first_start if d.when == "no-torch"]
+        cpu = [d for d in spec.first_start if d.when == "no-torch-cpu"]
+        assert len(cuda) == 1 and len(cpu) == 1 and cpu[0].download_mb * 5 < cuda[0].download_mb, key
 
 
 def test_a1111_pins_v1_10_1() -> None:

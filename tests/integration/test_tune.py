@@ -531,7 +531,7 @@ def test_the_human_report_says_what_failed(cli: Any, tree: ApiUi, facts: Path,
     assert res.code == 0, res.err
     out = res.out
     assert "failed: the layout did not run: no CUDA device" in out
-    assert "best: swap road at" in out
+    assert "best: swap (parts of the model swapped to RAM) at" in out
     assert "search: not closed (" in out and "resident road not measured" in out
     assert "tune changed nothing in the WebUI" in out
     assert "closed (" not in out.replace("not closed (", "")

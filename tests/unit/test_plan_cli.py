@@ -137,7 +137,9 @@ def test_unknown_profile_is_one_line_with_suggestions(cli) -> None:
 
 
 def test_no_family_asks_for_model(cli, gtx1070_facts: Path) -> None:
-    result = cli("plan", "--facts", str(gtx1070_facts))
+    # No WebUI and A1111 the target: the SD 1.5 a fresh A1111 downloads (tests/unit/test_first_commands.py);
+    # for ComfyUI nothing says the family.
+    result = cli("plan", "--facts", str(gtx1070_facts), "--ui", "comfyui")
     assert result.code == 1
     assert "model family is unknown" in result.err and "--model" in result.err
 
@@ -175,14 +177,16 @@ def test_profiles_show_gtx1070_shows_inherited_values_and_origins(cli) -> None:
     assert data["profile"]["offload"] == "medvram-sdxl"
 
 
-def test_broken_user_profile_breaks_list_with_one_line(cli, lowvram_home: Path) -> None:
+def test_broken_user_profile_is_one_warning_and_the_others_still_list(cli, lowvram_home: Path) -> None:
     d = lowvram_home / "profiles"
     d.mkdir()
     (d / "mine.yaml").write_text("description: x\nattention: xformer\n")
     result = cli("profiles", "list")
-    assert result.code == 1
-    assert "mine.yaml:2: `attention` should be one of" in result.err
-    assert "did you mean `xformers`?" in result.err
+    assert result.code == 0
+    [line] = [line for line in result.err.splitlines() if "mine.yaml" in line]
+    assert line.startswith("warning: profile mine is skipped: ") and "mine.yaml:2: `attention` should be one of" in line
+    assert "did you mean `xformers`?" in line
+    assert "gtx1070-sdxl" in result.out and "mine" not in result.out.split("user profiles:")[0]
 
 
 def test_lowvram_hook_off_disables_the_hook(cli, gtx1070_facts: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -98,7 +98,8 @@ def test_pinned_rung_stays_but_a_miss_is_reported() -> None:
     facts = with_webui(MACHINES["gtx1070-8gb"], "a1111", "sdxl")
     plan = run(facts, "gtx1070-sdxl", observations=[obs("medvram-sdxl", ooms=2)])
     assert plan.offload == "medvram-sdxl"
-    assert any("pinned rung" in w for w in plan.warnings)
+    assert any("offload level medvram-sdxl (pinned by profile gtx1070-sdxl) ran out of memory" in w
+               and "--offload lowvram" in w for w in plan.warnings)
 
 
 def test_cli_offload_wins_over_the_profile() -> None:
@@ -338,8 +339,12 @@ def test_family_comes_from_checkpoint_then_model_then_profile() -> None:
     explicit = Overrides(profile="gtx1070-sdxl")
     choice = policy.resolve_family(bare, explicit, profile_files.load_profile("gtx1070-sdxl"))
     assert choice.family == "sdxl" and choice.source == "profile"
+    # No WebUI at all: what a fresh A1111 downloads; for ComfyUI nothing says.
+    fresh = policy.resolve_family(bare, Overrides(), None)
+    assert (fresh.family, fresh.source) == ("sd15", "auto") and "fresh A1111" in fresh.reason
+    comfy = Overrides(ui="comfyui")
     with pytest.raises(ProfileError, match="model family is unknown") as err:
-        policy.require_family(policy.resolve_family(bare, Overrides(), None), bare)
+        policy.require_family(policy.resolve_family(bare, comfy, None), bare, "comfyui")
     assert "--model" in err.value.hint
     unknown = with_webui(bare, "a1111", "unknown")
     with pytest.raises(ProfileError, match="cannot tell the model family"):

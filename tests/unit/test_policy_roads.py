@@ -61,8 +61,9 @@ def test_a_failed_layout_is_not_explored_again() -> None:
     failed = resident(2, None, layout=False, layout_error=STORAGE_ERROR, ok=False, reason=STORAGE_ERROR)
     chosen, source, why = road(run([swap(1), failed]))
     assert (chosen, source) == ("swap", "observations")
-    assert why.startswith("resident road: its last run failed (layout failed: AttributeError")
-    assert "the swap road" in why and "--layout on" in why
+    assert why.startswith("swap parts of the model to RAM: the last run that kept the model in VRAM failed "
+                          "(layout failed: AttributeError")
+    assert "--layout on tries that again" in why
 
 
 def test_a_refused_layout_whose_job_went_on_is_a_failed_resident_run() -> None:
@@ -77,34 +78,35 @@ def test_a_resident_job_that_failed_for_any_reason_turns_the_plan_back() -> None
                                                                         "to be on the same device")]
     chosen, source, why = road(run(ran))
     assert (chosen, source) == ("swap", "observations")
-    assert "its last run failed (RuntimeError: Expected all tensors" in why
+    assert "kept the model in VRAM failed (RuntimeError: Expected all tensors" in why
 
 
 def test_a_later_success_on_the_road_clears_its_failure() -> None:
     ran = [swap(1), resident(2, None, ok=False, reason="RuntimeError"), resident(3, 1.5)]
     chosen, source, why = road(run(ran))
-    assert (chosen, source) == ("resident", "observations") and why.startswith("measured")
+    assert (chosen, source) == ("resident", "observations") and why.startswith("keep the model in VRAM and reserve memory, the faster way measured")
 
 
 def test_a_failure_is_not_forgotten_behind_ten_swap_runs() -> None:
     ran = [resident(1, None, ok=False, reason="RuntimeError: boom")] + [swap(t) for t in range(2, 20)]
     assert road(run(ran))[0] == "swap"
-    assert "its last run failed (RuntimeError: boom)" in road(run(ran))[2]
+    assert "kept the model in VRAM failed (RuntimeError: boom)" in road(run(ran))[2]
 
 
 def test_a_failed_swap_run_on_the_plan_rung_sends_the_plan_to_the_resident_road() -> None:
     failed = swap(1, None, ok=False, reason="RuntimeError: NaN in the VAE")
     chosen, source, why = road(run([failed]))
     assert (chosen, source) == ("resident", "observations")
-    assert why == f"swap road on {RUNG}: its last run failed (RuntimeError: NaN in the VAE); the resident road"
+    assert why == (f"keep the model in VRAM and reserve memory: the last run swapping to RAM (offload {RUNG}) failed "
+                   "(RuntimeError: NaN in the VAE)")
 
 
 def test_both_roads_failed_takes_the_swap_road_and_warns() -> None:
     ran = [swap(1, None, ok=False, reason="RuntimeError: NaN"), resident(2, None, ok=False, reason="boom")]
     plan = run(ran)
     chosen, _, why = road(plan)
-    assert chosen == "swap" and plan.offload == RUNG and "both roads failed" in why
-    assert any("both roads failed" in w and "swap road" in w for w in plan.warnings)
+    assert chosen == "swap" and plan.offload == RUNG and "the last runs both ways failed" in why
+    assert any("both ways failed" in w and "planned to swap parts of the model to RAM" in w for w in plan.warnings)
 
 
 def test_the_oom_ladder_still_steps_down_beside_a_failed_resident_road() -> None:
@@ -114,20 +116,20 @@ def test_the_oom_ladder_still_steps_down_beside_a_failed_resident_road() -> None
     assert plan.road == "swap" and plan.offload == "lowvram"
     off = plan.decision("offload")
     assert off is not None and "ran out of memory" in off.reason
-    assert "resident road: its last run failed" in road(plan)[2] and not plan.warnings
+    assert "the last run that kept the model in VRAM failed" in road(plan)[2] and not plan.warnings
 
 
 def test_layout_on_still_takes_the_resident_road_but_warns() -> None:
     plan = run([swap(1), resident(2, None, layout=False, layout_error=STORAGE_ERROR, ok=False)], layout="on")
     assert plan.road == "resident" and plan.reserve.applied
-    assert any(w.startswith("--layout on: the resident road's last run failed (layout failed: AttributeError")
+    assert any(w.startswith("--layout on: the last run that kept the model in VRAM failed (layout failed: AttributeError")
                for w in plan.warnings)
 
 
 def test_the_quoted_reason_is_short() -> None:
     long = "RuntimeError: " + "x" * 500 + "\nTraceback (most recent call last): ..."
     why = road(run([swap(1), resident(2, None, ok=False, reason=long)]))[2]
-    quoted = why.split("failed (", 1)[1].split("); the swap road", 1)[0]
+    quoted = why.split("failed (", 1)[1].split("); --layout on", 1)[0]
     assert len(quoted) <= policy.FAILURE_TEXT and quoted.endswith("…") and "\n" not in why
 
 
@@ -155,17 +157,18 @@ def test_the_issue_case_other_sizes_and_devices_are_not_compared() -> None:
     ran = [swap(1, 13.64, size=512, device="cpu"), swap(2, 13.7, size=512, device="cpu"),
            resident(3, 0.95, size=64), resident(4, 0.9, size=64)]
     chosen, source, why = road(run(ran))
-    assert source == "auto" and why.startswith("exploring: no swap (on medvram-sdxl) and resident runs at the same")
+    assert source == "auto" and why.startswith("swap parts of the model to RAM: lowvram tries both ways and keeps the "
+                                               "faster, but has no swap (offload medvram-sdxl) and resident runs at the same")
     assert "13.64" not in why
-    assert chosen == "swap" and why.endswith("the swap road, to measure it at 64×64 on cuda")
+    assert chosen == "swap" and why.endswith("this one, to measure it at 64×64 on cuda")
 
 
 def test_the_target_size_is_compared_not_the_median_of_every_size() -> None:
     ran = [swap(t, 2.0) for t in (1, 2, 3)] + [resident(4, 3.0)] + [resident(t, 0.3, size=512) for t in (5, 6, 7)]
     chosen, source, why = road(run(ran))
     assert (chosen, source) == ("swap", "observations")
-    assert why == ("measured at 1024×1024 on cuda: swap 2.00 s/it vs resident 3.00 s/it (median of 3/1 runs): "
-                   "swap is faster")
+    assert why == ("swap parts of the model to RAM, the faster way measured at 1024×1024 on cuda: swap 2.00 s/it vs "
+                   "resident 3.00 s/it (median of 3/1 runs)")
 
 
 def test_without_a_pair_at_the_target_the_most_recent_pair_counts() -> None:
@@ -173,8 +176,8 @@ def test_without_a_pair_at_the_target_the_most_recent_pair_counts() -> None:
            resident(5, 1.5, size=768), swap(6, 2.2, size=768), swap(7, 0.1, size=1024, device="cpu")]
     chosen, _, why = road(run(ran))
     assert chosen == "resident"
-    assert why == ("measured at 768×768 on cuda: swap 2.15 s/it vs resident 1.55 s/it (median of 2/2 runs): "
-                   "resident is faster")
+    assert why == ("keep the model in VRAM and reserve memory, the faster way measured at 768×768 on cuda: swap 2.15 "
+                   "s/it vs resident 1.55 s/it (median of 2/2 runs)")
 
 
 def test_a_resident_record_whose_layout_did_not_run_is_no_resident_measurement() -> None:
@@ -201,8 +204,8 @@ def test_wall_time_per_image_is_compared_at_the_same_step_count() -> None:
     ran = [swap(1, 1.0, wall_s=40.0, steps=20, images=1), resident(2, 1.5, wall_s=32.0, steps=20, images=1)]
     chosen, _, why = road(run(ran))
     assert chosen == "resident"
-    assert why == ("measured at 1024×1024 on cuda: swap 40.00 s/image vs resident 32.00 s/image (wall time per "
-                   "image at 20 steps, median of 1/1 runs): resident is faster")
+    assert why == ("keep the model in VRAM and reserve memory, the faster way measured at 1024×1024 on cuda: swap "
+                   "40.00 s/image vs resident 32.00 s/image (wall time per image at 20 steps, median of 1/1 runs)")
     other_steps = [swap(1, 1.0, wall_s=40.0, steps=20), resident(2, 1.5, wall_s=45.0, steps=30)]
     chosen, _, why = road(run(other_steps))
     assert chosen == "swap" and "swap 1.00 s/it vs resident 1.50 s/it (median of 1/1 runs)" in why
@@ -220,4 +223,4 @@ def test_the_resident_reserve_comes_only_from_layouts_that_ran() -> None:
 def test_tune_probes_whose_layout_did_not_run_do_not_name_a_tuned_winner() -> None:
     probes = [swap(1, 2.0, source="tuning"), resident(2, 0.9, source="tuning", reserve_mb=0, layout=False)]
     chosen, source, why = road(run(probes))
-    assert chosen == "resident" and source != "tuning" and why.startswith("exploring: the resident road once")
+    assert chosen == "resident" and source != "tuning" and why.startswith("keep the model in VRAM and reserve memory: lowvram tries both ways")

@@ -128,4 +128,4 @@ def test_a_faster_swap_road_does_not_make_the_resident_reserve_zero() -> None:
     assert r.tuning is not None and r.tuning.closed
     assert r.tuning.best is not None and r.tuning.best.road == "swap"  # tune's overall winner stays visible
     assert (r.source, r.reserve_mb) == ("tuning", 1600)
-    assert "1600 MiB had the best measured speed on the resident road" in r.reason
+    assert "1600 MiB had the best measured speed with the model kept in VRAM" in r.reason

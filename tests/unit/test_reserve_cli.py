@@ -142,6 +142,7 @@ def test_tuning_results_show_and_win(cli, tree) -> None:
     assert data["tuning"]["best"] == {"road": "resident", "reserve_mb": 1088, "sit": 1.8}
     out = cli("reserve", "--webui", str(tree)).out
     assert "closed" in out and "1088" in out
+    assert "closed: closed" not in out, out  # the state is said once
 
 
 def test_a_checkpoint_named_as_the_ui_lists_it_with_its_hash_is_found(cli, tree) -> None:

@@ -14,7 +14,7 @@ from lowvram.core.observations import Observation
 from lowvram.core.plan import EstimateSummary, ExtensionSpec, HookPlan, Overrides, Plan, ReservePlan, TcmallocPlan
 from lowvram.core.policy.attention import decide_attention
 from lowvram.core.policy.builder import Builder, GpuStep, Inputs, Merge, Target, UiStep
-from lowvram.core.policy.environment import decide_allocator, decide_env, decide_tcmalloc
+from lowvram.core.policy.environment import decide_allocator, decide_env, decide_tcmalloc, decide_torch_install
 from lowvram.core.policy.estimate import Fits, decide_estimate
 from lowvram.core.policy.extensions import decide_extensions
 from lowvram.core.policy.family import FamilyChoice, decide_family, decide_profile, decide_target
@@ -80,6 +80,7 @@ def plan(
     decide_headroom(b, inp, u, g)
     env = decide_env(b, u, g, m, tc_env=tc_env, alloc_conf=alloc_conf, hook=hook,
                      hook_config_path=hook_config_path)
+    env.update(decide_torch_install(b, inp, u, g))
     return _assemble(b, inp, u, g, m, fam=fam, road=road.road, reserve=reserve, hook=hook, tc=tc, exts=exts,
                      estimate=estimate, env=env, extra=_extra(inp, u, target, fallback, selection))
 

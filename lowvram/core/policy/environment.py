@@ -1,11 +1,12 @@
 """The environment the UI starts with: the allocator settings (less those that fight the layout),
-TCMalloc, and the variables the launch sets."""
+TCMalloc, the torch build the UI's first start installs, and the variables the launch sets."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 from lowvram.core.facts import Facts
+from lowvram.core.markers import UNSET_ONLY_ENV
 from lowvram.core.plan import HookPlan, ReservePlan, TcmallocPlan
 from lowvram.core.policy.builder import Builder, GpuStep, Inputs, Merge, UiStep
 from lowvram.core.policy.flags import join_args
@@ -13,8 +14,8 @@ from lowvram.ui.base import UiAdapter
 
 ALLOC_LAYOUT_CONFLICTS = {
     "max_split_size_mb": "stops the freed reserve block from serving smaller requests",
-    "backend": "cudaMallocAsync bypasses PyTorch's block cache, which the layout relies on",
-    "expandable_segments": "changes how segments map physical pages; untested with the layout",
+    "backend": "cudaMallocAsync bypasses PyTorch's block cache, which the reserve relies on",
+    "expandable_segments": "changes how segments map physical pages; untested with the reserve",
     "garbage_collection_threshold": "acts only after set_per_process_memory_fraction, which A1111 never calls",
 }
 
@@ -24,7 +25,8 @@ def decide_allocator(b: Builder, inp: Inputs, reserve: ReservePlan) -> str:
     if reserve.applied:
         for key in list(alloc):
             if key in ALLOC_LAYOUT_CONFLICTS and (key != "backend" or "cudaMallocAsync" in alloc[key]):
-                b.add(f"alloc_conf.{key}", None, "auto", f"dropped with the layout on: {ALLOC_LAYOUT_CONFLICTS[key]}")
+                b.add(f"alloc_conf.{key}", None, "auto", "dropped while the model is kept in VRAM with a reserve: "
+                                                        f"{ALLOC_LAYOUT_CONFLICTS[key]}")
                 del alloc[key]
     for key, value in alloc.items():
         b.add(f"alloc_conf.{key}", value, "profile", f"profile {inp.prof.name}")
@@ -54,6 +56,32 @@ def _tcmalloc(facts: Facts, ui: UiAdapter, wanted: str) -> tuple[TcmallocPlan, d
                              "webui.sh from preloading it"), {"NO_TCMALLOC": "1"})
     hint = f" (install {tc.package})" if tc.package else ""
     return TcmallocPlan(False, None, f"no TCMalloc library found{hint}"), {}
+
+
+def decide_torch_install(b: Builder, inp: Inputs, u: UiStep, g: GpuStep) -> dict[str, str]:
+    """CPU mode with no NVIDIA GPU: the UI's first start installs torch's CPU build, not the CUDA one
+    it installs by default (docs/architecture.md#the-policy, "Torch install"). Returns the variable to set."""
+    if not g.cpu_mode or g.gpu is not None:
+        return {}  # an NVIDIA GPU (the UI's CUDA build is right), another GPU (its own setup stands)
+    ui, webui = u.ui, inp.facts.webui
+    cmd = ui.cpu_torch_command(u.version)
+    if inp.facts.system.os == "darwin":
+        b.add("torch_install", None, "auto", "macOS: PyPI's torch has no CUDA libraries; the UI's own choice stands")
+        return {}
+    if webui is not None and webui.flavor == u.key and webui.torch:
+        b.add("torch_install", None, "auto", f"the venv already has torch {webui.torch}; {ui.title} installs torch "
+                                            "only when it is missing")
+        return {}
+    if ui.torch_command_env is None:
+        b.add("torch_install", "cpu", "auto", f"no NVIDIA GPU: {ui.title} has no installer; install torch's CPU "
+                                             f"build yourself: {cmd}")
+        return {}
+    name = ui.torch_command_env  # in UNSET_ONLY_ENV: the block sets it only where nothing before it did
+    b.add("torch_install", "cpu", "auto",
+          f"no NVIDIA GPU: {ui.title}'s first start installs torch's CPU build (about 0.2 GB) instead of its CUDA "
+          f"build (about 2.3 GB), through {name}; set only where {name} is unset: a {name} of yours "
+          "(environment or webui-user) wins")
+    return {name: cmd} if name in UNSET_ONLY_ENV else {}
 
 
 def decide_env(b: Builder, u: UiStep, g: GpuStep, m: Merge, *, tc_env: Mapping[str, str], alloc_conf: str,

@@ -63,8 +63,9 @@ def decide_estimate(b: Builder, fam: str, u: UiStep, g: GpuStep, *, t: Target, f
     peak = fits.estimates[offload].peak_mb if offload in fits.estimates else None
     if peak is not None:
         b.add("estimate", peak, "auto",
-              f"{fam} {t.width}×{t.height} batch {t.batch} on {offload}: peak {peak} MiB vs {vram_total} MiB − "
-              f"{room} MiB headroom ({'fits' if fit else 'does not fit'} with a {int(est.DEFAULT_MARGIN * 100)} % margin)")
+              f"{fam} {t.width}×{t.height} batch {t.batch}, offload {offload}: peak {peak} MiB vs "
+              f"{vram_total} MiB − {room} MiB kept free ({'fits' if fit else 'does not fit'} with a "
+              f"{int(est.DEFAULT_MARGIN * 100)} % margin)")
     elif fits.can_estimate:
         b.add("estimate", None, "auto", "the GPU's VRAM size is unknown: no estimate")
     if fit is False and road == "swap":
@@ -77,7 +78,7 @@ def decide_estimate(b: Builder, fam: str, u: UiStep, g: GpuStep, *, t: Target, f
 def _wont_fit(fam: str, *, width: int, height: int, offload: str, rungs: Sequence[str], vram_total: int | None,
               room: int, unet: str, vae: str, attention: str, ui_key: str, bcu: bool, batch: int,
               hires: float) -> str:
-    text = f"{fam} at {width}×{height} is estimated not to fit {vram_total} MiB on {offload}"
+    text = f"{fam} at {width}×{height} is estimated not to fit {vram_total} MiB with offload {offload}"
     parts: list[str] = []
     if vram_total:
         att, off = _est_attention(attention), _est_offload(offload)

@@ -1,17 +1,23 @@
-"""What is planned: the profile, the model family (the checkpoint's, --model's or the profile's) and
-the family's default target size."""
+"""What is planned: the profile, the model family (the checkpoint's, --model's, the profile's, or the
+SD 1.5 a fresh A1111 loads; one rule for every command) and the family's default target size."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lowvram.core.errors import ProfileError
-from lowvram.core.facts import Facts
+from lowvram.core.errors import FlagError, ProfileError
+from lowvram.core.facts import Facts, WebuiFacts
 from lowvram.core.plan import Overrides
 from lowvram.core.policy.builder import Builder, Inputs, Target
 from lowvram.core.profiles import ResolvedProfile, Selection
+from lowvram.ui import adapter
 
 DEFAULT_TARGET = {"sd15": 512, "sd2": 768, "sdxl": 1024, "sdxl-refiner": 1024}
+# What a fresh A1111 downloads and loads at its first start (v1-5-pruned-emaonly), unless
+# --no-download-sd-model: the family lowvram plans for when nothing else says.
+FRESH_A1111_FAMILY = "sd15"
+SETTLE_FAMILY = "give --model sd15, sd2 or sdxl, or a profile made for one family (e.g. --profile generic-sdxl)"
 
 
 @dataclass(frozen=True)
@@ -21,40 +27,97 @@ class FamilyChoice:
     reason: str
 
 
+def _checkpoint_choice(webui: WebuiFacts | None, model: str | None, *, note_ignored: bool) -> FamilyChoice | None:
+    family = webui.model_family if webui is not None else None
+    if webui is None or not family or family == "unknown":
+        return None
+    reason = f"the selected checkpoint {webui.checkpoint!r} is {family}"
+    if note_ignored and model and model != _base_family(family):
+        reason += f" (--model {model} ignored: the checkpoint says otherwise)"
+    return FamilyChoice(family, "auto", reason)
+
+
+def _profile_choice(name: str | None, models: Sequence[str], webui: WebuiFacts | None) -> FamilyChoice | None:
+    """A profile made for a family implies it: the checkpoint's where the profile lists it, else its first."""
+    if name is None or not models:
+        return None
+    found = webui.model_family if webui is not None else None
+    fam = found if found in models else models[0]
+    return FamilyChoice(fam, "profile", f"profile {name} is for {fam}")
+
+
+def fresh_family(webui: WebuiFacts | None, ui: str | None) -> FamilyChoice | None:
+    """SD 1.5 where that is what the UI will load: an A1111 tree with no checkpoint yet, or no WebUI at
+    all with A1111 the target (`lowvram setup` installs A1111 by default). Every command asks this one
+    rule; None where no model is implied (ComfyUI, Forge and SD.Next download none, or
+    --no-download-sd-model)."""
+    if webui is None:
+        if ui not in (None, "a1111"):
+            return None
+        return FamilyChoice(FRESH_A1111_FAMILY, "auto",
+                            "no WebUI found and no --model: a fresh A1111 downloads and loads SD 1.5 "
+                            "(v1-5-pruned-emaonly) at its first start")
+    if (webui.flavor == "a1111" and webui.checkpoint is None
+            and "--no-download-sd-model" not in (webui.user_args or ())):
+        return FamilyChoice(FRESH_A1111_FAMILY, "auto",
+                            "no checkpoint yet: A1111's first start downloads and loads SD 1.5 "
+                            "(v1-5-pruned-emaonly); the next plan follows the checkpoint it finds")
+    return None
+
+
+def choose_family(webui: WebuiFacts | None, *, model: str | None, profile: str | None = None,
+                  profile_models: Sequence[str] = (), ui: str | None = None,
+                  cli_first: bool = False) -> FamilyChoice:
+    """The model family, for every command: the selected checkpoint > --model > the profile's
+    (`cli_first`, for `estimate`'s what-if: --model > the profile's > the checkpoint), then what a
+    fresh A1111 loads (`fresh_family`); family None where nothing says (`require_family` explains)."""
+    ckpt = _checkpoint_choice(webui, model, note_ignored=not cli_first)
+    given = FamilyChoice(model, "cli", f"--model {model}") if model else None
+    prof = _profile_choice(profile, profile_models, webui)
+    for choice in (given, prof, ckpt) if cli_first else (ckpt, given, prof):
+        if choice is not None:
+            return choice
+    return fresh_family(webui, ui) or FamilyChoice(None, "auto", "unknown: no checkpoint selected and no --model")
+
+
 def resolve_family(facts: Facts, overrides: Overrides, profile: ResolvedProfile | None) -> FamilyChoice:
-    """The model family: the WebUI's checkpoint > --model > an explicit profile's match.model."""
-    webui_family = facts.webui.model_family if facts.webui else None
-    if webui_family and webui_family != "unknown":
-        reason = f"the selected checkpoint {facts.webui.checkpoint!r} is {webui_family}" if facts.webui else ""
-        if overrides.model and overrides.model != _base_family(webui_family):
-            reason += f" (--model {overrides.model} ignored: the checkpoint says otherwise)"
-        return FamilyChoice(webui_family, "auto", reason)
-    if overrides.model:
-        return FamilyChoice(overrides.model, "cli", f"--model {overrides.model}")
-    if profile is not None and overrides.explicit_profile and len(profile.profile.match.model) >= 1:
-        fam = profile.profile.match.model[0]
-        return FamilyChoice(fam, "profile", f"profile {profile.name} is for {fam}")
-    w = facts.webui
-    if (w is not None and w.flavor == "a1111" and w.checkpoint is None
-            and "--no-download-sd-model" not in (w.user_args or ())):
-        # A1111 with no checkpoint at all downloads v1-5-pruned-emaonly at its first start and loads it.
-        return FamilyChoice("sd15", "auto", "no checkpoint yet: A1111's first start downloads and loads "
-                            "SD 1.5 (v1-5-pruned-emaonly); the next plan follows the checkpoint it finds")
-    return FamilyChoice(None, "auto", "unknown: no checkpoint selected and no --model")
+    """The plan's model family: the WebUI's checkpoint > --model > an explicit profile's match.model >
+    what a fresh A1111 loads (`choose_family`)."""
+    explicit = profile is not None and overrides.explicit_profile
+    return choose_family(facts.webui, model=overrides.model, profile=profile.name if explicit and profile else None,
+                         profile_models=profile.profile.match.model if explicit and profile else (),
+                         ui=overrides.ui)
 
 
-def require_family(choice: FamilyChoice, facts: Facts) -> str:
+def require_family(choice: FamilyChoice, facts: Facts, ui: str | None = None) -> str:
+    """The plan's family, or one ProfileError saying why it is unknown (`family_or_error`)."""
+    return family_or_error(choice, facts.webui, ui)
+
+
+def family_or_error(choice: FamilyChoice, w: WebuiFacts | None, ui: str | None) -> str:
+    """The family, or one ProfileError (exit 1, for every command) saying why it is unknown and which
+    of the user's choices settles it."""
     if choice.family:
         return choice.family
-    if facts.webui and facts.webui.checkpoint_error:
-        raise ProfileError(f"{facts.webui.checkpoint_error}; its model family is unknown",
-                           "give --model sd15, sd2 or sdxl (and re-download the checkpoint or select another)")
-    if facts.webui and facts.webui.model_family == "unknown":
-        raise ProfileError(
-            f"cannot tell the model family of {facts.webui.checkpoint or 'the selected checkpoint'}",
-            "give --model sd15, sd2 or sdxl",
-        )
-    raise ProfileError("the model family is unknown (no checkpoint selected)", "give --model sd15, sd2 or sdxl")
+    if w is not None and w.checkpoint_error:
+        raise ProfileError(f"{w.checkpoint_error}; its model family is unknown",
+                           f"{SETTLE_FAMILY} (and re-download the checkpoint or select another)")
+    if w is not None and w.model_family == "unknown":
+        raise ProfileError(f"cannot tell the model family of {w.checkpoint or 'the selected checkpoint'}",
+                           SETTLE_FAMILY)
+    if w is not None:
+        why = " (--no-download-sd-model: its first start downloads none)" if w.flavor == "a1111" else ""
+        raise ProfileError(f"the model family is unknown: the {_title(w.flavor)} at {w.path} has no checkpoint "
+                           f"selected{why}", f"{SETTLE_FAMILY}; or select a checkpoint in the UI")
+    raise ProfileError(f"the model family is unknown: no WebUI found, and a fresh {_title(ui)} downloads no model",
+                       f"{SETTLE_FAMILY}; or --webui PATH to a WebUI with a checkpoint selected")
+
+
+def _title(ui: str | None) -> str:
+    try:
+        return adapter(ui or "a1111").title
+    except FlagError:
+        return str(ui)
 
 
 def _base_family(family: str | None) -> str | None:
@@ -82,7 +145,7 @@ def decide_profile(b: Builder, inp: Inputs, selection: Selection | None) -> None
 
 def decide_family(b: Builder, inp: Inputs, family: FamilyChoice | None) -> str:
     fam_choice = family or resolve_family(inp.facts, inp.overrides, inp.resolved)
-    fam = require_family(fam_choice, inp.facts)
+    fam = require_family(fam_choice, inp.facts, inp.overrides.ui)
     b.add("model", fam, fam_choice.source, fam_choice.reason)
     _warn_damaged_inputs(b, inp.facts, fam, fam_choice)
     return fam

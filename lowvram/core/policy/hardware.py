@@ -164,7 +164,9 @@ def decide_headroom(b: Builder, inp: Inputs, u: UiStep, g: GpuStep) -> None:
     if u.key == "forge" and vram_total and not g.cpu_mode:
         weights = max(0, vram_total - room - FORGE_INFERENCE_MB)
         b.add("forge.gpu_weights_mb", weights, "auto",
-              f"Forge's GPU Weights slider (Settings) follows the headroom: at most {vram_total} − {room} headroom − "
-              f"{FORGE_INFERENCE_MB} inference memory; lowvram does not write Forge's settings")
-    b.add("headroom_mb", room, "auto", "VRAM other programs hold (measured total − free), with the "
-          f"{'Windows' if facts.system.os == 'windows' or facts.system.wsl else 'Linux'} minimum")
+              f"Forge's GPU Weights slider (Settings) follows the VRAM kept free: at most {vram_total} − {room} kept "
+              f"free − {FORGE_INFERENCE_MB} inference memory; lowvram does not write Forge's settings")
+    windows = facts.system.os == "windows" or facts.system.wsl
+    b.add("headroom_mb", room, "auto", "VRAM kept free for other programs: what they hold now (measured total − "
+          f"free), at least {headroom_floor(facts.system.os, facts.system.wsl)} MiB on "
+          f"{'Windows' if windows else 'Linux'}")

@@ -1,5 +1,5 @@
-"""The offload rung: the CLI's, the profile's pin, or the ladder (the first rung whose estimate fits),
-moved by what recent runs say (docs/architecture.md#the-policy, "Offload ladder")."""
+"""The offload rung ("offload level" on screen): the CLI's, the profile's pin, or the ladder (the first
+rung whose estimate fits), moved by what recent runs say (docs/architecture.md#the-policy, "Offload ladder")."""
 
 from __future__ import annotations
 
@@ -48,8 +48,9 @@ def decide_offload(b: Builder, inp: Inputs, g: GpuStep, *, rungs: Sequence[str],
         offload_why = f"pinned by profile {prof.name}: the margin is too thin to trust an estimate"
         for o in recent:
             if o.offload == offload and _missed(o, spill_possible):
-                b.warn(f"a recent run on the pinned rung {offload} ran out of memory or spilled: "
-                       "try --offload with a lower rung")
+                more = rungs[rungs.index(offload) + 1] if offload in rungs[:-1] else None
+                b.warn(f"a recent run at offload level {offload} (pinned by profile {prof.name}) ran out of memory "
+                       "or spilled: " + (f"try more offload with --offload {more}" if more else "try a smaller image"))
                 break
     else:
         offload, offload_why = _ladder(rungs, fits, fits.estimates, g.vram_total, g.room)
@@ -77,7 +78,8 @@ def _ladder_learns(ladder: tuple[str, str, str], g: GpuStep, *, rungs: Sequence[
         steps.append(f"a run on {rungs[idx]} {what}")
         idx += 1
     if steps:
-        offload_why = "; ".join(steps) + (": one rung down" if len(steps) == 1 else f": {len(steps)} rungs down")
+        offload_why = "; ".join(steps) + (": offloading one level more" if len(steps) == 1
+                                          else f": offloading {len(steps)} levels more")
         return rungs[idx], "observations", offload_why
     if idx > 0:
         vram_total = g.vram_total
@@ -87,7 +89,8 @@ def _ladder_learns(ladder: tuple[str, str, str], g: GpuStep, *, rungs: Sequence[
         if (len(here) >= COMFORT_RUNS and vram_total and not missed_upper
                 and all(not _missed(o, spill_possible) for o in here)
                 and all((o.peak_reserved_mb or 0) + g.room <= COMFORT_SHARE * vram_total for o in here)):
-            return upper, "observations", f"{len(here)} runs on {offload} had room to spare: trying one rung up"
+            return upper, "observations", (f"{len(here)} runs on {offload} had room to spare: "
+                                           "trying one offload level less")
     return offload, offload_src, offload_why
 
 
@@ -95,26 +98,26 @@ def _ladder(rungs: Sequence[str], fits: Any, estimates: Mapping[str, est.Estimat
             vram_total: int | None, room: int) -> tuple[str, str]:
     if vram_total is None:
         mid = rungs[1] if len(rungs) > 1 else rungs[0]
-        return mid, "the GPU's VRAM size is unknown, so no estimate: the middle rung is the safe choice"
+        return mid, "the GPU's VRAM size is unknown, so no estimate: the middle offload level is the safe choice"
     for rung in rungs:
         ok = fits(rung)
         if ok is None:
             mid = rungs[1] if len(rungs) > 1 else rungs[0]
-            return mid, "no estimate for this model family: the middle rung is the safe choice"
+            return mid, "no estimate for this model family: the middle offload level is the safe choice"
         if ok:
             tried = list(rungs[: rungs.index(rung)])
             skipped = "; ".join(f"{r} needs {estimates[r].peak_mb} MiB" for r in tried)
-            return rung, (f"first rung whose estimate fits: {estimates[rung].peak_mb} MiB of "
+            return rung, (f"the least offload whose estimate fits: {estimates[rung].peak_mb} MiB of "
                           f"{vram_total - room} MiB usable" + (f" ({skipped})" if skipped else ""))
     last = rungs[-1]
-    return last, f"no rung fits (even {last} needs {estimates[last].peak_mb} MiB): the lowest rung"
+    return last, f"no offload level fits (even {last} needs {estimates[last].peak_mb} MiB): the most offload there is"
 
 
 def map_to_ui_rung(offload: str, offload_why: str, u: UiStep, g: GpuStep, rungs: Sequence[str]) -> tuple[str, str]:
     """A rung this UI does not have becomes its nearest one, and the reason says so."""
     mapped = map_rung(offload, rungs)
     if offload not in ("cpu", "none") and offload not in rungs and not g.foreign and mapped != offload:
-        offload_why += f" ({u.ui.title} has no {offload} rung: {mapped})"
+        offload_why += f" ({u.ui.title} has no {offload}; its nearest offload level is {mapped})"
         offload = mapped
     return offload, offload_why
 

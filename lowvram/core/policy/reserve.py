@@ -11,6 +11,7 @@ from lowvram.core.observations import Observation
 from lowvram.core.plan import HookPlan, ReservePlan
 from lowvram.core.policy.builder import Builder, GpuStep, Inputs, Target, UiStep
 from lowvram.core.reserve import compute_reserve
+from lowvram.core.words import SWAP
 
 
 def decide_reserve(b: Builder, inp: Inputs, g: GpuStep, road: str, *, checkpoint: str | None,
@@ -23,7 +24,9 @@ def decide_reserve(b: Builder, inp: Inputs, g: GpuStep, road: str, *, checkpoint
         else:
             reserve = _reserve(inp.observations, checkpoint, g.vram_total, g.gpu, (target.width, target.height))
     else:
-        reserve = ReservePlan("off", 0, False, source="none", reason="swap road: nothing should spill, no reserve")
+        why = ("no NVIDIA GPU, so no reserve is needed" if g.no_nvidia
+               else f"the plan is to {SWAP}, so nothing should spill and no reserve is needed")
+        reserve = ReservePlan("off", 0, False, source="none", reason=why)
     b.add("reserve", reserve.mb, reserve.source if reserve.source != "none" else "auto", reserve.reason)
     return reserve
 
@@ -51,7 +54,8 @@ def decide_hook(b: Builder, inp: Inputs, u: UiStep, reserve: ReservePlan) -> Hoo
     elif overrides.no_hook:
         hook = HookPlan(False, "--no-hook")
     else:
-        hook = HookPlan(True, "observes every generation (the ladder and the reserve learn from it)"
-                        + ("; lays out the reserve" if reserve.applied else "; no layout on the swap road"))
+        hook = HookPlan(True, "records every generation, so the offload level and the reserve learn from it"
+                        + ("; sets the reserve aside in VRAM" if reserve.applied
+                           else "; this plan has no reserve to set aside"))
     b.add("hook", hook.enabled, "cli" if overrides.no_hook else "auto", hook.reason)
     return hook

@@ -10,6 +10,7 @@ from lowvram.core.observations import Observation
 from lowvram.core.policy.builder import Builder, GpuStep, Inputs, RoadChoice, Target, UiStep
 from lowvram.core.policy.road_history import avoid_failed, failure_text, last_failures, measured_choice, road_history
 from lowvram.core.reserve import laid_out
+from lowvram.core.words import RESIDENT, SWAP, road_words
 
 
 def _tuned_road(observations: Sequence[Observation], checkpoint: str | None, gpu: GpuFacts | None,
@@ -30,8 +31,8 @@ def _tuned_road(observations: Sequence[Observation], checkpoint: str | None, gpu
     if state.best is None or measured != {"swap", "resident"}:
         return None
     return (state.best.road, "tuning",
-            f"tuned: the {state.best.road} road was faster ({state.best.sit:.3f} s/it at {size[0]}×{size[1]}; "
-            "`lowvram tune` measured both roads)")
+            f"{road_words(state.best.road)}: `lowvram tune` measured both ways and this one was faster "
+            f"({state.best.sit:.3f} s/it at {size[0]}×{size[1]})")
 
 
 def _resident_failed(observations: Sequence[Observation], checkpoint: str | None, gpu: GpuFacts | None) -> str | None:
@@ -62,25 +63,28 @@ def decide_road(b: Builder, inp: Inputs, u: UiStep, g: GpuStep, *, spill_possibl
     ram_ok = bool(facts.system.ram_mb and vram_total and facts.system.ram_mb >= 2 * vram_total)
     resident_possible = u.key == "a1111" and spill_possible and ram_ok and gpu is not None and not g.cpu_mode
     why_no_resident = (
-        "only A1111 runs the layout hook" if u.key != "a1111" else
-        "memory cannot spill here (sysmem fallback off), so only the swap road exists" if not spill_possible else
+        "keeping the model in VRAM needs lowvram's layout hook, which runs on A1111 only" if u.key != "a1111" else
+        "the driver here cannot spill VRAM into RAM (sysmem fallback off), which keeping the model in VRAM relies on"
+        if not spill_possible else
         "no NVIDIA GPU" if gpu is None else
-        f"RAM {facts.system.ram_mb} MiB is under 2 × VRAM" if not ram_ok else ""
+        f"RAM {facts.system.ram_mb} MiB is under 2 × VRAM, too little to keep the model in VRAM and spill into RAM"
+        if not ram_ok else ""
     )
     layout_mode = overrides.layout or prof.layout.mode
     layout_src = "cli" if overrides.layout else "profile"
-    if layout_mode == "off" or g.no_nvidia:
-        return RoadChoice("swap", layout_src,
-                          "--layout off / profile: the swap road" if layout_mode == "off" else "no NVIDIA GPU")
+    asked = f"--layout {layout_mode}" if layout_src == "cli" else f"profile {prof.name} (layout {layout_mode})"
+    if g.no_nvidia:
+        return RoadChoice("swap", layout_src, "no NVIDIA GPU: nothing to keep in VRAM")
+    if layout_mode == "off":
+        return RoadChoice("swap", layout_src, f"{asked}: {SWAP}")
     if not resident_possible:
         if layout_mode == "on":
-            b.warn(f"--layout on asked for the resident road, but {why_no_resident}")
-        return RoadChoice("swap", "auto", f"swap road: {why_no_resident}")
+            b.warn(f"{asked} asked to {RESIDENT}, but {why_no_resident}")
+        return RoadChoice("swap", "auto", f"{SWAP}: {why_no_resident}")
     if layout_mode == "on":
         if (failed := _resident_failed(inp.observations, checkpoint, gpu)) is not None:
-            asked = "--layout on" if layout_src == "cli" else f"profile {prof.name} (layout on)"
-            b.warn(f"{asked}: the resident road's last run failed ({failed}); trying it again as asked")
-        return RoadChoice("resident", layout_src, "--layout on: the resident road (model on the GPU, layout + reserve)")
+            b.warn(f"{asked}: the last run that kept the model in VRAM failed ({failed}); trying it again as asked")
+        return RoadChoice("resident", layout_src, f"{asked}: {RESIDENT}")
     auto = _auto_road(inp.observations, checkpoint, gpu, rung=rung,
                       target=(target.width, target.height, target.batch))
     if auto.warning:
@@ -92,7 +96,7 @@ def record_offload_and_road(b: Builder, offload: tuple[str, str, str], road: Roa
     """The resident road keeps the whole model on the GPU; both decisions are recorded here."""
     rung, src, why = offload
     if road.road == "resident" and rung != "none":
-        why = f"resident road: whole model on the GPU (was {rung}; giant-kitten's premise)"
+        why = f"the whole model stays in VRAM ({RESIDENT}), so no offload (it would have been {rung})"
         rung, src = "none", road.source
     b.add("offload", rung, src, why)
     b.add("road", road.road, road.source, road.reason)

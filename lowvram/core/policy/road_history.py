@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from lowvram.core.observations import Observation, comparable_key, measured_road, run_failed
 from lowvram.core.policy.builder import RoadChoice
+from lowvram.core.words import RESIDENT, SWAP, plural, road_words
 
 ROAD_WINDOW = 5  # the latest measurements per road in one comparable group
 FAILURE_TEXT = 80  # how much of a recorded failure reason the road's reason quotes
@@ -78,16 +79,15 @@ def avoid_failed(failed: Mapping[str, Observation], rung: str) -> RoadChoice:
     """Never pick a road whose last run failed; with both failed, the safer swap road, warned."""
     swap, res = failed.get("swap"), failed.get("resident")
     if swap is not None and res is not None:
-        both = f"swap on {rung}: {failure_text(swap)}; resident: {failure_text(res)}"
-        return RoadChoice("swap", "observations", f"the last runs on both roads failed ({both}): the swap road, "
-                          "the safer one", f"the last runs on both roads failed ({both}): planned the swap road; "
-                          "the UI's console says more")
+        both = f"swap with offload {rung}: {failure_text(swap)}; resident: {failure_text(res)}"
+        return RoadChoice("swap", "observations", f"{SWAP}, the safer way: the last runs both ways failed ({both})",
+                          f"the last runs both ways failed ({both}): planned to {SWAP}; the UI's console says more")
     if res is not None:
-        return RoadChoice("swap", "observations", f"resident road: its last run failed ({failure_text(res)}); "
-                          "the swap road (--layout on tries the resident road again)")
+        return RoadChoice("swap", "observations", f"{SWAP}: the last run that kept the model in VRAM failed "
+                          f"({failure_text(res)}); --layout on tries that again")
     assert swap is not None
-    return RoadChoice("resident", "observations", f"swap road on {rung}: its last run failed "
-                      f"({failure_text(swap)}); the resident road")
+    return RoadChoice("resident", "observations", f"{RESIDENT}: the last run swapping to RAM (offload {rung}) "
+                      f"failed ({failure_text(swap)})")
 
 
 @dataclass(frozen=True)
@@ -162,18 +162,20 @@ def measured_choice(history: Sequence[Observation], rung: str, target: tuple[obj
     if pairs:
         c = pairs[_preferred(pairs, target, lambda k: pairs[k].latest)]
         faster = "resident" if c.resident < c.swap else "swap"
-        how = f"wall time per image at {c.steps} steps, median" if c.steps is not None else "median"
-        return RoadChoice(faster, "observations", f"measured at {_where(c.key)}: swap {c.swap:.2f} {c.unit} vs "
-                          f"resident {c.resident:.2f} {c.unit} ({how} of {c.runs[0]}/{c.runs[1]} runs): "
-                          f"{faster} is faster")
+        how = f"wall time per image at {plural(c.steps, 'step')}, median" if c.steps is not None else "median"
+        return RoadChoice(faster, "observations", f"{road_words(faster)}, the faster way measured at "
+                          f"{_where(c.key)}: swap {c.swap:.2f} {c.unit} vs resident {c.resident:.2f} {c.unit} "
+                          f"({how} of {c.runs[0]}/{c.runs[1]} runs)")
     measured = {measured_road(o) for o in history if not run_failed(o) and (o.sit is not None or o.wall_s is not None)}
     if "swap" not in measured:
-        return RoadChoice("swap", "auto", "exploring: the profile's road (swap) first, measured before the other")
+        return RoadChoice("swap", "auto", f"{SWAP}: lowvram tries both ways and keeps the faster; this one first, "
+                          "then keeping the model in VRAM")
     if "resident" not in measured:
-        return RoadChoice("resident", "auto", "exploring: the resident road once, reserve 0 first so free and "
-                          "overflow get measured")
+        return RoadChoice("resident", "auto", f"{RESIDENT}: lowvram tries both ways and keeps the faster; now this "
+                          "one, with reserve 0 first so the free and spilled memory get measured")
     # Both measured, never like with like: measure the road missing where the user generates.
     key = _preferred(groups, target, lambda k: max(o.time for runs in groups[k].values() for o in runs))
     road = "swap" if not groups[key]["swap"] else "resident"
-    return RoadChoice(road, "auto", f"exploring: no swap (on {rung}) and resident runs at the same size and device "
-                      f"to compare yet: the {road} road, to measure it at {_where(key)}")
+    return RoadChoice(road, "auto", f"{road_words(road)}: lowvram tries both ways and keeps the faster, but has no "
+                      f"swap (offload {rung}) and resident runs at the same size and device to compare yet; "
+                      f"this one, to measure it at {_where(key)}")

@@ -374,8 +374,9 @@ def install(webui: Path, entries: Sequence[RegistryEntry], manifest: Manifest, *
     if enable:
         removed = enable_in_config(webui, enable, manifest, dry_run=dry_run)
         if removed:
+            again = "would be enabled again in config.json (dry run)" if dry_run else "enabled again in config.json"
             results = [
-                ExtensionResult(**{**r.to_dict(), "reason": _join(r.reason, "enabled again in config.json")})
+                ExtensionResult(**{**r.to_dict(), "reason": _join(r.reason, again)})
                 if r.dir in removed else r
                 for r in results
             ]

@@ -200,7 +200,12 @@ def render_block(bvars: BlockVars, kind: str, newline: str | None = None) -> str
             body = bash_double_quoted_body(shlex_args(bvars.args))
             lines.append(f'export COMMANDLINE_ARGS="${{COMMANDLINE_ARGS:+$COMMANDLINE_ARGS }}{body}"')
         for name, value in bvars.env:
-            lines.append(f'export {name}="{bash_double_quoted_body(value)}"')
+            body = bash_double_quoted_body(value)
+            if name in markers.UNSET_ONLY_ENV:  # the user's value (environment, their lines above) wins
+                default = body.replace("}", "\\}")  # a `}` would end ${NAME:-…}
+                lines.append(f'export {name}="${{{name}:-{default}}}"')
+            else:
+                lines.append(f'export {name}="{body}"')
         lines.append(markers.BLOCK_END)
     elif kind == BAT:
         nl = newline or "\r\n"
@@ -208,7 +213,8 @@ def render_block(bvars: BlockVars, kind: str, newline: str | None = None) -> str
         if bvars.args:
             lines += _bat_args_lines(bvars.args)
         for name, value in bvars.env:
-            lines.append(f'set "{name}={windows_value(name, cmd_set_body(value, name))}"')
+            line = f'set "{name}={windows_value(name, cmd_set_body(value, name))}"'
+            lines.append(f"if not defined {name} {line}" if name in markers.UNSET_ONLY_ENV else line)
         lines.append(markers.BAT_BLOCK_END)
     else:
         raise ValueError(kind)
