@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from lowvram.core.plan import Overrides, Plan
     from lowvram.world.applied import Applied
-    from lowvram.world.tune_session import Probe, TuneEvent, TuneResult
+    from lowvram.world.tune import Probe, TuneEvent, TuneResult
 
 EXAMPLES = """
 Examples:
@@ -65,7 +65,7 @@ def tune_cmd(  # noqa: PLR0917 - typer maps parameters to options
     request_timeout: Annotated[float, typer.Option("--request-timeout", hidden=True, min=0.1)] = 600.0,
     stop_timeout: Annotated[float, typer.Option("--stop-timeout", hidden=True, min=0.1)] = 10.0,
 ) -> None:
-    from lowvram.world.tune_session import TuneError, TuneSettings, run_tune
+    from lowvram.world.tune import TuneError, TuneSettings, run_tune
 
     settings = TuneSettings(width=width, height=height, steps=steps, repeats=repeats, roads=roads.value,
                             max_minutes=max_minutes, ready_timeout_s=ready_timeout, request_timeout_s=request_timeout,
@@ -216,10 +216,16 @@ def summary(result: TuneResult) -> list[str]:
     lines: list[str] = []
     start, best = result.start, result.best
     if best is not None and best.sit is not None:
-        line = f"best: {_where(best)} at {best.sit:.4f} s/it"
+        # Per image where both were timed so (s/it hides --medvram's model moves), as tune compared them.
+        per_image = best.wall_s is not None and (start is None or start.wall_s is not None)
+
+        def speed(p: Probe) -> str:
+            return f"{p.wall_s:.3f} s/image ({p.sit or 0.0:.4f} s/it)" if per_image else f"{p.sit or 0.0:.4f} s/it"
+
+        line = f"best: {_where(best)} at {speed(best)}"
         if start is not None and start.ok and result.gain_pct is not None and start is not best:
             line += (f", {result.gain_pct:+.1f}% faster than the profile's start, {_where(start)} at "
-                     f"{start.sit:.4f} s/it")
+                     f"{speed(start)}")
         elif start is best:
             line += " (the profile's starting point was already the fastest)"
         lines.append(line)
@@ -237,9 +243,15 @@ def chart(result: TuneResult, width: int = 40) -> str:
     ok = [p for p in result.probes if p.ok and p.sit is not None]
     if not ok:
         return "(no successful probe to chart)"
-    worst = max(p.sit or 0.0 for p in ok) or 1.0
-    lines = ["s/it per road and reserve (shorter is faster; resident = the model kept in VRAM with that reserve, "
-             "swap = parts of the model swapped to RAM)"]
+    # Seconds per image where every probe has it (what tune compares on), else s/it.
+    per_image = all(p.wall_s is not None for p in ok)
+
+    def value(p: Probe) -> float:
+        return (p.wall_s if per_image else p.sit) or 0.0
+
+    worst = max(value(p) for p in ok) or 1.0
+    lines = [("seconds per image" if per_image else "s/it") + " per road and reserve (shorter is faster; resident = "
+             "the model kept in VRAM with that reserve, swap = parts of the model swapped to RAM)"]
     for road in ("resident", "swap"):
         rows = sorted((p for p in ok if p.road == road), key=lambda p: p.reserve_mb)
         seen: set[int] = set()
@@ -247,7 +259,7 @@ def chart(result: TuneResult, width: int = 40) -> str:
             if p.reserve_mb in seen:
                 continue
             seen.add(p.reserve_mb)
-            sit = p.sit or 0.0
+            sit = value(p)
             bar = "█" * max(1, round(sit / worst * width))
             label = f"{road:<8} {p.reserve_mb:>6}" if road == "resident" else f"{road:<8} {'-':>6}"
             mark = "  ◀ best" if p is result.best else ""

@@ -5,7 +5,10 @@ reserve = free + overflow, where `free` is the free dedicated VRAM after the mod
 into. giant-kitten's README asks users to read both in Task Manager; the hook measures them. Over
 the last 5 qualifying runs of this checkpoint (plus WebUI-wide manual readings) the median `free`
 and the largest `overflow` are used: a single low `free` reading (a browser holding VRAM) should
-not shrink the reserve, while a single large spill is exactly what the reserve must cover.
+not shrink the reserve, while a single large spill is exactly what the reserve must cover. The
+overflow is read on runs laid out at a reserve ≤ free (`reserve_formula.overflow_inputs`): above
+it the layout itself pushes the model's tail into shared memory, and reading that back would
+make the reserve feed on itself.
 The formula itself and its rounding live in `reserve_formula` (shared with `core/search.py`, the tuning search); this module
 decides between it and tuning's answer.
 """
@@ -16,8 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lowvram.core.observations import Observation
-from lowvram.core.reserve_formula import clamp, formula_inputs, laid_out, upper_bound
+from lowvram.core.reserve_formula import FormulaInputs, clamp, formula_inputs, laid_out, upper_bound
 from lowvram.core.search import PASSIVE_CANDIDATES, TuningState, tuning_state
+from lowvram.core.words import plural
 
 __all__ = ["ReserveResult", "compute_reserve", "laid_out"]  # laid_out (reserve_formula's): policy filters records with it
 
@@ -76,9 +80,8 @@ def compute_reserve(observations: Sequence[Observation], *, checkpoint: str | No
                              0, state, None)
     free = inputs.free_mb or 0
     overflow = inputs.overflow_mb or 0
-    reason = (f"free {free} MiB (median of {len([o for o in inputs.runs if o.free_mb is not None])}) + overflow "
-              f"{overflow} MiB (largest of {len([o for o in inputs.runs if o.overflow_mb is not None])}) "
-              f"= {free + overflow} MiB")
+    reason = (f"free {free} MiB (median of {inputs.free_runs}) + overflow {overflow} MiB "
+              f"({_overflow_source(inputs)}) = {free + overflow} MiB")
     if formula_clamp == "vram_total":
         reason += f", clamped to the card's {upper_bound(vram_total_mb, cuda_context_mb)} MiB"
     elif formula_clamp == "zero":
@@ -87,6 +90,18 @@ def compute_reserve(observations: Sequence[Observation], *, checkpoint: str | No
         reason += f", rounded down to {formula_mb} MiB"
     return ReserveResult(formula_mb, inputs.free_mb, inputs.overflow_mb, "observations", formula_clamp, reason,
                          used, state, formula_mb)
+
+
+def _overflow_source(inputs: FormulaInputs) -> str:
+    """Which runs the overflow is of (reserve_formula.overflow_inputs: never the model the layout pushed out)."""
+    if inputs.overflow_corrected:
+        return (f"largest of {plural(inputs.overflow_runs, 'run')} laid out above free, less the reserve − free "
+                "each pushed out of VRAM")
+    text = f"largest of {inputs.overflow_runs}"
+    if inputs.above_free:
+        text += (f" at reserve ≤ free; {plural(inputs.above_free, 'run')} above free left out: their overflow "
+                 "holds the model the layout pushed out")
+    return text
 
 
 def _size(size: tuple[int, int] | None) -> str:

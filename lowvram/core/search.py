@@ -6,14 +6,16 @@ generation and read the shared overflow, then search between a little below `fre
 swings the speed. Here the observations are the measurements and this module decides what to try
 next and when to stop:
 
-- candidates lie between 0.8 × free and free + overflow, on a 64 MiB grid;
+- candidates lie between 0.8 × free and free + overflow, on a 64 MiB grid (the overflow read on
+  runs at reserve ≤ free, `reserve_formula.overflow_inputs`: a larger reserve's own spill would
+  move the range up with every candidate);
 - on the resident road reserve 0 comes first (it measures free and overflow), then the formula
   (free + overflow), then a bisection around the best measured value (its nearest measured
   neighbours bound the bracket; the larger unmeasured side is split in the middle);
 - the best is the fastest measured reserve that is not on a cliff (a neighbour 64 MiB away more
   than 15 % slower), so small changes in what the desktop holds do not tip it over;
-- the search closes once the best has been confirmed twice (two later candidates did not beat
-  it), when nothing is left to try, or after 6 candidates (the passive search between launches;
+- the search closes once the best has been confirmed twice (two later candidates within 128 MiB
+  of it did not beat it), when nothing is left to try, or after 6 candidates (the passive search between launches;
   `lowvram tune` allows 12 per road); it reopens when the checkpoint or the driver changes, since
   observations are only counted for this checkpoint and driver;
 - a run counts only for what the hook really did (`observations.measured_road`): a run planned for
@@ -37,6 +39,7 @@ from lowvram.core.words import plural
 PASSIVE_CANDIDATES = 6
 TUNE_CANDIDATES = 12
 CONFIRMATIONS = 2
+CONFIRM_SPAN = 2 * STEP_MB  # a candidate this close to the best confirms it (or beats it)
 SWING = 0.15  # a neighbour this much slower marks a value as swinging
 LOW_FRACTION = 0.8
 
@@ -45,6 +48,7 @@ class Best(NamedTuple):
     road: str
     reserve_mb: int
     sit: float
+    wall_s: float | None = None  # seconds per image at the runs' step count, when every probe compared had it
 
 
 @dataclass(frozen=True)
@@ -59,10 +63,11 @@ class Probe:
     reason: str
     first_time: float
     unstable: bool = False
+    wall_s: float | None = None  # median seconds per image at the group's step count (`wall_at`)
 
     def to_dict(self) -> dict[str, Any]:
         return {"road": self.road, "reserve_mb": self.reserve_mb, "sit": self.sit, "runs": self.runs,
-                "ok": self.ok, "reason": self.reason, "unstable": self.unstable}
+                "ok": self.ok, "reason": self.reason, "unstable": self.unstable, "wall_s": self.wall_s}
 
 
 @dataclass(frozen=True)
@@ -186,7 +191,33 @@ def like_with_like(runs: Sequence[Observation], size: tuple[int, int] | None = N
     return [o for o in sized if comparable_key(o) == key]
 
 
+def wall_at(obs: Observation, steps: int | None) -> float | None:
+    """Seconds per image this run would take at `steps` steps, or None where it cannot say.
+
+    `wall_s` is the whole job per image, so it holds what s/it hides (--medvram's model moves
+    before and after sampling, the VAE): at its own step count it stands as recorded; at another,
+    its per-image overhead (wall_s − sit × steps) plus sit × `steps`. A record without wall_s
+    (an older hook) says nothing here: the caller falls back to s/it and says so.
+    """
+    if obs.wall_s is None or steps is None:
+        return None
+    if obs.steps == steps:
+        return obs.wall_s
+    if obs.sit is None or not obs.steps:
+        return None
+    return max(0.0, obs.wall_s - obs.sit * obs.steps) + obs.sit * steps
+
+
+def user_steps(runs: Sequence[Observation]) -> int | None:
+    """The step count the user generates at: the latest hook run's (not a tune probe's), else the latest run's."""
+    ordered = sorted((o for o in runs if o.steps), key=lambda o: o.time)
+    own = [o for o in ordered if o.source == "hook" and not (o.tag or "").startswith("tune")]
+    latest = (own or ordered)[-1:]
+    return latest[0].steps if latest else None
+
+
 def make_probes(runs: Sequence[Observation]) -> list[Probe]:
+    steps = user_steps(runs)
     groups: dict[tuple[str, int], list[Observation]] = {}
     for obs in sorted(runs, key=lambda o: o.time):
         road = _road(obs)
@@ -197,6 +228,7 @@ def make_probes(runs: Sequence[Observation]) -> list[Probe]:
     probes = []
     for (road, reserve), items in groups.items():
         sits = [o.sit for o in items if not run_failed(o) and o.sit is not None]
+        walls = [w for o in items if not run_failed(o) and (w := wall_at(o, steps)) is not None]
         failed = [o for o in items if run_failed(o)]
         reason = ""
         if failed and not sits:
@@ -204,7 +236,7 @@ def make_probes(runs: Sequence[Observation]) -> list[Probe]:
             reason = last.reason or (f"the layout did not run: {last.layout_error}" if last.layout_error
                                      else "out of memory")
         probes.append(Probe(road, reserve, statistics.median(sits) if sits else None, len(items), bool(sits),
-                            reason, items[0].time))
+                            reason, items[0].time, wall_s=statistics.median(walls) if sits and walls else None))
     return _mark_unstable(probes)
 
 
@@ -218,28 +250,50 @@ def _mark_unstable(probes: list[Probe]) -> list[Probe]:
                 other = resident.get(n)
                 if other is not None and other.sit is not None and other.sit > p.sit * (1 + SWING):
                     unstable = True
-        out.append(Probe(p.road, p.reserve_mb, p.sit, p.runs, p.ok, p.reason, p.first_time, unstable))
+        out.append(Probe(p.road, p.reserve_mb, p.sit, p.runs, p.ok, p.reason, p.first_time, unstable, p.wall_s))
     return out
 
 
+def by_wall(probes: Sequence[Probe]) -> bool:
+    """Probes are compared on wall time per image when every one has it, else on s/it."""
+    return bool(probes) and all(p.wall_s is not None for p in probes)
+
+
 def best_probe(probes: Sequence[Probe], road: str | None = None) -> Probe | None:
-    """The fastest successful probe, preferring ones whose neighbours do not swing the speed."""
+    """The fastest successful probe, preferring ones whose neighbours do not swing the speed.
+
+    Fastest by wall time per image where every candidate has it (s/it hides --medvram's
+    once-per-image model moves, so a swap probe on --medvram can look faster than it is), else by s/it.
+    """
     ok = [p for p in probes if p.sit is not None and (road is None or p.road == road)]
     if not ok:
         return None
     stable = [p for p in ok if not p.unstable] or ok
-    return min(stable, key=lambda p: (p.sit, p.reserve_mb, p.road))
+    wall = by_wall(stable)
+    return min(stable, key=lambda p: ((p.wall_s if wall else p.sit) or 0.0, p.reserve_mb, p.road))
+
+
+def _best(p: Probe, among: Sequence[Probe]) -> Best:
+    """`p` as the Best, with its wall time per image where the probes were compared on it."""
+    wall = by_wall([q for q in among if q.sit is not None])
+    return Best(p.road, p.reserve_mb, float(p.sit or 0.0), p.wall_s if wall else None)
 
 
 def confirmations(probes: Sequence[Probe]) -> int:
-    """How many resident candidates measured after the current best failed to beat it."""
+    """How many resident candidates near the current best, measured after it, failed to beat it.
+
+    Near: within CONFIRM_SPAN of it. A slower candidate further away only narrows the bracket
+    the bisection still has to search (on a curve with its optimum between the two, it is slower
+    however close the optimum is), so counting it closed the search before it got near the best.
+    """
     count = 0
     best_sit: float | None = None
+    best_reserve = 0
     for p in sorted((p for p in probes if p.road == "resident"), key=lambda p: p.first_time):
         if p.sit is not None and (best_sit is None or p.sit < best_sit):
-            best_sit = p.sit
+            best_sit, best_reserve = p.sit, p.reserve_mb
             count = 0
-        elif best_sit is not None:
+        elif best_sit is not None and abs(p.reserve_mb - best_reserve) <= CONFIRM_SPAN:
             count += 1
     return count
 
@@ -290,7 +344,7 @@ def tuning_state(observations: Sequence[Observation], checkpoint: str | None, dr
         grid = candidate_grid(free, overflow, vram_total_mb=vram_total_mb, cuda_context_mb=cuda_context_mb)
     best_resident = best_probe(resident)
     overall = best_probe(probes)
-    best = None if overall is None else Best(overall.road, overall.reserve_mb, float(overall.sit or 0.0))
+    best = None if overall is None else _best(overall, probes)
     confirmed = confirmations(probes)
     nxt = next_candidate(measured, None if best_resident is None else best_resident.reserve_mb, grid, formula_mb)
     if not measured:
@@ -312,6 +366,6 @@ def tuning_state(observations: Sequence[Observation], checkpoint: str | None, dr
         reason = f"open: {len(measured)} of {max_candidates} candidates measured, next {nxt} MiB"
         closed = False
     resident_best = (None if best_resident is None
-                     else Best(best_resident.road, best_resident.reserve_mb, float(best_resident.sit or 0.0)))
+                     else _best(best_resident, resident))
     return TuningState(best, tuple(probes), closed, nxt, reason, size, confirmed, len(measured), max_candidates,
                        span, resident_best)

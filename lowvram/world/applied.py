@@ -1,6 +1,6 @@
 """What a WebUI tree holds of lowvram's plan now, against the plan lowvram would apply next.
 
-`lowvram tune` measures and then puts the tree back byte for byte (world/tune_session.py), so after
+`lowvram tune` measures and then puts the tree back byte for byte (world/tune/snapshot.py), so after
 it the tree still holds what `lowvram apply` (or `launch`) wrote last: the managed block in
 webui-user and the hook's config (reserve, road) in the state dir. `applied_against` reads both,
 without writing or locking anything, and says whether they are already what `apply` would write

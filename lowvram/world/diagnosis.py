@@ -433,6 +433,9 @@ def check_torch_driver(facts: Facts) -> Check:
                      _cuda_torch_hint(w.flavor))
     if g is None:
         return Check("webui.torch_driver", "skip", f"torch {w.torch} (CUDA {w.torch_cuda}); no NVIDIA driver to compare")
+    arch = check_torch_arch(facts, w, g)
+    if arch is not None:
+        return arch
     os_key = _os_key(facts)
     where = "Windows" if os_key == "windows" else "Linux"
     full, compat = min_driver_for_cuda(w.torch_cuda, os_key)
@@ -456,6 +459,27 @@ def check_torch_driver(facts: Facts) -> Check:
     need = full or compat or "a newer one"
     return Check("webui.torch_driver", "fail", f"{label}: the driver is too old for this torch build",
                  f"update the NVIDIA driver to ≥ {need} on {where} ({source}), or install a torch built for an older CUDA")
+
+
+def check_torch_arch(facts: Facts, w: WebuiFacts, g: GpuFacts) -> Check | None:
+    """A failing check where the venv's torch has no kernels for this card (a cu128+ build on Maxwell or
+    Pascal, a cu130 one on Volta: core/torch_builds.py), with the pip command that puts a CUDA 12.6 build in."""
+    from lowvram.core import torch_builds as tb
+
+    floor = tb.no_kernels_for(w.torch, w.torch_cuda, g.cc_tuple)
+    cuda = tb.cuda_of(w.torch, w.torch_cuda)
+    if floor is None or cuda is None or g.cc_tuple is None:
+        return None
+    card = (g.name or "this GPU").removeprefix("NVIDIA ").removeprefix("GeForce ")
+    legacy, _vision = tb.legacy_build(w.torch)
+    same = legacy.split("+", 1)[0] == (w.torch or "").split("+", 1)[0]
+    return Check("webui.torch_driver", "fail",
+                 f"torch {w.torch} has no kernels for the {card} ({tb.cc_text(g.cc_tuple)}): PyTorch's "
+                 f"{tb.cuda_text(cuda)} builds of it start at {tb.cc_text(floor)}, so the UI stops with 'no kernel "
+                 "image is available'",
+                 f"install torch {legacy}" + (", the same release built for CUDA 12.6" if same else
+                                              ", the last release with CUDA 12.6 wheels")
+                 + f" (kernels from sm_50): `{tb.venv_pip_command(w.python, facts.system.os, w.torch)}`")
 
 
 def _cuda_torch_hint(flavor: str) -> str:

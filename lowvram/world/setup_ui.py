@@ -46,7 +46,8 @@ class Download:
     download_mb: int
     disk_mb: int
     # None = always; "no-torch" (the UI's CUDA build) | "no-torch-cpu" (the CPU build a plan without an
-    # NVIDIA GPU chooses, docs/architecture.md#the-policy, "Torch install") | "xformers" | "no-checkpoint"
+    # NVIDIA GPU chooses, docs/architecture.md#the-policy, "Torch install") | "no-torch-cu126" (the CUDA 12.6
+    # build a plan pins for a GPU the UI's own build has no kernels for) | "xformers" | "no-checkpoint"
     when: str | None = None
 
 
@@ -407,7 +408,8 @@ class SetupResult:
     profile: str | None = None
     remembered: bool = True
     before_launch: list[str] = field(default_factory=list)
-    torch_build: str | None = None  # "cpu" where the plan makes the first start install torch's CPU build
+    # "cpu" where the plan makes the first start install torch's CPU build, "cu126" its CUDA 12.6 build
+    torch_build: str | None = None
 
     @property
     def launch_command(self) -> str:
@@ -673,7 +675,7 @@ def _apply(result: SetupResult, spec: UiSpec, *, profile: str | None, model: str
         result.notes.append("facts came from a file: the path and profile were not remembered")
     else:
         state.remember(result.dir, profile)
-    result.torch_build = cpu_torch_build(ctx.plan)
+    result.torch_build = plan_torch_build(ctx.plan)
     result.first_start = _first_start(spec, ctx)
 
 
@@ -683,9 +685,10 @@ def _before_launch(spec: UiSpec, dest: Path, torch_build: str | None) -> list[st
     return [cmd.replace("{dir}", shlex.quote(str(dest))) for cmd in commands]
 
 
-def cpu_torch_build(plan: Any) -> str | None:
-    """"cpu" where the plan makes the UI's first start install torch's CPU build (no NVIDIA GPU)."""
-    return "cpu" if any(d.setting == "torch_install" and d.value == "cpu" for d in plan.decisions) else None
+def plan_torch_build(plan: Any) -> str | None:
+    """The build the plan makes the UI's first start install instead of its own: "cpu" (no NVIDIA GPU),
+    "cu126" (a GPU the UI's build has no kernels for), else None."""
+    return next((str(d.value) for d in plan.decisions if d.setting == "torch_install" and d.value), None)
 
 
 def _apply_dict(applied: Any, plan: Any) -> dict[str, Any]:
@@ -705,13 +708,15 @@ def _apply_dict(applied: Any, plan: Any) -> dict[str, Any]:
 def _first_start(spec: UiSpec, ctx: Any) -> list[Download]:
     webui = getattr(ctx.facts, "webui", None)
     args: Sequence[str] = ctx.plan.args
-    cpu = cpu_torch_build(ctx.plan) == "cpu" and any(d.when == "no-torch-cpu" for d in spec.first_start)
+    build = plan_torch_build(ctx.plan)
+    # The item for the build the plan pins where the registry has one, else the UI's own ("no-torch").
+    torch_item = f"no-torch-{build}" if any(d.when == f"no-torch-{build}" for d in spec.first_start) else "no-torch"
     out = []
     for item in spec.first_start:
         if item.when == "xformers" and "--xformers" not in args:
             continue
-        if item.when in ("no-torch", "no-torch-cpu") and (
-                (webui is not None and webui.torch) or cpu != (item.when == "no-torch-cpu")):
+        if (item.when or "").startswith("no-torch") and (
+                (webui is not None and webui.torch) or item.when != torch_item):
             continue
         if item.when == "no-checkpoint" and webui is not None and webui.checkpoint:
             continue

@@ -29,7 +29,7 @@ def test_every_ui_is_pinned_with_a_reason() -> None:
         assert spec.clone_mb > 0 and spec.python_supported, key
         assert spec.first_start, key
         assert all(d.download_mb > 0 and d.disk_mb > 0 for d in spec.first_start), key
-        assert all(d.when in (None, "no-torch", "no-torch-cpu", "xformers", "no-checkpoint")
+        assert all(d.when in (None, "no-torch", "no-torch-cpu", "no-torch-cu126", "xformers", "no-checkpoint")
                    for d in spec.first_start), key
         # Without an NVIDIA GPU the first start installs torch's CPU build: a much smaller download.
         cuda = [d for d in spec.first_start if d.when == "no-torch"]

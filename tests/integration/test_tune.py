@@ -251,7 +251,7 @@ def test_every_probe_failing_is_exit_1_with_one_json_document(cli: Any, tree: Ap
 def test_a_port_in_the_users_commandline_args_is_where_tune_talks(tmp_path: Path, cli: Any, facts: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A1111 reads COMMANDLINE_ARGS after its command line: the user's --port beats tune's."""
-    from lowvram.world.tune_session import free_port
+    from lowvram.world.tune.loopback import free_port
     from tests.fixtures.webui_trees import STOCK_WEBUI_USER_SH
 
     (tmp_path / "mirror").mkdir()

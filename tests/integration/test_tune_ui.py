@@ -14,17 +14,10 @@ from pathlib import Path
 import pytest
 
 from lowvram.world.launch import LaunchSpec
-from lowvram.world.tune_session import (
-    ApiClient,
-    TuneError,
-    TuneEvent,
-    UiProcess,
-    beyond_loopback,
-    free_port,
-    listen_addresses,
-    txt2img_payload,
-    wait_ready,
-)
+from lowvram.world.tune.loopback import beyond_loopback, free_port, listen_addresses
+from lowvram.world.tune.results import TuneError, TuneEvent
+from lowvram.world.tune.ui_api import ApiClient, txt2img_payload
+from lowvram.world.tune.ui_process import UiProcess, wait_ready
 from tests.fixtures.api_ui import ApiUi, make_api_webui
 
 

@@ -129,3 +129,44 @@ def test_a_faster_swap_road_does_not_make_the_resident_reserve_zero() -> None:
     assert r.tuning.best is not None and r.tuning.best.road == "swap"  # tune's overall winner stays visible
     assert (r.source, r.reserve_mb) == ("tuning", 1600)
     assert "1600 MiB had the best measured speed with the model kept in VRAM" in r.reason
+
+
+# Issue 17 §2: the reserve must not feed on itself. A run laid out at a reserve above its free VRAM
+# reports the model tail the layout pushed into shared memory as overflow.
+
+
+def test_overflow_is_read_at_reserve_up_to_free_not_where_the_layout_pushed_the_model_out() -> None:
+    obs = [hook(1, 600, 1000, reserve=0, sit=3.0), hook(2, 600, 2100, reserve=1600, sit=2.0)]
+    r = reserve(obs, explore=False)
+    assert r.overflow_mb == 1000  # not 2100 = 1000 + (1600 − 600) + 100
+    assert r.formula_mb == 1600  # not 2700: the next launch does not lay out above the last
+    assert r.tuning is not None and r.tuning.range_mb == (512, 1600)
+    first = reserve(obs[:1])
+    assert first.reserve_mb == 1600
+    later = reserve([*obs, hook(3, 600, 1200, reserve=1728, sit=2.1)], explore=False)
+    assert later.formula_mb == 1600 and later.overflow_mb == 1000
+
+
+def test_the_reading_at_reserve_zero_outlives_the_window_of_later_runs_above_free() -> None:
+    obs = [hook(1, 600, 1000, reserve=0, sit=3.0)]
+    obs += [hook(t, 600, 1100 + t, reserve=1600 + 64 * (t % 2), sit=2.0) for t in range(2, 10)]
+    r = reserve(obs, explore=False)
+    assert (r.overflow_mb, r.formula_mb) == (1000, 1600)
+    assert r.tuning is not None and r.tuning.range_mb == (512, 1600)
+
+
+def test_the_reason_says_which_runs_the_overflow_is_of() -> None:
+    obs = [hook(1, 600, 1000, reserve=0), hook(2, 600, 2100, reserve=1600)]
+    r = reserve(obs)
+    assert r.source == "observations"  # no s/it: no tuning answer yet
+    assert "overflow 1000 MiB (largest of 1 at reserve ≤ free; 1 run above free left out" in r.reason
+
+
+def test_without_a_run_at_reserve_up_to_free_the_pushed_out_part_is_subtracted() -> None:
+    """A reserve forced from the first launch: every run lies above free, so each stands in less the
+    reserve − free it pushed out of VRAM."""
+    obs = [hook(1, 600, 1100, reserve=1600), hook(2, 700, 1150, reserve=1600)]
+    r = reserve(obs)
+    assert r.overflow_mb == 250  # max(1100 − 1000, 1150 − 900)
+    assert r.reserve_mb == 896  # median free 650 + 250 = 900 → 896
+    assert "less the reserve − free each pushed out" in r.reason

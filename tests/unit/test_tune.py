@@ -17,24 +17,12 @@ import pytest
 from lowvram.core.errors import UsageError
 from lowvram.core.facts import Facts, SystemFacts
 from lowvram.core.observations import Observation
-from lowvram.world.tune_session import (
-    ApiClient,
-    Probe,
-    TreeSnapshot,
-    TuneError,
-    TuneResult,
-    TuneSettings,
-    _local_facts,
-    _quietly,
-    _sigterm_as_interrupt,
-    beyond_loopback,
-    exposing_flags,
-    failure_reason,
-    judge_probe,
-    listen_addresses,
-    road_outcome,
-    txt2img_payload,
-)
+from lowvram.world.tune.loopback import beyond_loopback, exposing_flags, listen_addresses
+from lowvram.world.tune.probing import judge_probe, road_outcome
+from lowvram.world.tune.results import Probe, TuneError, TuneResult, TuneSettings
+from lowvram.world.tune.session import _local_facts, _quietly, _sigterm_as_interrupt
+from lowvram.world.tune.snapshot import TreeSnapshot
+from lowvram.world.tune.ui_api import ApiClient, failure_reason, txt2img_payload
 
 
 def test_oom_answer_reads_as_out_of_memory() -> None:
@@ -125,7 +113,7 @@ def test_client_ignores_proxies_and_reads_error_bodies(echo_port: int, monkeypat
 
 
 def test_client_raises_oserror_when_nothing_listens() -> None:
-    from lowvram.world.tune_session import free_port
+    from lowvram.world.tune.loopback import free_port
 
     with pytest.raises(OSError):
         ApiClient(free_port()).get("/sdapi/v1/progress", timeout=2)

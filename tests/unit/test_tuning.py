@@ -92,14 +92,24 @@ def test_the_passive_search_closes_after_six_candidates() -> None:
 
 
 def test_confirmed_twice_closes_before_the_limit() -> None:
-    obs = [probe(1, 0, 3.0), probe(2, 1600, 1.5), probe(3, 1024, 1.9)]
+    obs = [probe(1, 0, 3.0), probe(2, 1600, 1.5), probe(3, 1472, 1.6)]
     state = tuning_state(obs, CK, DRIVER, SIZE)
     assert not state.closed and state.confirmations == 1
-    obs.append(probe(4, 1344, 1.7))
+    obs.append(probe(4, 1536, 1.55))
     state = tuning_state(obs, CK, DRIVER, SIZE)
     assert state.closed and state.confirmations == 2
     assert state.best is not None and state.best.reserve_mb == 1600
     assert "confirmed 2" in state.reason
+
+
+def test_slower_candidates_far_from_the_best_narrow_the_search_and_do_not_close_it() -> None:
+    """Issue 17 §2: on a curve whose optimum lies between two measured values both are slower than
+    it however close it is; a candidate 576 or 256 MiB away that did not beat the best only moves
+    the bracket, and the search goes on next to the best instead of calling it confirmed."""
+    obs = [probe(1, 0, 3.0), probe(2, 1600, 1.5), probe(3, 1024, 1.9), probe(4, 1344, 1.7)]
+    state = tuning_state(obs, CK, DRIVER, SIZE)
+    assert not state.closed and state.confirmations == 0
+    assert state.next_candidate is not None and 1344 < state.next_candidate < 1600
 
 
 def test_repeated_runs_at_one_reserve_are_one_candidate() -> None:

@@ -63,25 +63,92 @@ SPECS: dict[str, FamilySpec] = {
 }
 
 
+# The UNet's latent levels, level 0 at the latent's own resolution (1/8 of the image's side): (channels,
+# whether the level has transformer blocks). Configs: SD1 v1-inference.yaml (320·[1,2,4,4], attention at
+# ds 1, 2, 4); SD2 the same widths; SDXL sd_xl_base.yaml (320·[1,2,4], transformer_depth [0,2,10]: none at
+# the highest resolution); the refiner 384·[1,2,4,4], attention at ds 2 and 4 (reference/vram_data.md §2).
+UNET_LEVELS: dict[str, tuple[tuple[int, bool], ...]] = {
+    "sd15": ((320, True), (640, True), (1280, True), (1280, False)),
+    "sd2": ((320, True), (640, True), (1280, True), (1280, False)),
+    "sdxl": ((320, False), (640, True), (1280, True)),
+    "sdxl-refiner": ((384, False), (768, True), (1536, True), (1536, False)),
+}
+
+UNET_ACT_FIT = 1.29
+"""What the derivation below leaves free: cuDNN/cuBLAS workspaces, attention-backend buffers, temporaries the
+count misses. Fitted on the reference rows marked "calibration" only (benchmarks/estimate_errors.py prints
+the fit and the errors on the "validation" rows it never saw; tests/unit/test_estimate.py checks both)."""
+
+
+def derived_unet_act(levels: tuple[tuple[int, bool], ...]) -> float:
+    """Live elements per latent pixel at the peak of one UNet forward (one batch element), from the architecture.
+
+    ldm/sgm layout (A1111, Forge, ComfyUI), two res blocks per level down and three up, the skip of
+    every block kept on a stack (conv_in, 2 per level, 1 per downsample) until the up path pops it.
+    A level at ds = 2^i holds C/4^i elements per latent pixel per channel-width C. At a transformer
+    block the peak is its GEGLU feed-forward: proj to 8C, gelu of half (4C), the product (4C), plus the
+    block's input, its residual stream and norm3 (3C): 19C, on top of the skips still held. A res
+    block holds cat(h, skip), its GroupNorm and its SiLU (3 × the concatenated width). So:
+
+    - SD1.5: the skips before down-L0's second transformer are conv_in + L0 res1 = 640; 19 × 320 =
+      6080; peak 6720 (up-L0's first transformer ties: 19 × 320 + the 2 L0 skips left).
+    - SDXL: level 0 has no attention; its res blocks peak at 3 × 960 + 640 = 3520. At ds 2 (640 ch, a
+      quarter of the tokens) 19 × 640 / 4 = 3040 plus the skips held (conv_in + 2 × 320 + 320/4 +
+      640/4 = 1200): 4240 — 0.63 of SD1.5's, because its widest attention sees a quarter of the tokens.
+    - SD2 as SD1.5 (same widths; heads change the attention, not these tensors); refiner 5088.
+
+    ComfyUI's `memory_usage_factor` (comfy/supported_models.py: SD1.5 1.0, SDXL 0.8; model_base.py
+    memory_required: area × dtype bytes × 0.01 × factor MiB, i.e. ≈ 10.5k and 8.4k elements per latent
+    pixel) is a cross-check: deliberately generous, same order, SDXL below SD1.5 as here.
+    """
+    scale = [4.0**i for i in range(len(levels))]
+    held: list[float] = [float(levels[0][0])]  # conv_in's output
+    peak = 0.0
+    prev = float(levels[0][0])
+    for i, (ch, attn) in enumerate(levels):  # down path
+        for _ in range(2):
+            width = ch / scale[i]
+            peak = max(peak, sum(held) + 3 * prev / scale[i] + width)
+            if attn:
+                peak = max(peak, sum(held) + 19 * width)
+            held.append(width)
+            prev = ch
+        if i + 1 < len(levels):
+            held.append(ch / scale[i + 1])
+    h = levels[-1][0] / scale[-1]
+    for i in reversed(range(len(levels))):  # up path
+        ch, attn = levels[i]
+        for _ in range(3):
+            skip = held.pop()
+            peak = max(peak, sum(held) + 3 * (h + skip))
+            h = ch / scale[i]
+            if attn:
+                peak = max(peak, sum(held) + 19 * h)
+        if i > 0:
+            h = ch / scale[i - 1]  # the upsample keeps the channels at 4× the pixels
+    return peak
+
+
+def default_unet_act(fit: float = UNET_ACT_FIT) -> dict[str, float]:
+    """`Coefficients.unet_act`: the derivation × the one fitted scale, the same for every family."""
+    return {fam: round(fit * derived_unet_act(levels)) for fam, levels in UNET_LEVELS.items()}
+
+
 @dataclass(frozen=True)
 class Coefficients:
     """The model's free coefficients: physics sets their form, reference figures their values.
 
     `unet_act` is the UNet's working memory in elements per latent pixel per UNet batch element
-    (the live activations at the widest attention level: residual stream, norms, q/k/v, the GEGLU
-    feed-forward at 8× width, skip connections). `vae_decode` is elements per output pixel of one
+    (the skips held plus the GEGLU feed-forward of the transformer level with the most elements:
+    `derived_unet_act`, times the one scale `UNET_ACT_FIT` fitted on calibration rows). `vae_decode` is elements per output pixel of one
     image's decode (the 128/256-channel full-resolution convolutions dominate). Naive attention
     holds `naive_score_bytes` bytes per score element (A1111's ldm computes scores in fp32 and keeps
     two copies: 8 B); Doggettx split attention keeps two copies in the compute dtype but slices
     itself to the free memory, modelled as a smooth cap `split_cap_mb`.
     """
 
-    # sd15: 8300 measured (diffusers UNet, benchmarks/estimate_measure.py) and matching the A1111 wiki's
-    # batch slope; sdxl: physics of its 1/16 transformer (GEGLU at 8×640 on T/4 tokens) and 1/8 resnets,
-    # only bracketed (2200–5800) by the CPU runs so far; sd2/refiner by analogy.
-    unet_act: dict[str, float] = field(
-        default_factory=lambda: {"sd15": 8300.0, "sd2": 8300.0, "sdxl": 3000.0, "sdxl-refiner": 3600.0}
-    )
+    # derived_unet_act() per family × UNET_ACT_FIT (fitted on the calibration rows only).
+    unet_act: dict[str, float] = field(default_factory=default_unet_act)
     # VAE decode, elements per output pixel. A1111's ldm/sgm decoder spells SiLU as x*sigmoid(x): more
     # temporaries than a diffusers/ComfyUI decoder (F.silu). A1111 decodes in the VAE's own dtype with
     # autocast off (decode_first_stage disabled it for a dtype_vae input even in early 2023; 1.6+ wraps

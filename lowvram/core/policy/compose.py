@@ -20,10 +20,11 @@ from lowvram.core.policy.extensions import decide_extensions
 from lowvram.core.policy.family import FamilyChoice, decide_family, decide_profile, decide_target
 from lowvram.core.policy.flags import decide_flags, decide_ui, merge_user_flags
 from lowvram.core.policy.hardware import decide_device_flag, decide_gpu, decide_headroom, decide_sysmem_fallback
-from lowvram.core.policy.offload import decide_offload, map_to_ui_rung, recent_runs
+from lowvram.core.policy.offload import decide_offload, map_to_ui_rung, recent_runs, run_setup
 from lowvram.core.policy.precision import decide_precision
 from lowvram.core.policy.reserve import decide_hook, decide_reserve
 from lowvram.core.policy.road import decide_road, record_offload_and_road
+from lowvram.core.policy.road_history import road_history
 from lowvram.core.profiles import ResolvedProfile, Selection
 from lowvram.ui import UiSettings
 
@@ -52,15 +53,19 @@ def plan(
     fallback = decide_sysmem_fallback(b, inp)
     spill_possible = fallback == "on"
     attention = decide_attention(b, inp, u, g)
-    unet_prec, vae_prec = decide_precision(b, inp, g)
+    unet_prec, vae_prec = decide_precision(b, inp, g, ui_key=u.key, family=fam)
     target = decide_target(inp, fam)
     rungs = u.ui.rungs(fam, u.version)
     checkpoint = facts.webui.checkpoint_key if facts.webui else None
     fits = Fits(fam, g, target, unet=unet_prec, vae=vae_prec, attention=attention, ui_key=u.key)
+    setup = run_setup(u, fam, rungs, attention=attention, unet=unet_prec, vae=vae_prec)
     rung, rung_src, rung_why = decide_offload(b, inp, g, rungs=rungs, fits=fits, spill_possible=spill_possible,
-                                              recent=recent_runs(observations, checkpoint))
+                                              recent=recent_runs(observations, checkpoint), setup=setup,
+                                              history=road_history(observations, checkpoint,
+                                                                   g.gpu.driver if g.gpu else None))
     rung, rung_why = map_to_ui_rung(rung, rung_why, u, g, rungs)
-    road = decide_road(b, inp, u, g, spill_possible=spill_possible, rung=rung, checkpoint=checkpoint, target=target)
+    road = decide_road(b, inp, u, g, spill_possible=spill_possible, rung=rung, checkpoint=checkpoint, target=target,
+                       setup=setup, whole_fits=rung == "none" and fits("none") is True)
     offload = record_offload_and_road(b, (rung, rung_src, rung_why), road)
     reserve = decide_reserve(b, inp, g, road.road, checkpoint=checkpoint, target=target)
     hook = decide_hook(b, inp, u, reserve)

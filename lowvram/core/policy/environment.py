@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from lowvram.core.facts import Facts
+from lowvram.core import torch_builds as tb
+from lowvram.core.facts import Facts, GpuFacts
 from lowvram.core.markers import UNSET_ONLY_ENV
 from lowvram.core.plan import HookPlan, ReservePlan, TcmallocPlan
 from lowvram.core.policy.builder import Builder, GpuStep, Inputs, Merge, UiStep
@@ -60,9 +61,12 @@ def _tcmalloc(facts: Facts, ui: UiAdapter, wanted: str) -> tuple[TcmallocPlan, d
 
 def decide_torch_install(b: Builder, inp: Inputs, u: UiStep, g: GpuStep) -> dict[str, str]:
     """CPU mode with no NVIDIA GPU: the UI's first start installs torch's CPU build, not the CUDA one
-    it installs by default (docs/architecture.md#the-policy, "Torch install"). Returns the variable to set."""
+    it installs by default; an NVIDIA GPU older than the UI's default build supports gets a CUDA 12.6
+    build (docs/architecture.md#the-policy, "Torch install"). Returns the variable to set."""
+    if g.gpu is not None and not g.cpu_mode:
+        return _torch_for_card(b, inp, u, g.gpu)
     if not g.cpu_mode or g.gpu is not None:
-        return {}  # an NVIDIA GPU (the UI's CUDA build is right), another GPU (its own setup stands)
+        return {}  # another GPU (its own setup stands), or CPU mode chosen on an NVIDIA GPU (its CUDA build is right)
     ui, webui = u.ui, inp.facts.webui
     cmd = ui.cpu_torch_command(u.version)
     if inp.facts.system.os == "darwin":
@@ -82,6 +86,49 @@ def decide_torch_install(b: Builder, inp: Inputs, u: UiStep, g: GpuStep) -> dict
           f"build (about 2.3 GB), through {name}; set only where {name} is unset: a {name} of yours "
           "(environment or webui-user) wins")
     return {name: cmd} if name in UNSET_ONLY_ENV else {}
+
+
+# The torch each UI's first start installs on an NVIDIA machine (lowvram/data/uis.json, "no-torch"). A1111
+# 1.8–1.10 and Forge: cu121, which runs from sm_50; SD.Next: cu130, from sm_75. ComfyUI has no installer
+# (setup's commands take the cu126 index). Forge Neo (torch 2.11+cu130) is no flavor of lowvram's: its tree
+# reads as Forge, so only doctor's check of the venv's torch covers it.
+UI_DEFAULT_TORCH = {"a1111": "2.1.2+cu121", "forge": "2.3.1+cu121", "sdnext": "2.12.0+cu130"}
+TORCH_COMMAND_IS_PIP_ARGS = ("sdnext",)  # installer.py: `pip install $TORCH_COMMAND`; A1111/Forge: `python -m …`
+
+
+def _torch_for_card(b: Builder, inp: Inputs, u: UiStep, gpu: GpuFacts) -> dict[str, str]:
+    """A card the UI's torch has no kernels for (Maxwell/Pascal under cu128+, Volta under cu130): pin a CUDA
+    12.6 build where the UI still has to install torch; say how to replace one the venv already has."""
+    ui, webui, cc = u.ui, inp.facts.webui, gpu.cc_tuple
+    card = f"{(gpu.name or 'this GPU').removeprefix('NVIDIA ').removeprefix('GeForce ')}"
+    if webui is not None and webui.flavor == u.key and webui.torch:
+        floor = tb.no_kernels_for(webui.torch, webui.torch_cuda, cc)
+        if floor is None or cc is None:
+            return {}
+        text = (f"the venv's torch {webui.torch} has no kernels for the {card} ({tb.cc_text(cc)}; its build starts at "
+                f"{tb.cc_text(floor)}), and {ui.title} installs torch only when it is missing: replace it with "
+                f"`{tb.venv_pip_command(webui.python, inp.facts.system.os, webui.torch)}`")
+        b.add("torch_install", None, "auto", text)
+        b.warn(text)
+        return {}
+    default = UI_DEFAULT_TORCH.get(u.key)
+    floor = tb.no_kernels_for(default, None, cc) if default else None
+    if floor is None or cc is None or default is None:
+        return {}
+    legacy = tb.legacy_build(default)[0]
+    name = ui.torch_command_env
+    why = (f"the {card} ({tb.cc_text(cc)}) is older than the torch {ui.title} installs ({default}, kernels from "
+           f"{tb.cc_text(floor)})")
+    if name is None:
+        b.add("torch_install", tb.LEGACY_CUDA, "auto", f"{why}: install torch {legacy} yourself: "
+                                                     f"pip install {tb.legacy_pip_args(default)}")
+        return {}
+    args = tb.legacy_pip_args(default)
+    b.add("torch_install", tb.LEGACY_CUDA, "auto",
+          f"{why}: its first start installs torch {legacy} instead (CUDA 12.6 wheels, kernels from sm_50), through "
+          f"{name}; set only where {name} is unset: a {name} of yours wins")
+    value = args if u.key in TORCH_COMMAND_IS_PIP_ARGS else f"pip install {args}"
+    return {name: value} if name in UNSET_ONLY_ENV else {}
 
 
 def decide_env(b: Builder, u: UiStep, g: GpuStep, m: Merge, *, tc_env: Mapping[str, str], alloc_conf: str,

@@ -11,6 +11,13 @@ from lowvram.core.policy.builder import Builder, GpuStep, Target, UiStep
 
 ESTIMATE_FAMILIES = ("sd15", "sd2", "sdxl", "sdxl-refiner")
 
+SPILL_TOLERANCE_MB = 512
+"""How far over the usable VRAM (no margin) a medvram level may be estimated where the driver spills
+VRAM into RAM (sysmem fallback on) and still be run before --lowvram. What spills crosses PCIe at most
+once per step that touches it (once per image where the peak is the text encoders or the VAE decode),
+while --lowvram moves the whole UNet every step (4897 MiB for SDXL in fp16): 512 MiB is about a tenth
+of that, so the spilling medvram run stays several times faster; an OOM moves the next plan down."""
+
 
 def _est_attention(attention: str) -> str:
     """The estimator's backend for a planned one (a user's --opt-split-attention-v1 included)."""
@@ -41,6 +48,7 @@ class Fits:
         self.can_estimate = fam in ESTIMATE_FAMILIES and not g.cpu_mode and not g.foreign
         self._fam, self._g, self._t = fam, g, t
         self._unet, self._vae, self.attention, self._ui_key = unet, vae, attention, ui_key
+        self.spill_possible = False  # set by the offload step: the driver spills VRAM into RAM (sysmem fallback on)
 
     def __call__(self, rung: str) -> bool | None:
         vram_total = self._g.vram_total
@@ -54,6 +62,34 @@ class Fits:
         return est.fits(self.estimates[rung].peak_mb, vram_total, self._g.room)
 
 
+def medvram_above_lowvram(rungs: Sequence[str]) -> str | None:
+    """The UI's medvram level just above its lowvram (medvram-sdxl for SDXL on A1111), if it has one."""
+    if "lowvram" not in rungs or rungs.index("lowvram") == 0:
+        return None
+    above = rungs[rungs.index("lowvram") - 1]
+    return above if above in ("medvram", "medvram-sdxl") else None
+
+
+def tight_fit(fits: Fits, rung: str) -> str | None:
+    """Why `rung` may run though its estimate misses the 10 % margin: it fits with no margin, or, where
+    the driver spills VRAM into RAM, is over by at most SPILL_TOLERANCE_MB. None where it is not that close."""
+    vram_total = fits._g.vram_total
+    if fits(rung) is None or vram_total is None:
+        return None
+    e, usable = fits.estimates[rung], vram_total - fits._g.room
+    over = e.peak_mb - usable
+    if over <= 0:
+        return f"fits with no margin to spare ({e.peak_mb} of {usable} MiB)"
+    if not fits.spill_possible or over > SPILL_TOLERANCE_MB:
+        return None
+    if e.phase in ("text_encode", "vae_decode"):
+        when = f"once per image (the {e.phase.replace('_', ' ')})"
+    else:
+        when = (f"at most {over} MiB across PCIe a step, against the {e.parts.get('weights_unet', 0)} MiB "
+                "of UNet --lowvram moves every step")
+    return f"over by {over} MiB ({e.peak_mb} of {usable} MiB), which the driver spills to RAM: {when}"
+
+
 def decide_estimate(b: Builder, fam: str, u: UiStep, g: GpuStep, *, t: Target, fits: Fits, offload: str,
                    road: str, rungs: Sequence[str], unet: str, vae: str, attention: str) -> EstimateSummary:
     """The estimate summary, and what to try where the plan will not fit."""
@@ -61,14 +97,16 @@ def decide_estimate(b: Builder, fam: str, u: UiStep, g: GpuStep, *, t: Target, f
     fits.attention = attention  # a user's backend that won the merge counts for estimates made from here on
     fit = fits(offload) if not g.cpu_mode else None
     peak = fits.estimates[offload].peak_mb if offload in fits.estimates else None
+    # A medvram level that misses the margin but is this close is run before --lowvram (offload.py).
+    tight = tight_fit(fits, offload) if fit is False and offload == medvram_above_lowvram(rungs) else None
     if peak is not None:
         b.add("estimate", peak, "auto",
               f"{fam} {t.width}×{t.height} batch {t.batch}, offload {offload}: peak {peak} MiB vs "
               f"{vram_total} MiB − {room} MiB kept free ({'fits' if fit else 'does not fit'} with a "
-              f"{int(est.DEFAULT_MARGIN * 100)} % margin)")
+              f"{int(est.DEFAULT_MARGIN * 100)} % margin" + (f"; {tight}" if tight else "") + ")")
     elif fits.can_estimate:
         b.add("estimate", None, "auto", "the GPU's VRAM size is unknown: no estimate")
-    if fit is False and road == "swap":
+    if fit is False and road == "swap" and not tight:
         b.warn(_wont_fit(fam, width=t.width, height=t.height, offload=offload, rungs=rungs, vram_total=vram_total,
                          room=room, unet=unet, vae=vae, attention=attention, ui_key=u.key, bcu=t.bcu,
                          batch=t.batch, hires=t.hires))

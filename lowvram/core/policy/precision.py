@@ -1,11 +1,28 @@
-"""UNet and VAE precision: the profile's, except where the card or CPU mode cannot run it."""
+"""UNet and VAE precision: the profile's, except where the card or CPU mode cannot run it.
+
+The SDXL VAE in fp16: SDXL's stock VAE overflows fp16
+at decode (NaN: a black image). Each UI already answers that by itself, so fp16 stays the default and
+`--no-half-vae` is planned only where the UI's answer is switched off:
+- A1111 (since 1.5.0, the release that brought SDXL): `decode_latent_batch` tests the decoded image for
+  NaNs and, with the setting "Automatically revert VAE to 32-bit floats" (`auto_vae_precision`, on by
+  default, modules/shared_options.py), converts the VAE to fp32, decodes again and keeps it in fp32.
+  `--disable-nan-check` skips the test, so the retry never runs.
+- Forge and ComfyUI never run the VAE in fp16 unless told (`VAE_DTYPES`: bf16 on sm 8.0+, else fp32).
+- SD.Next decodes through diffusers, which upcasts an fp16 SDXL VAE (`force_upcast` in its config).
+fp16 first is worth it: a checkpoint with the fp16-fixed VAE never NaNs, and its decode needs 3.2 GB
+at 1024² against 5.6 GB in fp32 (InvokeAI PR #7674, reference/vram_data.md §2).
+"""
 
 from __future__ import annotations
 
 from lowvram.core.policy.builder import Builder, GpuStep, Inputs
 
+SDXL_FAMILIES = ("sdxl", "sdxl-refiner")
+FP32_DECODE_1024_MB = 5568  # SDXL VAE decode at 1024², fp32, reserved (InvokeAI PR #7674)
 
-def decide_precision(b: Builder, inp: Inputs, g: GpuStep) -> tuple[str, str]:
+
+def decide_precision(b: Builder, inp: Inputs, g: GpuStep, *, ui_key: str | None = None,
+                     family: str | None = None) -> tuple[str, str]:
     prof, gpu = inp.prof, g.gpu
     unet_prec, vae_prec = prof.precision.unet, prof.precision.vae
     if g.cpu_mode:
@@ -20,6 +37,32 @@ def decide_precision(b: Builder, inp: Inputs, g: GpuStep) -> tuple[str, str]:
         b.add("precision.unet", unet_prec, prec_src,
               f"profile {prof.name}" if unet_prec != "half" else "fp16 weights (the default)")
     if not g.cpu_mode:
-        b.add("precision.vae", vae_prec, "profile" if vae_prec != "half" else "auto",
-              "VAE in fp32 (avoids NaN/black images at decode)" if vae_prec == "full" else "VAE in fp16 (the default)")
+        vae_prec, src, why = _vae(inp, g, vae_prec, ui_key=ui_key, family=family)
+        b.add("precision.vae", vae_prec, src, why)
     return unet_prec, vae_prec
+
+
+def _vae(inp: Inputs, g: GpuStep, vae_prec: str, *, ui_key: str | None, family: str | None) -> tuple[str, str, str]:
+    """(precision, source, reason) of the VAE: see the module's docstring for the SDXL evidence."""
+    if vae_prec == "full":
+        return "full", "profile", "VAE in fp32 (avoids NaN/black images at decode)"
+    if family not in SDXL_FAMILIES or ui_key is None:
+        return vae_prec, "auto", "VAE in fp16 (the default)"
+    if ui_key in ("forge", "comfyui"):
+        return vae_prec, "auto", ("VAE as the UI picks it: bf16 on sm 8.0+, else fp32 (never fp16 unless told), "
+                                  "so SDXL's fp16 VAE overflow does not arise")
+    if ui_key == "sdnext":
+        return vae_prec, "auto", ("VAE in fp16: SD.Next (diffusers) upcasts the SDXL VAE to fp32 for the decode "
+                                  "by itself (force_upcast in its config)")
+    webui = inp.facts.webui
+    if webui is not None and "--disable-nan-check" in (webui.user_args or ()):
+        return "full", "auto", ("SDXL's VAE can overflow fp16 (NaN: a black image) and A1111 retries such a decode "
+                                "in fp32 only after its NaN check, which your --disable-nan-check turns off: "
+                                "--no-half-vae")
+    why = ("VAE in fp16: SDXL's stock VAE can overflow fp16 (NaN), and A1111 then decodes again in fp32 and keeps "
+           "the VAE there (setting 'Automatically revert VAE to 32-bit floats', on by default since 1.5.0); "
+           "a checkpoint with the fp16-fixed VAE decodes in 3.2 GB instead of 5.6 GB at 1024²")
+    if g.vram_total is not None and g.vram_total < FP32_DECODE_1024_MB:
+        why += ("; on this card that fp32 retry does not fit at 1024²: use a checkpoint with the fp16-fixed SDXL "
+                "VAE (or the sdxl-vae-fp16-fix VAE)")
+    return vae_prec, "auto", why

@@ -8,7 +8,15 @@ from collections.abc import Sequence
 from lowvram.core.facts import GpuFacts
 from lowvram.core.observations import Observation
 from lowvram.core.policy.builder import Builder, GpuStep, Inputs, RoadChoice, Target, UiStep
-from lowvram.core.policy.road_history import avoid_failed, failure_text, last_failures, measured_choice, road_history
+from lowvram.core.policy.road_history import (
+    NO_WALL,
+    RunSetup,
+    avoid_failed,
+    failure_text,
+    last_failures,
+    measured_choice,
+    road_history,
+)
 from lowvram.core.reserve import laid_out
 from lowvram.core.words import RESIDENT, SWAP, road_words
 
@@ -30,25 +38,27 @@ def _tuned_road(observations: Sequence[Observation], checkpoint: str | None, gpu
     measured = {p.road for p in state.probes if p.sit is not None}
     if state.best is None or measured != {"swap", "resident"}:
         return None
+    speed = (f"{state.best.wall_s:.3f} s/image at {size[0]}×{size[1]}" if state.best.wall_s is not None
+             else f"{state.best.sit:.3f} s/it at {size[0]}×{size[1]}; s/it only: {NO_WALL}")
     return (state.best.road, "tuning",
-            f"{road_words(state.best.road)}: `lowvram tune` measured both ways and this one was faster "
-            f"({state.best.sit:.3f} s/it at {size[0]}×{size[1]})")
+            f"{road_words(state.best.road)}: `lowvram tune` measured both ways and this one was faster ({speed})")
 
 
-def _resident_failed(observations: Sequence[Observation], checkpoint: str | None, gpu: GpuFacts | None) -> str | None:
+def _resident_failed(observations: Sequence[Observation], checkpoint: str | None, gpu: GpuFacts | None,
+                     setup: RunSetup | None) -> str | None:
     """Why the resident road's last run failed, or None when it did not."""
     history = road_history(observations, checkpoint, gpu.driver if gpu else None)
-    failed = last_failures(history, "").get("resident")
+    failed = last_failures(history, "", setup).get("resident")
     return None if failed is None else failure_text(failed)
 
 
 def _auto_road(observations: Sequence[Observation], checkpoint: str | None, gpu: GpuFacts | None, *,
-               rung: str, target: tuple[int, int, int]) -> RoadChoice:
+               rung: str, target: tuple[int, int, int], setup: RunSetup | None) -> RoadChoice:
     """`--layout auto` where both roads exist: not a road that just failed, then tune's winner, then
     the faster measured like with like, else explore (docs/architecture.md#the-policy)."""
     driver = gpu.driver if gpu else None
     history = road_history(observations, checkpoint, driver)
-    failed = last_failures(history, rung)
+    failed = last_failures(history, rung, setup)
     if failed:
         return avoid_failed(failed, rung)
     tuned = _tuned_road(observations, checkpoint, gpu, target[:2])
@@ -58,7 +68,9 @@ def _auto_road(observations: Sequence[Observation], checkpoint: str | None, gpu:
 
 
 def decide_road(b: Builder, inp: Inputs, u: UiStep, g: GpuStep, *, spill_possible: bool, rung: str,
-               checkpoint: str | None, target: Target) -> RoadChoice:
+               checkpoint: str | None, target: Target, setup: RunSetup | None = None,
+               whole_fits: bool = False) -> RoadChoice:
+    """`whole_fits`: the swap road keeps the whole model on the GPU (offload none, and its estimate fits)."""
     facts, prof, overrides, gpu, vram_total = inp.facts, inp.prof, inp.overrides, g.gpu, g.vram_total
     ram_ok = bool(facts.system.ram_mb and vram_total and facts.system.ram_mb >= 2 * vram_total)
     resident_possible = u.key == "a1111" and spill_possible and ram_ok and gpu is not None and not g.cpu_mode
@@ -82,11 +94,17 @@ def decide_road(b: Builder, inp: Inputs, u: UiStep, g: GpuStep, *, spill_possibl
             b.warn(f"{asked} asked to {RESIDENT}, but {why_no_resident}")
         return RoadChoice("swap", "auto", f"{SWAP}: {why_no_resident}")
     if layout_mode == "on":
-        if (failed := _resident_failed(inp.observations, checkpoint, gpu)) is not None:
+        if (failed := _resident_failed(inp.observations, checkpoint, gpu, setup)) is not None:
             b.warn(f"{asked}: the last run that kept the model in VRAM failed ({failed}); trying it again as asked")
         return RoadChoice("resident", layout_src, f"{asked}: {RESIDENT}")
+    if rung == "none" and whole_fits:
+        # The swap road already keeps the whole model on the GPU: the resident road (the same model in
+        # VRAM, plus a reserve of all free VRAM and no empty_cache) cannot be faster, only hold VRAM.
+        return RoadChoice("swap", "auto", f"{SWAP}, though here nothing is swapped: the whole model fits in VRAM "
+                          "with no offload, so keeping it there with a reserve has nothing to win and would only hold "
+                          "all free VRAM")
     auto = _auto_road(inp.observations, checkpoint, gpu, rung=rung,
-                      target=(target.width, target.height, target.batch))
+                      target=(target.width, target.height, target.batch), setup=setup)
     if auto.warning:
         b.warn(auto.warning)
     return RoadChoice(auto.road, auto.source, auto.reason)
