@@ -32,7 +32,8 @@ from lowvram.core.errors import FactsError
 OS_NAMES = ("linux", "windows", "darwin")
 SYSMEM_FALLBACK_VALUES = ("on", "off", "unknown", "unsupported")
 FLAVORS = ("a1111", "forge", "sdnext", "comfyui")
-FAMILIES = ("sd15", "sd2", "sdxl", "sdxl-refiner", "unknown")
+FAMILIES = ("sd15", "sd2", "sdxl", "sdxl-refiner", "flux1-dev", "flux1-schnell", "sd3-medium", "sd3.5-medium",
+            "sd3.5-large", "unknown")
 
 # NVIDIA KB 5490: 536.40 added the fallback to shared memory, 546.01 made it a per-program choice.
 FALLBACK_FIRST_DRIVER = Version("536.40")
@@ -145,6 +146,8 @@ class WebuiFacts:
     checkpoint_path: str | None = None
     checkpoint_key: str | None = None  # markers.checkpoint_key(): name|size|mtime
     model_family: str | None = None
+    model_variant: str | None = None  # "v-prediction" where the checkpoint says so (core/model_files.py)
+    model_format: str | None = None  # fp16, bf16, fp8_e4m3, nf4, q4_k_s, ... (core/model_files.py)
     batch_cond_uncond: bool | None = None
     # The user's literal COMMANDLINE_ARGS from webui-user (outside lowvram's block); None when absent
     # or not literal ($VAR, $(...)), see `user_args_literal`.
@@ -356,6 +359,8 @@ def facts_from_dict(data: Any, source: str = "facts") -> Facts:
             checkpoint_path=r.str_(w, "checkpoint_path", "webui"),
             checkpoint_key=r.str_(w, "checkpoint_key", "webui"),
             model_family=r.choice(w, "model_family", "webui", FAMILIES),
+            model_variant=r.str_(w, "model_variant", "webui"),
+            model_format=r.str_(w, "model_format", "webui"),
             batch_cond_uncond=r.bool_(w, "batch_cond_uncond", "webui"),
             user_args=r.strs(w, "user_args", "webui"),
             user_args_literal=r.bool_(w, "user_args_literal", "webui") is not False,

@@ -26,6 +26,7 @@ from lowvram.core.facts import (
     parse_driver,
 )
 from lowvram.core.gpuselect import GpuChoice
+from lowvram.core.model_files import FAMILY_NAMES as MODEL_FAMILY_NAMES
 from lowvram.core.words import plural
 from lowvram.world import paths
 
@@ -46,6 +47,7 @@ INSTALL_COMMANDS = {
 OS_NAMES = {"linux": "Linux", "windows": "Windows", "darwin": "macOS"}
 FLAVOR_NAMES = {"a1111": "AUTOMATIC1111", "forge": "Forge", "sdnext": "SD.Next", "comfyui": "ComfyUI"}
 FAMILY_NAMES = {"sd15": "SD 1.5", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl-refiner": "SDXL refiner"}
+MODEL_NAMES = {**FAMILY_NAMES, **MODEL_FAMILY_NAMES}  # every family detection tells (core/model_files.py)
 
 
 @dataclass(frozen=True)
@@ -604,11 +606,17 @@ def check_checkpoint(facts: Facts) -> Check:
                      "re-download it or select another in the UI; until then say the family with "
                      "--model sd15|sd2|sdxl")
     if family is None or family == "unknown":
-        why = "a pickle (.ckpt), never opened" if not w.checkpoint.lower().endswith(".safetensors") else \
-            "not SD 1.5 / SD 2 / SDXL keys (SD3, Flux, …)"
+        why = "a pickle (.ckpt), never opened" if not w.checkpoint.lower().endswith((".safetensors", ".gguf")) else \
+            f"not SD 1.5/2/XL, SD3/3.5 or FLUX.1 keys, format {w.model_format or 'unknown'}"
         return Check("webui.checkpoint", "warn", f"{w.checkpoint}: model family unknown ({why})",
                      "say it with --model sd15|sd2|sdxl")
-    return Check("webui.checkpoint", "ok", f"{w.checkpoint}: {FAMILY_NAMES.get(family, family)}")
+    extra = ", ".join(x for x in (w.model_variant, w.model_format) if x)
+    name = MODEL_NAMES.get(family, family)
+    named = f"{name} ({extra})" if extra else name
+    if family not in FAMILY_NAMES:  # detected, but no memory model yet (core/policy/family.py)
+        return Check("webui.checkpoint", "warn", f"{w.checkpoint}: {named}: lowvram has no memory model for it yet",
+                     "plan and estimate stop here; --model sdxl plans as SDXL")
+    return Check("webui.checkpoint", "ok", f"{w.checkpoint}: {named}")
 
 
 CHECKS = (

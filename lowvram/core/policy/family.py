@@ -17,6 +17,8 @@ DEFAULT_TARGET = {"sd15": 512, "sd2": 768, "sdxl": 1024, "sdxl-refiner": 1024}
 # What a fresh A1111 downloads and loads at its first start (v1-5-pruned-emaonly), unless
 # --no-download-sd-model: the family lowvram plans for when nothing else says.
 FRESH_A1111_FAMILY = "sd15"
+# The families policy and the estimator know; detection tells more (core/model_files.py).
+PLANNED_FAMILIES = tuple(DEFAULT_TARGET)
 SETTLE_FAMILY = "give --model sd15, sd2 or sdxl, or a profile made for one family (e.g. --profile generic-sdxl)"
 
 
@@ -30,6 +32,8 @@ class FamilyChoice:
 def _checkpoint_choice(webui: WebuiFacts | None, model: str | None, *, note_ignored: bool) -> FamilyChoice | None:
     family = webui.model_family if webui is not None else None
     if webui is None or not family or family == "unknown":
+        return None
+    if family not in PLANNED_FAMILIES and model:  # detected, but not modelled yet: --model answers
         return None
     reason = f"the selected checkpoint {webui.checkpoint!r} is {family}"
     if note_ignored and model and model != _base_family(family):
@@ -97,6 +101,10 @@ def require_family(choice: FamilyChoice, facts: Facts, ui: str | None = None) ->
 def family_or_error(choice: FamilyChoice, w: WebuiFacts | None, ui: str | None) -> str:
     """The family, or one ProfileError (exit 1, for every command) saying why it is unknown and which
     of the user's choices settles it."""
+    if choice.family and choice.family not in PLANNED_FAMILIES and w is not None and choice.family == w.model_family:
+        extra = ", ".join(x for x in (w.model_variant, w.model_format) if x)
+        raise ProfileError(f"{choice.family}{f' ({extra})' if extra else ''} detected in {w.checkpoint}: lowvram has "
+                           "no memory model for it yet", "--model sdxl plans as SDXL (or --model sd15|sd2)")
     if choice.family:
         return choice.family
     if w is not None and w.checkpoint_error:

@@ -1,7 +1,8 @@
 """A checkpoint's model family from its safetensors header, read without loading the weights.
 
-The header is 8 bytes of little-endian length, then that much JSON naming every tensor. The
-family comes from the key names A1111 itself tests (docs/architecture.md#detection). `.ckpt`/`.pt` files are pickles:
+The header is 8 bytes of little-endian length, then that much JSON naming every tensor. A `.gguf`
+file's header is read up to MAX_GGUF_HEADER_BYTES (16 MiB). Family, variant and format come from
+core/model_files.py; the SD 1.5/2/XL family comes from the key names A1111 itself tests (docs/architecture.md#detection). `.ckpt`/`.pt` files are pickles:
 never unpickled, their family is "unknown" and the user says it with `--model`.
 
 Only the 8-byte length and the header are read: the file's type is checked before it is opened
@@ -27,8 +28,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from lowvram.core.errors import WebuiError
+from lowvram.core.model_files import ModelInfo, gguf_info, safetensors_info
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# A GGUF header (KV pairs and tensor infos) is read up to this many bytes, never the weights after it:
+# a diffusion model's is a few hundred KiB; one larger is refused with that reason.
+MAX_GGUF_HEADER_BYTES = 16 * 1024 * 1024
 
 SDXL_KEY = "conditioner.embedders.1.model.ln_final.weight"
 SDXL_REFINER_KEY = "conditioner.embedders.0.model.ln_final.weight"
@@ -223,10 +228,33 @@ def family_from_keys(keys: set[str] | list[str]) -> str:
     return "unknown"
 
 
-def checkpoint_family(path: Path) -> str:
-    """sd15 | sd2 | sdxl | sdxl-refiner | unknown; raises WebuiError for a damaged safetensors file."""
+def read_gguf_head(path: Path) -> tuple[bytes, bool]:
+    """(the first MAX_GGUF_HEADER_BYTES of a .gguf file, whether that is the whole file)."""
+    fh, size = _open_regular(path)
+    try:
+        with fh:
+            data = fh.read(MAX_GGUF_HEADER_BYTES)
+    except OSError as exc:
+        raise WebuiError(f"cannot read checkpoint {path}: {exc.strerror or exc}", "check the file's permissions") from exc
+    return data, size <= MAX_GGUF_HEADER_BYTES
+
+
+def checkpoint_info(path: Path) -> ModelInfo:
+    """Family, variant and format of a checkpoint from its header (core/model_files.py); a `.ckpt`/`.pt`
+    pickle is never opened (family "unknown"). Raises WebuiError for a damaged safetensors or GGUF header."""
     path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        return "unknown"
-    header = read_safetensors_header(path)
-    return family_from_keys([k for k in header if k != "__metadata__"])
+    suffix = path.suffix.lower()
+    if suffix == ".gguf":
+        data, complete = read_gguf_head(path)
+        info = gguf_info(data, complete=complete, bound=MAX_GGUF_HEADER_BYTES)
+        if info.reason is not None:
+            raise WebuiError(f"checkpoint {path} is damaged: {info.reason}", _HINT)
+        return info
+    if suffix != ".safetensors":
+        return ModelInfo("unknown")
+    return safetensors_info(read_safetensors_header(path))
+
+
+def checkpoint_family(path: Path) -> str:
+    """The family alone (`checkpoint_info`); raises WebuiError for a damaged header."""
+    return checkpoint_info(path).family

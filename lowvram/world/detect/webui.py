@@ -26,12 +26,13 @@ from typing import Any
 from lowvram.core import markers
 from lowvram.core.errors import WebuiError
 from lowvram.core.facts import WebuiFacts
-from lowvram.world.detect.checkpoint import checkpoint_family
+from lowvram.world.detect.checkpoint import checkpoint_info
 from lowvram.world.fsutil import UnsafeFileError, read_regular_bytes, special_kind
 from lowvram.world.managed_block import BAT, SH, block_spans
 
 GIT_TIMEOUT_S = 1.0
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")  # what A1111 lists (modules/sd_models.py list_models)
+FORGE_CHECKPOINT_SUFFIXES = (*CHECKPOINT_SUFFIXES, ".gguf")  # Forge also loads GGUF diffusion models
 MAX_WALK = 5000
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 MAX_SCRIPT_BYTES = 4 * 1024 * 1024  # webui-user.sh / .bat: a few KiB in every release
@@ -446,11 +447,11 @@ def natural_key(text: str) -> list[Any]:
     return [int(part) if part.isdigit() else part.lower() for part in _NATURAL_RE.split(text)]
 
 
-def _walk_checkpoints(dirs: list[Path]) -> list[tuple[Path, Path]]:
+def _walk_checkpoints(dirs: list[Path], suffixes: tuple[str, ...] = CHECKPOINT_SUFFIXES) -> list[tuple[Path, Path]]:
     """(dir, file) for every checkpoint under `dirs` in the order A1111 lists them, bounded.
 
     As A1111's `walk_files`: each dir's folders sorted naturally by path, files naturally within a
-    folder; only `.ckpt`/`.safetensors` (any case), never `*.vae.*`, nothing inside a hidden folder,
+    folder; only `suffixes` (`.ckpt`/`.safetensors`, Forge also `.gguf`; any case), never `*.vae.*`, nothing inside a hidden folder,
     no broken symlink. A FIFO or device with a checkpoint's name is listed, as A1111 lists it: reading
     its header then fails with one line naming it (its type is checked before it is opened).
     """
@@ -470,7 +471,7 @@ def _walk_checkpoints(dirs: list[Path]) -> list[tuple[Path, Path]]:
             if any(part.startswith(".") for part in rel.parts):
                 continue
             for name in sorted(filenames, key=natural_key):
-                if os.path.splitext(name)[1].lower() not in CHECKPOINT_SUFFIXES or name.endswith(CHECKPOINT_BLACKLIST):
+                if os.path.splitext(name)[1].lower() not in suffixes or name.endswith(CHECKPOINT_BLACKLIST):
                     continue
                 file = Path(dirpath) / name
                 if file.is_symlink() and not file.exists():
@@ -542,7 +543,8 @@ def checkpoint_dir_problem(dirs: list[Path]) -> str | None:
     return None
 
 
-def find_checkpoint(root: Path, config: dict[str, Any], args: tuple[str, ...] | None) -> tuple[str | None, Path | None]:
+def find_checkpoint(root: Path, config: dict[str, Any], args: tuple[str, ...] | None,
+                    suffixes: tuple[str, ...] = CHECKPOINT_SUFFIXES) -> tuple[str | None, Path | None]:
     """(name as the UI shows it, file) of the checkpoint A1111 would load at start-up.
 
     A1111 lists `--ckpt-dir` first, then `<models dir>/Stable-diffusion`, where the models dir is
@@ -563,11 +565,11 @@ def find_checkpoint(root: Path, config: dict[str, Any], args: tuple[str, ...] | 
             if _is_entry(candidate) and not name.endswith(CHECKPOINT_BLACKLIST):
                 return name, candidate
         base = name.rsplit("/", 1)[-1]
-        for _d, f in _walk_checkpoints(dirs):
+        for _d, f in _walk_checkpoints(dirs, suffixes):
             if f.name == base:
                 return name, f
     # Nothing selected, or the selection is gone: A1111 loads the first checkpoint it lists.
-    found = _walk_checkpoints(dirs)
+    found = _walk_checkpoints(dirs, suffixes)
     if found:
         d, f = found[0]
         return f.relative_to(d).as_posix(), f
@@ -625,13 +627,15 @@ def probe_webui(path: Path, os_name: str | None = None) -> WebuiFacts:
         config = read_config(_abs(root, settings_file) if settings_file else data_dir / "config.json")
     except ConfigDamagedError as exc:  # the UI resets it to its defaults: plan for those, and say so
         config, config_error = {}, exc.message
-    name, file = find_checkpoint(root, config, user_args)
-    family = key = None
+    suffixes = FORGE_CHECKPOINT_SUFFIXES if flavor == "forge" else CHECKPOINT_SUFFIXES
+    name, file = find_checkpoint(root, config, user_args, suffixes)
+    family = key = variant = fmt = None
     if file is None:  # a FIFO, a file or a broken link where the checkpoint folder belongs: say which
         checkpoint_error = checkpoint_dir_problem(checkpoint_dirs(root, user_args))
     if file is not None:
         try:
-            family = checkpoint_family(file)
+            info = checkpoint_info(file)
+            family, variant, fmt = info.family, info.variant, info.format
         except WebuiError as exc:  # a damaged header: the family is unknown, --model answers it
             family, checkpoint_error = "unknown", exc.message
         try:
@@ -647,6 +651,8 @@ def probe_webui(path: Path, os_name: str | None = None) -> WebuiFacts:
         checkpoint_path=str(file) if file else None,
         checkpoint_key=key,
         model_family=family,
+        model_variant=variant,
+        model_format=fmt,
         batch_cond_uncond=bcu if isinstance(bcu, bool) else True,
         user_args=user_args,
         user_args_literal=literal,
