@@ -166,6 +166,16 @@ def special_kind(mode: int) -> str | None:
     return None if stat.S_ISREG(mode) else "not a regular file"
 
 
+def lstat_or_none(path: Path, name: str) -> os.stat_result | None:
+    """`os.lstat(path)`, None when nothing is there; any other failure is one ApplyError naming `name`."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ApplyError(f"cannot look at {name}: {exc.strerror or exc}", "check its permissions") from exc
+
+
 def _stat_error(path: Path, what: str, exc: OSError) -> UnsafeFileError:
     if exc.errno == errno.ELOOP:
         return UnsafeFileError(f"the {what} {path} is a link that loops (it leads back to itself)",
@@ -254,12 +264,7 @@ def write_target(path: Path, within: Path, what: str = "file") -> Path:
     """
     path = Path(path)
     root = Path(os.path.realpath(within))
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        raise ApplyError(f"cannot look at the {what} {path}: {exc.strerror or exc}", "check its permissions") from exc
+    st = lstat_or_none(path, f"the {what} {path}")
     if st is not None and stat.S_ISLNK(st.st_mode):
         target = link_text(path)
         try:
@@ -294,12 +299,9 @@ def writable_folder(path: Path, within: Path, what: str = "folder") -> Path:
     """
     path = Path(path)
     root = Path(os.path.realpath(within))
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+    st = lstat_or_none(path, f"the {what} {path}")
+    if st is None:
         return path
-    except OSError as exc:
-        raise ApplyError(f"cannot look at the {what} {path}: {exc.strerror or exc}", "check its permissions") from exc
     if stat.S_ISLNK(st.st_mode):
         target = link_text(path)
         try:

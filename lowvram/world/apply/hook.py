@@ -76,12 +76,9 @@ class HookChange:
 
 
 def _kind_of(path: Path) -> tuple[str, os.stat_result] | None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+    st = fsutil.lstat_or_none(path, str(path))
+    if st is None:
         return None
-    except OSError as exc:
-        raise ApplyError(f"cannot look at {path}: {exc.strerror or exc}", "check its permissions") from exc
     if stat.S_ISLNK(st.st_mode):
         return "link", st
     return fsutil.special_kind(st.st_mode) or "file", st

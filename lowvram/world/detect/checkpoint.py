@@ -35,10 +35,6 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 # a diffusion model's is a few hundred KiB; one larger is refused with that reason.
 MAX_GGUF_HEADER_BYTES = 16 * 1024 * 1024
 
-SDXL_KEY = "conditioner.embedders.1.model.ln_final.weight"
-SDXL_REFINER_KEY = "conditioner.embedders.0.model.ln_final.weight"
-SD2_KEY = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
-SD15_PREFIX = "cond_stage_model.transformer."
 
 _HINT = "re-download the checkpoint (the file is damaged or was cut short), or select another one"
 
@@ -213,19 +209,6 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     except _DamagedError as exc:
         raise WebuiError(f"checkpoint {path} is damaged: its safetensors header {exc}", _HINT) from None
     return header
-
-
-def family_from_keys(keys: set[str] | list[str]) -> str:
-    keyset = set(keys)
-    if SDXL_KEY in keyset:
-        return "sdxl"
-    if SDXL_REFINER_KEY in keyset:
-        return "sdxl-refiner"
-    if SD2_KEY in keyset:
-        return "sd2"
-    if any(k.startswith(SD15_PREFIX) for k in keyset):
-        return "sd15"
-    return "unknown"
 
 
 def read_gguf_head(path: Path) -> tuple[bytes, bool]:
