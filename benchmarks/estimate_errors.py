@@ -7,7 +7,9 @@ the median and worst absolute relative error of each family on each set, and wit
 
     .venv/bin/python benchmarks/estimate_errors.py [--rows]
 
-ComfyUI's per-model factors are printed as a cross-check only (not a target).
+ComfyUI's per-model factors are printed as a cross-check only (not a target). Then the DiT/weight-format rows
+("dit": Flux-dev on diffusers' L40 benchmark, GGUF and NF4 file sizes): each constant refitted on the one
+calibration row it comes from beside the shipped value, and every row's error per set.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import argparse
 import json
 from pathlib import Path
 
+from lowvram.core.estimate import dit
+from lowvram.core.estimate import format_choice as fc
 from lowvram.core.estimate import memory as est
 from lowvram.core.estimate import reference as ref
+from lowvram.core.estimate.formats import FORMATS
 
 REFERENCE = Path(__file__).resolve().parents[1] / "lowvram" / "data" / "estimate_reference.json"
 # comfy/supported_models.py memory_usage_factor × comfy/model_base.py memory_required (area × bytes × 0.01 MiB):
@@ -48,7 +53,29 @@ def main() -> int:
             co = est.DEFAULT_COEFFICIENTS
             print(f"  {p.set:12} {p.family:5} {p.label:48} measured {p.measured_mb:8.1f} MiB "
                   f"predicted {p.predict(co):8.1f} MiB  {p.error(co):+.1%}")
+    _print_dit(json.loads(REFERENCE.read_text(encoding="utf-8")))
     return 0
+
+
+def _print_dit(data: dict[str, object]) -> None:
+    """The DiT/format rows: each constant against the calibration row it is fitted on, then every row's error."""
+    fit = ref.fit_dit_constants(data)
+    shipped = {"act_fit": dit.DIT_ACT_FIT, "matmul_efficiency": fc.MATMUL_EFFICIENCY,
+               "pcie_efficiency": fc.PCIE_EFFICIENCY, "nf4_dequant": FORMATS["nf4"].dequant,
+               "fp8_dequant": FORMATS["fp8_e4m3fn"].dequant,
+               "kept_high_params": dit.SPECS["flux1-dev"].kept_high_params}
+    print("\nDiT and weight formats (Flux-dev): each constant refitted on its one calibration row, and shipped:")
+    for name, value in shipped.items():
+        print(f"  {name:18} fitted {getattr(fit, name):12.4g}   shipped {value:12.4g}")
+    points = ref.dit_points(data)
+    co = est.DEFAULT_COEFFICIENTS
+    for s in ref.SETS:
+        rows = [p for p in points if p.set == s]
+        errs = sorted(abs(p.error(co)) for p in rows)
+        print(f"{s}: {len(rows)} rows, median {errs[len(errs) // 2]:.1%}, worst {errs[-1]:.1%}")
+        for p in rows:
+            print(f"  {p.label:36} measured {p.measured_mb:9.3f} {p.unit:3} predicted {p.predict(co):9.3f} "
+                  f"{p.unit:3} {p.error(co):+.1%}")
 
 
 if __name__ == "__main__":

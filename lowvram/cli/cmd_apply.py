@@ -103,9 +103,16 @@ def apply_cmd(  # noqa: PLR0917 - one parameter per CLI option
             print(result.diff.rstrip("\n"))
         elif result.target:
             print(f"{_short(result.target, tree)} already holds this plan")
+    elif not result.changes and plan.ui == "comfyui":
+        print(render.wrap(f"profile {plan.profile} for {tree} ({plan.ui}): nothing to write"))
     else:
         print(render.wrap(f"applied profile {plan.profile} to {tree} ({plan.ui}):"))
         _print_changes(result.changes, tree)
+    if not result.changes and plan.ui == "comfyui":
+        # ComfyUI reads no webui-user file: say what apply did instead of an empty list.
+        print(render.wrap("  ComfyUI has no webui-user file, so nothing is written into the tree; "
+                          "`lowvram launch` puts the flags on main.py's command line: "
+                          + (" ".join(plan.args) or "(none)"), hang=2))
     if result.extensions:
         print("extensions:" if not dry_run else "extensions (what apply would do):")
         print(render_extensions(result.extensions, dry_run=dry_run))

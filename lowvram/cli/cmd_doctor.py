@@ -86,8 +86,9 @@ def _summary_lines(report: DoctorReport) -> list[str]:
         gpu_line = f"{gpu.name or 'NVIDIA GPU'}, {gpu.vram_total_mb if gpu.vram_total_mb is not None else '?'} MiB"
         if gpu.compute_capability:
             gpu_line += f", sm {gpu.compute_capability}"
-        if gpu.pcie_gen and gpu.pcie_width:
-            gpu_line += f", PCIe {gpu.pcie_gen} x{gpu.pcie_width}"
+        gen, width = gpu.pcie_gen_max or gpu.pcie_gen, gpu.pcie_width_max or gpu.pcie_width  # an idle link drops
+        if gen and width:
+            gpu_line += f", PCIe {gen} x{width}"
         if len(f.gpus) > 1:
             gpu_line += f" (of {len(f.gpus)} NVIDIA GPUs)"
     else:

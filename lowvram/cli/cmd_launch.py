@@ -110,9 +110,19 @@ def launch_cmd(  # noqa: PLR0917 - typer maps parameters to options
     if as_json:
         render.emit_json({"schema": 1, "plan": ctx.plan.to_dict(), "launch": spec.to_dict(),
                           "apply": result.to_dict(), "exit_code": code})
-    else:
-        render.note(f"lowvram: the UI exited with code {code}")
+    if code or not as_json:
+        render.note(exit_line(code))  # the last stderr line: whose exit code this is
     raise typer.Exit(code)
+
+
+def exit_line(code: int) -> str:
+    """lowvram passes the UI's exit code on, so a 2 from the UI must not read as lowvram's usage error."""
+    if code == 2:
+        return ("lowvram: the UI exited with code 2 (its own command-line error, see its output above); "
+                "lowvram's own usage errors say \"error:\" or \"Error:\" and exit before starting it")
+    if code:
+        return f"lowvram: the UI exited with code {code} (the UI's own exit code, see its output above)"
+    return "lowvram: the UI exited with code 0"
 
 
 def _stderr_fd() -> int:

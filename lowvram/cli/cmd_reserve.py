@@ -45,6 +45,14 @@ def _gpu(facts: Facts) -> tuple[int | None, str | None]:
     return gpu.vram_total_mb, gpu.driver
 
 
+def _gpu_uuid(facts: Facts) -> str | None:
+    """The card's UUID, so the reading is matched to this GPU (it stays with A1111: a reserve is its knob)."""
+    from lowvram.core.policy import webui_gpu
+
+    gpu = webui_gpu(facts).gpu
+    return gpu.uuid if gpu is not None else None
+
+
 def _ckpt_name(key: str) -> str:
     return key.split("|", 1)[0]
 
@@ -286,7 +294,8 @@ def reserve_cmd(  # noqa: PLR0917 - one parameter per CLI option
         vram_total, driver = _gpu(facts)
         added = Observation(time=time.time(), source="manual", checkpoint=key, free_mb=free_mb,
                             overflow_mb=overflow_mb, overflow_source="manual", sit=sit, vram_total_mb=vram_total,
-                            driver=driver, family=facts.webui.model_family if facts.webui else None)
+                            driver=driver, family=facts.webui.model_family if facts.webui else None,
+                            gpu_uuid=_gpu_uuid(facts))
         append_observation(obs_path, added)
         observations.append(added)
         selected = key or (facts.webui.checkpoint_key if facts.webui else None)

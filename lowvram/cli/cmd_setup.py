@@ -106,7 +106,7 @@ def setup_command(  # noqa: PLR0917 - one parameter per CLI option
             target=directory,
             ref=ref,
             profile=profile,
-            model=model.value if model else None,
+            model=model.strip() if model and model.strip() else None,
             sources=sources,
             progress=bar.update,
             stage=bar.say,

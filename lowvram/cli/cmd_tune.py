@@ -30,6 +30,8 @@ Examples:
   lowvram tune --roads resident --steps 3 --repeats 3
   # facts from `doctor --json` stand for the GPU
   lowvram tune --facts gtx1070.json --json
+  # ComfyUI: --reserve-vram swept, your own flags after --
+  lowvram tune --webui ~/ComfyUI -- --preview-method none
 """
 
 
@@ -45,6 +47,10 @@ HELP = ("Start the UI (API only, loopback), measure s/it for each reserve and ea
 
 
 def tune_cmd(  # noqa: PLR0917 - typer maps parameters to options
+    extra: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="-- EXTRA", help="ComfyUI only: your own flags for its command line, after `--`."),
+    ] = None,
     webui: WebuiOpt = None,
     profile: ProfileOpt = None,
     width: Annotated[int | None, typer.Option("--width", metavar="PX",
@@ -64,12 +70,13 @@ def tune_cmd(  # noqa: PLR0917 - typer maps parameters to options
     ready_timeout: Annotated[float, typer.Option("--ready-timeout", hidden=True, min=0.1)] = 600.0,
     request_timeout: Annotated[float, typer.Option("--request-timeout", hidden=True, min=0.1)] = 600.0,
     stop_timeout: Annotated[float, typer.Option("--stop-timeout", hidden=True, min=0.1)] = 10.0,
+    max_candidates: Annotated[int | None, typer.Option("--max-candidates", hidden=True, min=1)] = None,
 ) -> None:
     from lowvram.world.tune import TuneError, TuneSettings, run_tune
 
     settings = TuneSettings(width=width, height=height, steps=steps, repeats=repeats, roads=roads.value,
                             max_minutes=max_minutes, ready_timeout_s=ready_timeout, request_timeout_s=request_timeout,
-                            stop_timeout_s=stop_timeout)
+                            stop_timeout_s=stop_timeout, extra_args=tuple(extra or ()), max_candidates=max_candidates)
     overrides = overrides_from(profile=profile)
     with _Reporter(quiet=as_json) as reporter:
         result = run_tune(webui=webui, facts_file=facts, overrides=overrides, settings=settings, report=reporter)
@@ -109,6 +116,10 @@ def _plan_words(road: str | None, reserve_mb: int | None, args: Sequence[str]) -
 
 def tree_message(plan: Plan, applied: Applied) -> str:
     """After tune: does the WebUI's managed block still hold the plan from before, and how to apply the tuned one."""
+    if plan.ui == "comfyui":  # no webui-user file: the flags go on main.py's command line at each start
+        flags = " ".join(plan.args) or "no flags"
+        return (f"ComfyUI reads its flags at start: `lowvram launch` starts it with the tuned plan ({flags}); "
+                "if you start it yourself, pass those flags")
     tuned = _plan_words(plan.road, plan.reserve.mb if plan.reserve.applied else None, plan.args)
     if applied.file is None:
         return (f"nothing is applied in this WebUI yet: `lowvram apply` writes the tuned plan ({tuned}); "
@@ -174,7 +185,10 @@ class _Reporter:
         if event.kind == "probe" and event.probe is not None:
             p = event.probe
             what = f"{p.sit:.4f} s/it ({p.sit_source})" if p.ok and p.sit is not None else f"failed: {p.reason}"
-            render.note(f"  {p.road:<8} {p.reserve_mb:>6} MiB  {what}")
+            if p.swap_method:
+                render.note(f"  forge    {_forge_words(p)}  {what}")
+                return
+            render.note(f"  {_comfy_words(p)}  {what}" if p.load_mode else f"  {p.road:<8} {p.reserve_mb:>6} MiB  {what}")
         elif event.message:
             render.note(f"lowvram: {event.message}")
 
@@ -192,7 +206,7 @@ def _print_result(result: TuneResult) -> None:
     table.add_column("result")
     for n, p in enumerate(result.probes, start=1):
         mark = "best" if p is result.best else ("start" if p is result.start else "")
-        table.add_row(str(n), p.road, str(p.reserve_mb) if p.road == "resident" else "-",
+        table.add_row(str(n), p.road, _reserve_cell(p),
                       f"{p.sit:.4f}" if p.sit is not None else "-", p.sit_source if p.ok else "-",
                       mark if p.ok else f"failed: {p.reason}")
     table.columns[-1].overflow = "fold"
@@ -206,6 +220,11 @@ def _where(p: Probe) -> str:
     """A probe in the user's words (the table's road column has the short name)."""
     from lowvram.core.words import road_words
 
+    if p.load_mode:
+        return f"ComfyUI with {_comfy_words(p)}"
+    if p.swap_method:
+        return (f"Forge with inference memory {p.reserve_mb} MiB (GPU Weights = total − it), Swap Method "
+                f"{p.swap_method}, Swap Location {p.swap_location}")
     if p.road == "resident":
         return f"resident (model kept in VRAM, reserve {p.reserve_mb} MiB)"
     return "swap (parts of the model swapped to RAM)" if p.road == "swap" else road_words(p.road)
@@ -233,8 +252,17 @@ def summary(result: TuneResult) -> list[str]:
         lines.append(f"the profile's starting point ({_where(start)}) failed: {start.reason}")
     lines.append(f"search: {'closed' if result.closed else 'not closed'} ({result.reason}); "
                  f"{plural(result.saved, 'probe')} kept as observations (source tuning), which the next plan uses")
-    lines.append("tune changed nothing in the WebUI: webui-user, the hook and its config are as they were before; "
-                 "the next `lowvram plan`, `apply` and `launch` use what tune measured")
+    if "forge" in result.roads:
+        lines.append("tune changed nothing in the WebUI: webui-user and Forge's config.json (every option tune posted) "
+                     "are as they were before; the next `lowvram plan` uses the fastest settings, and `lowvram apply` "
+                     "writes them into config.json")
+    elif "comfyui" in result.roads:
+        lines.append("tune changed nothing in the ComfyUI tree: its images went to a temp folder, since removed, and "
+                     "user/, temp/, output/ and input/ are as they were; the next `lowvram plan` and `launch` use the "
+                     "--reserve-vram tune measured fastest")
+    else:
+        lines.append("tune changed nothing in the WebUI: webui-user, the hook and its config are as they were "
+                     "before; the next `lowvram plan`, `apply` and `launch` use what tune measured")
     return lines
 
 
@@ -252,6 +280,21 @@ def chart(result: TuneResult, width: int = 40) -> str:
     worst = max(value(p) for p in ok) or 1.0
     lines = [("seconds per image" if per_image else "s/it") + " per road and reserve (shorter is faster; resident = "
              "the model kept in VRAM with that reserve, swap = parts of the model swapped to RAM)"]
+    if any(p.swap_method for p in ok):
+        lines[0] = ("seconds per image" if per_image else "s/it") + (" per Forge candidate: inference memory "
+                                                                      "(GPU Weights = total − it), Swap Method/Location "
+                                                                      "(shorter is faster)")
+        for p in sorted(ok, key=lambda p: (p.reserve_mb, p.swap_method or "", p.swap_location or "")):
+            bar = "█" * max(1, round(value(p) / worst * width))
+            lines.append(f"{_forge_words(p):<22} {bar:<{width}} {value(p):.4f}{'  ◀ best' if p is result.best else ''}")
+        return "\n".join(lines)
+    if any(p.load_mode for p in ok):
+        lines[0] = ("seconds per image" if per_image else "s/it") + " per ComfyUI candidate (shorter is faster)"
+        for p in sorted(ok, key=lambda p: (p.load_mode, p.reserve_vram_mb or -1)):
+            bar = "█" * max(1, round(value(p) / worst * max(4, width - 8)))
+            label = f"{_comfy_words(p):<20}"
+            lines.append(f"{label} {bar:<{width}} {value(p):.4f}{'  ◀ best' if p is result.best else ''}")
+        return "\n".join(lines)
     for road in ("resident", "swap"):
         rows = sorted((p for p in ok if p.road == road), key=lambda p: p.reserve_mb)
         seen: set[int] = set()
@@ -265,3 +308,22 @@ def chart(result: TuneResult, width: int = 40) -> str:
             mark = "  ◀ best" if p is result.best else ""
             lines.append(f"{label} {bar:<{width}} {sit:.4f}{mark}")
     return "\n".join(lines)
+
+
+def _comfy_words(p: Probe) -> str:
+    """A ComfyUI candidate as its flags: `--reserve-vram 0.8`, `default reserve`, plus the load mode."""
+    words = "default reserve" if p.reserve_vram_mb is None else f"--reserve-vram {p.reserve_vram_mb / 1024:.1f}"
+    return words + ("" if p.load_mode in ("", "default") else f" --{p.load_mode}")
+
+
+def _forge_words(p: Probe) -> str:
+    """A Forge candidate: its inference memory and Swap Method/Location."""
+    return f"{p.reserve_mb} MiB {p.swap_method}/{p.swap_location}"
+
+
+def _reserve_cell(p: Probe) -> str:
+    if p.swap_method:
+        return _forge_words(p)
+    if p.load_mode:
+        return _comfy_words(p)
+    return str(p.reserve_mb) if p.road == "resident" else "-"

@@ -12,20 +12,29 @@ from typing import Annotated
 
 import typer
 
+from lowvram.core.model_files import DETECTED_FAMILIES
 from lowvram.core.plan import Overrides
 
 
 class UiChoice(str, enum.Enum):
     a1111 = "a1111"
     forge = "forge"
+    forge_neo = "forge-neo"
+    reforge = "reforge"
     sdnext = "sdnext"
     comfyui = "comfyui"
 
 
-class ModelChoice(str, enum.Enum):
-    sd15 = "sd15"
-    sd2 = "sd2"
-    sdxl = "sdxl"
+# The model families `--model` names, one list for every command (estimate too): core's.
+MODEL_FAMILIES: tuple[str, ...] = tuple(f for f in DETECTED_FAMILIES if f != "unknown")
+MODEL_HELP = (f"Model family ({', '.join(MODEL_FAMILIES)}), or a model file (.safetensors, .gguf: a path, or a "
+              "file name in the WebUI's model folders) planned for as if the UI had it selected. A family name "
+              "is always the family (write ./sdxl for a file named sdxl).")
+
+
+def complete_model(incomplete: str) -> list[str]:
+    """Shell completion for `--model`: the families (a file path the shell completes itself)."""
+    return [f for f in MODEL_FAMILIES if f.startswith(incomplete)]
 
 
 class OffloadChoice(str, enum.Enum):
@@ -74,9 +83,10 @@ UiOpt = Annotated[
                               "it must match the WebUI found."),
 ]
 ModelOpt = Annotated[
-    ModelChoice | None,
-    typer.Option("--model", help="Model family, when the WebUI's selected checkpoint does not say "
-                                 "(default with no WebUI: sd15, what a fresh A1111 downloads)."),
+    str | None,
+    typer.Option("--model", metavar="FAMILY|FILE", autocompletion=complete_model,
+                 help=MODEL_HELP + " A family counts where the WebUI's checkpoint does not say (with no WebUI "
+                                   "the default is sd15, what a fresh A1111 downloads)."),
 ]
 FactsOpt = Annotated[
     Path | None,
@@ -109,7 +119,7 @@ def overrides_from(
     *,
     profile: str | None = None,
     ui: UiChoice | None = None,
-    model: ModelChoice | None = None,
+    model: str | None = None,
     offload: OffloadChoice | None = None,
     layout: TriState | None = None,
     sysmem_fallback: TriState | None = None,
@@ -121,7 +131,7 @@ def overrides_from(
     return Overrides(
         profile=profile.strip() if profile else None,
         ui=_value(ui),
-        model=_value(model),
+        model=model.strip() if model and model.strip() else None,
         offload=offload_value,
         layout=_value(layout),
         sysmem_fallback=_value(sysmem_fallback),

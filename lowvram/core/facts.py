@@ -31,7 +31,8 @@ from lowvram.core.errors import FactsError
 
 OS_NAMES = ("linux", "windows", "darwin")
 SYSMEM_FALLBACK_VALUES = ("on", "off", "unknown", "unsupported")
-FLAVORS = ("a1111", "forge", "sdnext", "comfyui")
+FLAVORS = ("a1111", "forge", "sdnext", "comfyui", "forge-neo", "reforge")
+UI_FLAG_KINDS = ("flag", "value", "values", "optvalue", "optvalues")  # ui/base.py KINDS
 FAMILIES = ("sd15", "sd2", "sdxl", "sdxl-refiner", "flux1-dev", "flux1-schnell", "sd3-medium", "sd3.5-medium",
             "sd3.5-large", "unknown")
 
@@ -94,8 +95,14 @@ class GpuFacts:
     driver: str | None = None
     cuda_driver: str | None = None
     compute_capability: str | None = None
-    pcie_gen: int | None = None
+    pcie_gen: int | None = None  # the link now: an idle card drops to Gen 1
     pcie_width: int | None = None
+    # The speed facts (issue 18's partial-offload cost): CUDA cores, the SM clock's maximum, and the
+    # link's maximum generation and width (the host<->device bandwidth a streaming model gets).
+    cuda_cores: int | None = None
+    sm_clock_max_mhz: int | None = None
+    pcie_gen_max: int | None = None
+    pcie_width_max: int | None = None
     lost: bool = False
     # NVML fields that could not be read, e.g. ("memory: NotSupported",); shown with --debug.
     errors: tuple[str, ...] = ()
@@ -134,6 +141,27 @@ class CudaEnv:
 
 
 @dataclass(frozen=True)
+class UiFlagsFacts:
+    """The flags the installed UI's own argument parser defines, read from its source as data
+    (world/detect/ui_flags.py): (option, kind, choices) with the kinds of ui/flags/*.txt, and the
+    mutually exclusive groups. `error` says why the source could not be read (then `flags` is empty
+    and the shipped list is used)."""
+
+    source: str
+    flags: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+    groups: tuple[tuple[str, ...], ...] = ()
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "error": self.error,
+            "flags": {name: kind + (":" + ",".join(choices) if choices else "") for name, kind, choices in self.flags},
+            "groups": [list(g) for g in self.groups],
+        }
+
+
+@dataclass(frozen=True)
 class WebuiFacts:
     path: str
     flavor: str
@@ -160,6 +188,11 @@ class WebuiFacts:
     # UI's defaults are then planned for, as the UI itself resets a settings file it cannot read).
     checkpoint_error: str | None = None
     config_error: str | None = None
+    # ComfyUI picks a model per workflow: every model file found in its model folders (names relative
+    # to their folder, newest first); `checkpoint` is then the newest of them (detect/webui.py).
+    model_files: tuple[str, ...] = ()
+    # The installed UI's own flags (ComfyUI's comfy/cli_args.py, Forge's args.py); None: not read.
+    ui_flags: UiFlagsFacts | None = None
 
 
 @dataclass(frozen=True)
@@ -186,9 +219,13 @@ class Facts:
         for gpu in data["gpus"]:
             gpu["errors"] = list(gpu["errors"])
         if data["webui"] is not None:
-            for key in ("user_args", "extensions", "disabled_extensions"):
+            for key in ("user_args", "extensions", "disabled_extensions", "model_files"):
                 value = data["webui"][key]
                 data["webui"][key] = list(value) if value is not None else None
+            if self.webui is not None and self.webui.ui_flags is not None:  # add-only: absent when not read
+                data["webui"]["ui_flags"] = self.webui.ui_flags.to_dict()
+            else:
+                data["webui"].pop("ui_flags", None)
         return data
 
 
@@ -281,6 +318,30 @@ class _Reader:
         return value
 
 
+def _gpu_from_dict(r: _Reader, g_any: Any, i: int) -> GpuFacts:
+    g = r.obj(g_any, f"gpus[{i}]")
+    p = f"gpus[{i}]"
+    return GpuFacts(
+        index=r.int_(g, "index", p) if g.get("index") is not None else i,  # type: ignore[arg-type]
+        uuid=r.str_(g, "uuid", p),
+        name=r.str_(g, "name", p),
+        vram_total_mb=r.int_(g, "vram_total_mb", p),
+        vram_free_mb=r.int_(g, "vram_free_mb", p),
+        vram_used_mb=r.int_(g, "vram_used_mb", p),
+        driver=r.str_(g, "driver", p),
+        cuda_driver=r.str_(g, "cuda_driver", p),
+        compute_capability=r.str_(g, "compute_capability", p),
+        pcie_gen=r.int_(g, "pcie_gen", p),
+        pcie_width=r.int_(g, "pcie_width", p),
+        cuda_cores=r.int_(g, "cuda_cores", p),
+        sm_clock_max_mhz=r.int_(g, "sm_clock_max_mhz", p),
+        pcie_gen_max=r.int_(g, "pcie_gen_max", p),
+        pcie_width_max=r.int_(g, "pcie_width_max", p),
+        lost=bool(r.bool_(g, "lost", p)),
+        errors=r.strs(g, "errors", p) or (),
+    )
+
+
 def facts_from_dict(data: Any, source: str = "facts") -> Facts:
     r = _Reader(source)
     if not isinstance(data, dict):
@@ -293,27 +354,7 @@ def facts_from_dict(data: Any, source: str = "facts") -> Facts:
     gpus_raw = data.get("gpus") or []
     if not isinstance(gpus_raw, list):
         raise r.fail("gpus", "a list", gpus_raw)
-    gpus: list[GpuFacts] = []
-    for i, g_any in enumerate(gpus_raw):
-        g = r.obj(g_any, f"gpus[{i}]")
-        p = f"gpus[{i}]"
-        gpus.append(
-            GpuFacts(
-                index=r.int_(g, "index", p) if g.get("index") is not None else i,  # type: ignore[arg-type]
-                uuid=r.str_(g, "uuid", p),
-                name=r.str_(g, "name", p),
-                vram_total_mb=r.int_(g, "vram_total_mb", p),
-                vram_free_mb=r.int_(g, "vram_free_mb", p),
-                vram_used_mb=r.int_(g, "vram_used_mb", p),
-                driver=r.str_(g, "driver", p),
-                cuda_driver=r.str_(g, "cuda_driver", p),
-                compute_capability=r.str_(g, "compute_capability", p),
-                pcie_gen=r.int_(g, "pcie_gen", p),
-                pcie_width=r.int_(g, "pcie_width", p),
-                lost=bool(r.bool_(g, "lost", p)),
-                errors=r.strs(g, "errors", p) or (),
-            )
-        )
+    gpus = [_gpu_from_dict(r, g_any, i) for i, g_any in enumerate(gpus_raw)]
     driver = next((g.driver for g in gpus if g.driver), None)
     fallback = r.choice(s, "sysmem_fallback", "system", SYSMEM_FALLBACK_VALUES)
     system = SystemFacts(
@@ -368,6 +409,8 @@ def facts_from_dict(data: Any, source: str = "facts") -> Facts:
             disabled_extensions=r.strs(w, "disabled_extensions", "webui") or (),
             checkpoint_error=r.str_(w, "checkpoint_error", "webui"),
             config_error=r.str_(w, "config_error", "webui"),
+            model_files=r.strs(w, "model_files", "webui") or (),
+            ui_flags=_ui_flags_from_dict(r, w.get("ui_flags")),
         )
     return Facts(
         system=system,
@@ -378,6 +421,26 @@ def facts_from_dict(data: Any, source: str = "facts") -> Facts:
         cuda=cuda,
         nvml_error=r.str_(data, "nvml_error", "facts") if "nvml_error" in data else None,
     )
+
+
+def _ui_flags_from_dict(r: _Reader, raw: Any) -> UiFlagsFacts | None:
+    if raw is None:
+        return None
+    p = "webui.ui_flags"
+    d = r.obj(raw, p)
+    flags_raw = r.obj(d.get("flags"), f"{p}.flags")
+    flags: list[tuple[str, str, tuple[str, ...]]] = []
+    for name, spec in flags_raw.items():
+        kind, _, choices = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+        if not name.startswith("-") or kind not in UI_FLAG_KINDS:
+            raise r.fail(f"{p}.flags.{name}", "a flag kind (" + ", ".join(UI_FLAG_KINDS) + ")", spec)
+        flags.append((r.text(name, f"{p}.flags"), kind, tuple(c for c in choices.split(",") if c)))
+    groups_raw = d.get("groups") or []
+    if not isinstance(groups_raw, list):
+        raise r.fail(f"{p}.groups", "a list of lists of flags", groups_raw)
+    groups = tuple(r.strs({"g": g}, "g", f"{p}.groups") or () for g in groups_raw)
+    return UiFlagsFacts(source=r.str_(d, "source", p) or "", flags=tuple(flags), groups=groups,
+                        error=r.str_(d, "error", p))
 
 
 _FACTS_HINT = "use the JSON that `lowvram doctor --json` printed, unchanged"

@@ -25,3 +25,10 @@ def checkpoint_key(name: str, size: int, mtime: float) -> str:
     A1111's sha256 is lazy and off with --no-hashing, so the hook and lowvram both use this.
     """
     return f"{name}|{size}|{int(mtime)}"
+
+
+def content_key(size: int, digest: str) -> str:
+    """How observations name a model file's content across trees: its size and the sha256 of its first bytes
+    (world/detect/checkpoint.py's content_key reads them, bounded). A copy elsewhere, with another name or
+    mtime, has the same key; the weights themselves are never read."""
+    return f"{size}:{digest[:32]}"

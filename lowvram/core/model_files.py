@@ -4,7 +4,7 @@ Pure: the edge (world/detect/checkpoint.py) reads the header bytes, bounded, and
 
 - safetensors: the checked header (a dict of tensor name -> {dtype, shape, data_offsets}, plus
   `__metadata__`). The format is the dtype that holds most of the diffusion model's parameters
-  (F16 -> fp16, BF16 -> bf16, F32 -> fp32, F8_E4M3 -> fp8_e4m3, F8_E5M2 -> fp8_e5m2), or nf4/fp4
+  (F16 -> fp16, BF16 -> bf16, F32 -> fp32, F8_E4M3 -> fp8_e4m3fn, F8_E5M2 -> fp8_e5m2), or nf4/fp4
   where bitsandbytes' quant-state keys (`*.quant_state.bitsandbytes__nf4`/`__fp4`) say so.
 - GGUF: magic `GGUF`, version, tensor count, KV count, the KV pairs, then each tensor's name,
   dims (ggml order: innermost first), ggml type id and offset. The format is `general.file_type`
@@ -33,11 +33,11 @@ FAMILY_NAMES = {"sd15": "SD 1.5", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl-refiner
 DIFFUSION_PREFIX = "model.diffusion_model."
 
 SAFETENSORS_FORMATS = {"F16": "fp16", "BF16": "bf16", "F32": "fp32", "F64": "fp64",
-                       "F8_E4M3": "fp8_e4m3", "F8_E5M2": "fp8_e5m2"}
-GGML_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 9: "q8_1",
+                       "F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2"}
+GGML_TYPES = {0: "fp32", 1: "fp16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 9: "q8_1",
               10: "q2_k", 11: "q3_k", 12: "q4_k", 13: "q5_k", 14: "q6_k", 15: "q8_k", 30: "bf16"}
 # llama.cpp's LLAMA_FTYPE_* (general.file_type): the only place Q4_K_S and Q4_K_M differ.
-GGUF_FILE_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 10: "q2_k",
+GGUF_FILE_TYPES = {0: "fp32", 1: "fp16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 10: "q2_k",
                    11: "q3_k_s", 12: "q3_k_m", 13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m", 16: "q5_k_s",
                    17: "q5_k_m", 18: "q6_k", 32: "bf16"}
 GGUF_MAGIC = b"GGUF"
@@ -53,7 +53,7 @@ SD15_PREFIX = "cond_stage_model.transformer."
 class ModelInfo:
     family: str  # one of DETECTED_FAMILIES, or "unknown"
     variant: str | None = None  # "v-prediction" where the file says so
-    format: str | None = None  # fp16, bf16, fp8_e4m3, nf4, q4_k_s, ... (None: not told)
+    format: str | None = None  # fp16, bf16, fp8_e4m3fn, nf4, q4_k_s, ... (None: not told)
     parameters: int = 0
     reason: str | None = None  # why the header could not be read (a damaged GGUF header)
 

@@ -65,6 +65,25 @@ class Observation:
     device: str | None = None
     wall_s: float | None = None
     images: int | None = None
+    # Added for tune on ComfyUI (issue 19). `load_mode`: the ComfyUI load mode a tuning probe ran
+    # with ("default", "lowvram", "normalvram"); set only on ComfyUI's tuning records, which it marks.
+    # `reserve_vram_mb`: its --reserve-vram in MiB, None = no flag (ComfyUI's own reserve).
+    load_mode: str | None = None
+    reserve_vram_mb: int | None = None
+    # Added for tune on Forge (issue 19): the memory settings a Forge tuning probe ran with
+    # (forge_inference_memory in MiB, Swap Method Queue/Async, Swap Location CPU/Shared). Knobs of one UI:
+    # the offload ladder and the roads never learn from a record that has them (forge_knobs).
+    forge_inference_mb: int | None = None
+    forge_swap_method: str | None = None
+    forge_swap_location: str | None = None
+    # Added so what is learnt about a model on a GPU carries across UIs (issue 19 item 5). `gpu_uuid`: the
+    # card's UUID, where the writer knows it (the hook on torch >= 2.2, `reserve --add`); compared through
+    # gpu_uuid_key. `model_key`: markers.content_key of the model file (size + hash of its first bytes), the
+    # same for a copy in another tree. `ui`: the UI that ran it, filled in by the reader for another tree's
+    # records (world/observation_log.py, other_tree_runs).
+    gpu_uuid: str | None = None
+    model_key: str | None = None
+    ui: str | None = None
 
     @property
     def size(self) -> tuple[int, int] | None:
@@ -93,17 +112,64 @@ def run_failed(obs: Observation) -> bool:
     return (not obs.ok) or obs.ooms > 0 or (obs.road == "resident" and bool(obs.layout_error))
 
 
+def gpu_uuid_key(uuid: str | None) -> str | None:
+    """A GPU UUID compared across writers: NVML says "GPU-xxxxxxxx-…", torch's `props.uuid` the bare hex."""
+    if not uuid or not uuid.strip():
+        return None
+    text = uuid.strip().lower()
+    return text[4:] if text.startswith("gpu-") else text
+
+
+def model_evidence(obs: Observation) -> bool:
+    """A run that says something about the model's memory on its card whatever UI ran it: a generation the
+    hook measured on the GPU with none of one UI's own knobs in force (A1111's layout and its reserve tie
+    the peak and any OOM to that reserve). Tuning probes sweep such knobs and manual readings are of the
+    reserve: neither crosses to another UI."""
+    return obs.source == "hook" and not obs.layout and obs.device in (None, "cuda") and not forge_knobs(obs)
+
+
+def oom_run(obs: Observation) -> bool:
+    """The run ran out of memory (not merely failed)."""
+    reason = obs.reason.lower()
+    return obs.ooms > 0 or (not obs.ok and ("oom" in reason or "out of memory" in reason))
+
+
+@dataclass(frozen=True)
+class OtherTreeRuns:
+    """Runs of this model on this GPU recorded for another WebUI tree: evidence of the model's memory."""
+
+    ui: str | None  # the tree's flavor key; None where the tree is gone or unknown
+    title: str  # the UI's name on screen ("another WebUI" where unknown)
+    webui: str | None  # its path, as its hook config says
+    runs: tuple[Observation, ...]
+
+    def describe(self) -> str:
+        """'2 generations of this model on this GPU in A1111 at /path'."""
+        n = len(self.runs)
+        return (f"{n} generation{'s' if n != 1 else ''} of this model on this GPU in {self.title}"
+                + (f" at {self.webui}" if self.webui else ""))
+
+
 def comparable_key(obs: Observation) -> tuple[object, ...]:
     """Runs are compared only with runs of the same size, batch and device (like with like)."""
     return (obs.width, obs.height, obs.batch or 1, obs.device)
 
 
 _INT_FIELDS = {"reserve_mb", "free_mb", "overflow_mb", "peak_allocated_mb", "peak_reserved_mb", "vram_total_mb",
-               "width", "height", "batch", "steps", "pid", "images"}
+               "width", "height", "batch", "steps", "pid", "images", "reserve_vram_mb"}
 _FLOAT_FIELDS = {"sit", "layout_s", "wall_s"}
 _STR_FIELDS = {"checkpoint", "family", "road", "offload", "driver", "overflow_source", "tag", "layout_error",
-               "device"}
+               "device", "load_mode"}
+_INT_FIELDS = _INT_FIELDS | {"forge_inference_mb"}
+_STR_FIELDS = _STR_FIELDS | {"forge_swap_method", "forge_swap_location"}
+_STR_FIELDS = _STR_FIELDS | {"gpu_uuid", "model_key", "ui"}
 _KNOWN = {f.name for f in fields(Observation)}
+FORGE_KNOB_VALUES = {"forge_swap_method": ("Queue", "Async"), "forge_swap_location": ("CPU", "Shared")}
+
+
+def forge_knobs(obs: Observation) -> bool:
+    """A record of Forge's memory settings (a Forge tune probe): it teaches those settings only."""
+    return obs.forge_inference_mb is not None
 
 
 def observation_to_dict(obs: Observation) -> dict[str, Any]:
@@ -186,6 +252,9 @@ def observation_from_dict(data: Any) -> Observation:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError("`flags` should be a list of strings")
             kwargs[key] = tuple(_text(v, key) for v in value)
+    for key, allowed in FORGE_KNOB_VALUES.items():  # lenient: a value Forge does not know is dropped, not the line
+        if kwargs.get(key) is not None and kwargs[key] not in allowed:
+            del kwargs[key]
     if kwargs.get("road") is not None and kwargs["road"] not in ROADS:
         raise ValueError(f"`road` should be swap or resident, not {json.dumps(kwargs['road'])[:40]}")
     return Observation(**kwargs)

@@ -40,7 +40,7 @@ ATTENTIONS = ("auto", "xformers", "sdp", "sdp-no-mem", "sub-quad", "split", "non
 UNET_PRECISIONS = ("half", "full", "upcast")
 VAE_PRECISIONS = ("half", "full")
 TRISTATE = ("auto", "on", "off")
-MODELS = ("sd15", "sd2", "sdxl")
+MODELS = ("sd15", "sd2", "sdxl", "flux1-dev", "flux1-schnell", "sd3-medium", "sd3.5-medium", "sd3.5-large")
 ORDERS = ("ascending", "descending")
 OSES = ("linux", "windows", "darwin")
 

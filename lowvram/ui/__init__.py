@@ -22,11 +22,25 @@ from lowvram.ui.base import (
 )
 from lowvram.ui.comfyui import ComfyUI
 from lowvram.ui.forge import Forge
+from lowvram.ui.forge_neo import ForgeNeo
+from lowvram.ui.reforge import ReForge
 from lowvram.ui.sdnext import SdNext
 
-UIS = ("a1111", "forge", "sdnext", "comfyui")
+UIS = ("a1111", "forge", "sdnext", "comfyui", "forge-neo", "reforge")
 
-_ADAPTERS: dict[str, UiAdapter] = {"a1111": A1111(), "forge": Forge(), "sdnext": SdNext(), "comfyui": ComfyUI()}
+_ADAPTERS: dict[str, UiAdapter] = {"a1111": A1111(), "forge": Forge(), "sdnext": SdNext(), "comfyui": ComfyUI(),
+                                    "forge-neo": ForgeNeo(), "reforge": ReForge()}
+
+
+# Forge and the UIs that fork it (Forge Neo, reForge): one webui.sh, one installer, one way of loading models.
+FORGE_LINEAGE = tuple(key for key, ui in _ADAPTERS.items() if ui.lineage == "forge")
+
+
+def lineage_key(ui: str) -> str:
+    """The UI whose behaviour `ui` shares where lowvram has one model of it (the estimator, the VAE, the
+    streaming of what does not fit): "forge" for Forge Neo and reForge, `ui` itself otherwise."""
+    found = _ADAPTERS.get(ui)
+    return found.lineage if found is not None and found.lineage else ui
 
 
 def adapter(ui: str) -> UiAdapter:
@@ -42,6 +56,7 @@ def validate(ui: str, version: str | None, args: Sequence[str]) -> list[ParsedFl
 
 
 __all__ = [
+    "FORGE_LINEAGE",
     "UIS",
     "Contradiction",
     "FlagSet",
@@ -51,6 +66,7 @@ __all__ = [
     "UiAdapter",
     "UiSettings",
     "adapter",
+    "lineage_key",
     "parse_args",
     "parse_ui_version",
     "validate",

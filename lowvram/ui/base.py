@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from lowvram.core.errors import FlagError
+from lowvram.core.facts import UiFlagsFacts
 
 FLAGS_DIR = Path(__file__).resolve().parent / "flags"
 
@@ -98,6 +99,17 @@ def load_flagset(filename: str, label: str) -> FlagSet:
         if kind not in KINDS or not name.startswith("-"):
             raise ValueError(f"{path}:{lineno}: cannot read {line!r}")
         flags[name] = FlagSpec(name, kind, choices)
+    return FlagSet(label, flags, groups)
+
+
+def installed_flagset(installed: UiFlagsFacts, label: str, shipped: FlagSet) -> FlagSet:
+    """The flags the installed UI's own parser defines (world/detect/ui_flags.py read them); each
+    exclusive group is named after the shipped list's group it shares flags with."""
+    flags = {name: FlagSpec(name, kind if kind in KINDS else "value", choices) for name, kind, choices in installed.flags}
+    groups: dict[str, tuple[str, ...]] = {}
+    for i, members in enumerate(installed.groups, 1):
+        named = [g for g, theirs in shipped.groups.items() if set(theirs) & set(members) and g not in groups]
+        groups[named[0] if named else f"group-{i}"] = members
     return FlagSet(label, flags, groups)
 
 
@@ -223,6 +235,8 @@ class UiAdapter(abc.ABC):
 
     key = ""
     title = ""
+    # The UI whose code this one forks, for behaviour they share ("forge": Forge, Forge Neo, reForge); "" = none.
+    lineage = ""
     device_flag: str | None = None
     # The device flag replaces CUDA_VISIBLE_DEVICES at start-up (Forge, ComfyUI) rather than indexing
     # the visible list (A1111 `cuda:<id>`): it overrides lowvram's UUID pin, so it is never rewritten.
@@ -254,16 +268,14 @@ class UiAdapter(abc.ABC):
 
     # ---- validation and contradictions ------------------------------------------------------
 
-    def validate(self, args: Sequence[str], version: str | None) -> list[ParsedFlag]:
-        flagset = self.flagset(version)
-        parsed = parse_args(args, flagset, strict=True, ui_title=self.describe(version))
+    def validate(self, args: Sequence[str], version: str | None, flagset: FlagSet | None = None) -> list[ParsedFlag]:
+        """`args` against `flagset` (default: the shipped list for `version`); FlagError on the first problem."""
+        title = flagset.label if flagset is not None else self.describe(version)  # the installed version's words
+        flagset = flagset or self.flagset(version)
+        parsed = parse_args(args, flagset, strict=True, ui_title=title)
         problems = self.contradictions(parsed, flagset)
         if problems:
-            first = problems[0]
-            raise FlagError(
-                f"{self.describe(version)} flags contradict each other: {first.describe()}",
-                "keep one of them",
-            )
+            raise FlagError(f"{title} flags contradict each other: {problems[0].describe()}", "keep one of them")
         return parsed
 
     def describe(self, version: str | None) -> str:
@@ -318,6 +330,19 @@ class UiAdapter(abc.ABC):
                 if q.name == u.name and q.value != u.value:
                     found.append(Contradiction(f"{u.name} value", u.tokens, q.tokens))
         return found
+
+
+def flags_for(ui: UiAdapter, version: str | None, installed: UiFlagsFacts | None) -> tuple[FlagSet, str | None]:
+    """The flags to check against: the installed version's own (read from its parser's source) where
+    lowvram could read them, else the shipped list; and a note when the read failed."""
+    if installed is None:
+        return ui.flagset(version), None
+    if installed.error or not installed.flags:
+        shipped = ui.flagset(version)
+        return shipped, (f"the installed {ui.title}'s flags could not be read ({installed.error or 'none found'}): "
+                         f"flags are checked against lowvram's list for {shipped.label}")
+    label = f"{ui.title} {version}" if version else f"the installed {ui.title}"
+    return installed_flagset(installed, label, ui.flagset(version)), None
 
 
 def reserve_gb(headroom_mb: int) -> str:

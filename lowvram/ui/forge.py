@@ -18,10 +18,11 @@ FORGE_ATTENTION = {"sdp": "--attention-pytorch", "sub-quad": "--attention-quad",
 class Forge(UiAdapter):
     key = "forge"
     title = "Forge"
+    lineage = "forge"  # Forge Neo and reForge inherit it (ui/forge_neo.py, ui/reforge.py)
     device_flag = "--gpu-device-id"
     device_flag_sets_visible = True  # it sets CUDA_VISIBLE_DEVICES=<id> before torch starts
     supports_tcmalloc = True  # same webui.sh as A1111 1.10
-    pinned_xformers = ("0.0.27", "2.3.1")
+    pinned_xformers: tuple[str, str] | None = ("0.0.27", "2.3.1")
     torch_command_env = "TORCH_COMMAND"  # A1111's launch_utils mechanism, with Forge's torch pin
     categories: ClassVar[Mapping[str, Mapping[str, str]]] = {
         # xformers is used whenever it imports, unless disabled; a chosen backend contradicts it.
@@ -55,16 +56,19 @@ class Forge(UiAdapter):
             args.append("--always-no-vram")
         if settings.attention == "xformers":
             args.append("--xformers")  # installs Forge's pinned xformers; the backend uses it once it imports
-        elif settings.attention in FORGE_ATTENTION:
+        elif settings.attention in ("sdp", "sdp-no-mem"):
+            # --attention-pytorch alone: it sets XFORMERS_IS_AVAILABLE False (backend/memory_management.py), so
+            # --disable-xformers beside it changes nothing. The policy plans it only where a working xformers
+            # is in the venv (policy/attention.py); elsewhere Forge picks PyTorch SDP by itself.
+            args.append("--attention-pytorch")
+        elif settings.attention in FORGE_ATTENTION:  # split/quad rank below xformers: xformers must be off
             args += ["--disable-xformers", FORGE_ATTENTION[settings.attention]]
-        elif settings.attention in ("sdp-no-mem",):
-            args += ["--disable-xformers", "--attention-pytorch"]
         if settings.unet_precision == "full":
             args.append("--all-in-fp32")
         elif settings.unet_precision == "upcast":
             notes.append("Forge keeps GTX 16xx out of fp16 by itself: no flag")
         if settings.vae_precision == "full" and settings.unet_precision != "full":
-            args.append("--vae-in-fp32")
+            args.append("--vae-in-fp32")  # "auto" where Forge runs it in fp32 by itself (policy/precision.py)
         if settings.device_index is not None:
             args += ["--gpu-device-id", str(settings.device_index)]
         return Rendered(tuple(args), tuple(notes))

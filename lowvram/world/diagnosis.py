@@ -28,6 +28,7 @@ from lowvram.core.facts import (
 from lowvram.core.gpuselect import GpuChoice
 from lowvram.core.model_files import FAMILY_NAMES as MODEL_FAMILY_NAMES
 from lowvram.core.words import plural
+from lowvram.ui import FORGE_LINEAGE
 from lowvram.world import paths
 
 STATUSES = ("ok", "warn", "fail", "skip")
@@ -45,7 +46,8 @@ INSTALL_COMMANDS = {
     "gperftools": "sudo pacman -S gperftools",
 }
 OS_NAMES = {"linux": "Linux", "windows": "Windows", "darwin": "macOS"}
-FLAVOR_NAMES = {"a1111": "AUTOMATIC1111", "forge": "Forge", "sdnext": "SD.Next", "comfyui": "ComfyUI"}
+FLAVOR_NAMES = {"a1111": "AUTOMATIC1111", "forge": "Forge", "sdnext": "SD.Next", "comfyui": "ComfyUI",
+                "forge-neo": "Forge Neo", "reforge": "reForge"}
 FAMILY_NAMES = {"sd15": "SD 1.5", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl-refiner": "SDXL refiner"}
 MODEL_NAMES = {**FAMILY_NAMES, **MODEL_FAMILY_NAMES}  # every family detection tells (core/model_files.py)
 
@@ -238,7 +240,7 @@ def family_rung(facts: Facts, g: GpuFacts, family: str, pinned: str | None) -> t
     """
     from lowvram.core import policy
     from lowvram.core.estimate import memory as est
-    from lowvram.ui import adapter
+    from lowvram.ui import adapter, lineage_key
 
     assert g.vram_total_mb is not None
     ui_key = facts.webui.flavor if facts.webui is not None else "a1111"
@@ -249,7 +251,8 @@ def family_rung(facts: Facts, g: GpuFacts, family: str, pinned: str | None) -> t
 
     def fits(rung: str) -> bool:
         off = {"novram": "lowvram"}.get(rung, rung)
-        e = est.estimate(est.EstimateRequest(family=family, width=side, height=side, offload=off, ui=ui_key))
+        e = est.estimate(est.EstimateRequest(family=family, width=side, height=side, offload=off,
+                                             ui=lineage_key(ui_key)))
         return est.fits(e.peak_mb, g.vram_total_mb or 0, room)
 
     if pinned is not None:
@@ -486,7 +489,7 @@ def check_torch_arch(facts: Facts, w: WebuiFacts, g: GpuFacts) -> Check | None:
 
 def _cuda_torch_hint(flavor: str) -> str:
     """How this UI gets a CUDA build of torch back: each UI has its own way (flags in lowvram/ui/flags)."""
-    if flavor in ("a1111", "forge"):
+    if flavor == "a1111" or flavor in FORGE_LINEAGE:
         return ("start the UI once with --reinstall-torch (and check that TORCH_COMMAND in webui-user does not "
                 "name a CPU build)")
     if flavor == "sdnext":
@@ -580,13 +583,34 @@ def check_other_gpus(facts: Facts) -> Check:
                  "webui-macos-env.sh) stands")
 
 
+def _comfy_checkpoint(w: WebuiFacts) -> Check:
+    """ComfyUI selects no checkpoint: what its model folders hold, and which file plans assume (the
+    newest), in the plan's words (core/policy/family.py)."""
+    from lowvram.core.policy.family import comfy_models_line
+
+    if w.checkpoint is None:
+        return Check("webui.checkpoint", "warn", "ComfyUI: no model file in models/checkpoints, models/unet or "
+                     "models/diffusion_models (nor extra_model_paths.yaml's folders)",
+                     "put one there, or give --model FAMILY|FILE")
+    line = comfy_models_line(w)
+    if w.checkpoint_error:
+        return Check("webui.checkpoint", "warn", f"{line}; {w.checkpoint_error}",
+                     "re-download it, or give --model FAMILY|FILE")
+    if w.model_family in (None, "unknown"):
+        return Check("webui.checkpoint", "warn", f"{line}; its model family is unknown",
+                     "give --model FAMILY|FILE")
+    if w.model_family not in FAMILY_NAMES:
+        return Check("webui.checkpoint", "warn", f"{line}; lowvram has no memory model for it yet",
+                     "plan and estimate stop here; --model sdxl plans as SDXL")
+    return Check("webui.checkpoint", "ok", line)
+
+
 def check_checkpoint(facts: Facts) -> Check:
     w = facts.webui
     if w is None:
         return Check("webui.checkpoint", "skip", "no WebUI")
     if w.flavor == "comfyui":
-        return Check("webui.checkpoint", "skip", "ComfyUI has no selected checkpoint",
-                     "tell lowvram the model family with --model sd15|sd2|sdxl")
+        return _comfy_checkpoint(w)
     if w.checkpoint is None and w.flavor == "a1111" and "--no-download-sd-model" not in (w.user_args or ()):
         # modules/sd_models.py: with no checkpoint at all, A1111 downloads v1-5-pruned-emaonly and loads it.
         return Check("webui.checkpoint", "warn",

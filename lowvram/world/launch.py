@@ -30,13 +30,16 @@ from typing import IO, Any
 from lowvram.core.errors import LaunchError, UsageError
 from lowvram.core.facts import Facts
 from lowvram.core.plan import Plan
+from lowvram.ui import FORGE_LINEAGE
+from lowvram.ui.base import FlagSet, UiAdapter, flags_for
 from lowvram.world import paths
 from lowvram.world.fsutil import FileLock, atomic_write_text
 
-WEBUI_SH_UIS = ("a1111", "forge", "sdnext")
+# Forge's lineage (Forge, Forge Neo, reForge) keeps A1111's webui.sh, LAUNCH_SCRIPT and install_dir/clone_dir.
+WEBUI_SH_UIS = ("a1111", "sdnext", *FORGE_LINEAGE)
 # webui.sh of A1111 and Forge honour LAUNCH_SCRIPT and install_dir/clone_dir; SD.Next's `exec`s
 # launch.py itself, so its exit status is already the UI's.
-WRAPPED_UIS = ("a1111", "forge")
+WRAPPED_UIS = ("a1111", *FORGE_LINEAGE)
 
 STATUS_ENV = "LOWVRAM_LAUNCH_STATUS"
 SCRIPT_ENV = "LOWVRAM_LAUNCH_SCRIPT"
@@ -205,9 +208,8 @@ def build_launch(
     version = facts.webui.version if facts.webui is not None else None
     extra = tuple(extra_args)
     if extra:
-        from lowvram import ui as ui_mod
-
-        ui_mod.validate(ui, version, extra)
+        adapter, flagset = _installed_flags(ui, facts)
+        adapter.validate(list(extra), version, flagset)
 
     notes: list[str] = []
     warnings: list[str] = []
@@ -345,14 +347,23 @@ def _comfyui_python(tree: Path, python: Path | None, target: str, facts: Facts) 
     )
 
 
+def _installed_flags(ui: str, facts: Facts) -> tuple[UiAdapter, FlagSet]:
+    """The UI's adapter and the flags to check against: the installed version's own where they were read."""
+    from lowvram import ui as ui_mod
+
+    adapter = ui_mod.adapter(ui)
+    webui = facts.webui
+    installed = webui.ui_flags if webui is not None and webui.flavor == ui else None
+    return adapter, flags_for(adapter, webui.version if webui is not None else None, installed)[0]
+
+
 def _overridden_extra(plan: Plan, facts: Facts, ui: str, version: str | None, extra: tuple[str, ...]) -> list[str]:
     """A valued flag both after `--` and in COMMANDLINE_ARGS takes the block's value: say so."""
     if not extra:
         return []
     from lowvram import ui as ui_mod
 
-    adapter = ui_mod.adapter(ui)
-    flagset = adapter.flagset(version)
+    adapter, flagset = _installed_flags(ui, facts)
     block: list[str] = list(plan.args)
     if plan.merge == "assign":
         block = list(plan.user_args_kept) + block

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from lowvram.core import policy
 from lowvram.core.errors import UsageError
-from lowvram.core.facts import Facts, WebuiFacts
-from lowvram.core.observations import Observation
+from lowvram.core.facts import Facts, GpuFacts, WebuiFacts
+from lowvram.core.observations import Observation, OtherTreeRuns
 from lowvram.core.plan import ExtensionSpec, Overrides, Plan
 from lowvram.core.profiles import ResolvedProfile, Selection
 from lowvram.world import paths, state
@@ -57,6 +57,98 @@ def check_ui_matches(ui: str | None, webui: WebuiFacts | None, origin: str | Non
                      f"for {wanted}, pass --webui PATH to its folder; for this {theirs}, drop --ui")
 
 
+# --model FILE: the files lowvram reads a family from (a .ckpt/.pt pickle is never opened).
+MODEL_FILE_SUFFIXES = (".safetensors", ".sft", ".gguf")
+_MODEL_HINT = ("give a family ({families}), or a .safetensors or .gguf file: a path, or a file name in the "
+               "WebUI's model folders")
+
+
+@dataclass(frozen=True)
+class ModelArg:
+    """`--model` resolved: the family name the policy takes, the WebUI's facts with the file as its
+    checkpoint (as if the UI had it selected), and for a file the plan's family choice and its reason."""
+
+    family: str | None
+    webui: WebuiFacts | None
+    choice: policy.FamilyChoice | None = None
+
+
+def _model_dirs(webui: WebuiFacts | None) -> list[Path]:
+    from lowvram.world.detect.webui import checkpoint_dirs, comfy_model_dirs
+
+    if webui is None or not webui.path:
+        return []
+    root = Path(webui.path)
+    return comfy_model_dirs(root)[0] if webui.flavor == "comfyui" else checkpoint_dirs(root, webui.user_args)
+
+
+def _usage(value: str, what: str) -> UsageError:
+    from lowvram.core.model_files import DETECTED_FAMILIES
+
+    return UsageError(f"--model {value}: {what}", _MODEL_HINT.format(families=", ".join(DETECTED_FAMILIES)))
+
+
+def find_model_file(value: str, webui: WebuiFacts | None) -> Path:
+    """The file `--model VALUE` names: a path (absolute, or relative to the current directory), else a
+    name (or a path relative to a model folder) in the WebUI's model folders; one UsageError otherwise."""
+    from lowvram.world.detect.webui import _walk_checkpoints
+    from lowvram.world.fsutil import special_kind
+
+    try:
+        path = Path(value).expanduser()
+        there = os.path.lexists(path)
+    except (OSError, ValueError, RuntimeError):
+        path, there = Path(value), False
+    if not there:
+        wanted = value.replace("\\", "/")
+        suffixes = (*MODEL_FILE_SUFFIXES, ".ckpt", ".pt")
+        found = [f for d, f in _walk_checkpoints(_model_dirs(webui), suffixes)
+                 if f.relative_to(d).as_posix() == wanted or f.name == wanted]
+        if not found:
+            where = " or in the WebUI's model folders" if webui is not None else ""
+            raise _usage(value, f"not a model family, and no such file here{where}")
+        path = found[0]
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise _usage(value, f"cannot read {path}: {exc.strerror or exc}") from exc
+    kind = "a folder" if os.path.isdir(path) else special_kind(st.st_mode)
+    if kind is not None:
+        raise _usage(value, f"{path} is {kind}, not a model file")
+    suffix = path.suffix.lower()
+    if suffix in (".ckpt", ".pt"):
+        raise _usage(value, f"{path} is a pickle ({suffix}): lowvram never opens one, so its family is unknown")
+    if suffix not in MODEL_FILE_SUFFIXES:
+        raise _usage(value, f"{path} is not a model file (.safetensors, .sft or .gguf)")
+    return path
+
+
+def resolve_model_arg(model: str | None, webui: WebuiFacts | None) -> ModelArg:
+    """`--model`: a value that is a family is that family (even where a file of that name exists);
+    anything else is a model file, read with the bounded header reader, planned for as the UI's
+    selected checkpoint. A damaged file or an unknown family is one error line (exit 1)."""
+    from lowvram.core import markers
+    from lowvram.core.errors import ProfileError
+    from lowvram.core.model_files import DETECTED_FAMILIES
+    from lowvram.world.detect.checkpoint import checkpoint_info
+
+    if model is None or model in DETECTED_FAMILIES:
+        return ModelArg(model, webui)
+    path = find_model_file(model, webui)
+    info = checkpoint_info(path)  # a damaged header: one WebuiError line naming the file
+    if info.family == "unknown":
+        raise ProfileError(f"--model {model}: cannot tell the model family of {path.name}: {info.describe()}",
+                           f"give its family instead: --model {'|'.join(DETECTED_FAMILIES)}")
+    choice = policy.FamilyChoice(info.family, "cli", f"--model FILE: {path.name} is {info.describe()}")
+    if webui is not None:
+        st = os.stat(path)
+        webui = replace(webui, checkpoint=path.name, checkpoint_path=str(path.resolve()),
+                        checkpoint_key=markers.checkpoint_key(path.name, st.st_size, st.st_mtime),
+                        model_family=info.family, model_variant=info.variant, model_format=info.format,
+                        checkpoint_error=None)
+    return ModelArg(info.family, webui, choice)
+
+
 def _gather(webui: Path | None, facts_file: Path | None) -> Facts:
     from lowvram.world.detect import gather_facts
 
@@ -81,6 +173,27 @@ def load_xformers_builds() -> dict[str, str]:
     return {str(k): str(v) for k, v in builds.items()} if isinstance(builds, dict) else {}
 
 
+def other_ui_runs(facts: Facts, webui_path: Path | None,
+                  gpu: GpuFacts | None) -> tuple[tuple[OtherTreeRuns, ...], tuple[str, ...]]:
+    """What other WebUI trees learnt about this tree's model file (the same content, wherever it lies) on
+    `gpu` (docs/architecture.md#observations-back-into-the-plan). Nothing without a model file or a GPU."""
+    from lowvram.core.errors import LowvramError
+    from lowvram.world.detect.checkpoint import content_key
+    from lowvram.world.observation_log import ThisModel, other_tree_runs
+
+    wf = facts.webui
+    if wf is None or not wf.checkpoint_path or gpu is None:
+        return (), ()
+    try:
+        key = content_key(Path(wf.checkpoint_path))
+        size = os.stat(wf.checkpoint_path).st_size
+    except (LowvramError, OSError):
+        return (), ()  # the file's own problems are reported where its header is read
+    sole = facts.gpus[0].vram_total_mb if len(facts.gpus) == 1 else None
+    own = paths.webui_state_dir(webui_path) if webui_path is not None else None
+    return other_tree_runs(paths.state_dir() / "webuis", own, ThisModel(key, size, gpu.uuid, sole))
+
+
 def make_plan(*, webui: Path | None, facts_file: Path | None, overrides: Overrides) -> PlanContext:
     """Everything `lowvram plan` does short of printing; apply/launch/tune/setup reuse it."""
     facts_path = _facts_file(facts_file)
@@ -88,6 +201,9 @@ def make_plan(*, webui: Path | None, facts_file: Path | None, overrides: Overrid
     webui_path = located[0] if located else None
     facts = _gather(webui_path, facts_path)
     check_ui_matches(overrides.ui, facts.webui, located[1] if located else None)
+    model_arg = resolve_model_arg(overrides.model, facts.webui)
+    facts = facts.with_webui(model_arg.webui)
+    overrides = replace(overrides, model=model_arg.family)
 
     if os.environ.get("LOWVRAM_HOOK", "").strip().lower() == "off" and not overrides.no_hook:
         overrides = replace(overrides, no_hook=True)  # docs/architecture.md#the-policy: --no-hook or LOWVRAM_HOOK=off
@@ -98,7 +214,7 @@ def make_plan(*, webui: Path | None, facts_file: Path | None, overrides: Overrid
             overrides = replace(overrides, profile=remembered, profile_source="remembered")
 
     resolved = load_profile(overrides.profile) if overrides.explicit_profile and overrides.profile else None
-    family = policy.resolve_family(facts, overrides, resolved)
+    family = model_arg.choice or policy.resolve_family(facts, overrides, resolved)
     selection = None
     skipped: tuple[str, ...] = ()  # profiles that do not load: left out of the selection, warned once
     if resolved is None:
@@ -116,6 +232,8 @@ def make_plan(*, webui: Path | None, facts_file: Path | None, overrides: Overrid
         loaded = load_observations(paths.observations_path(webui_path))
         observations = tuple(loaded.items)
         obs_warnings = tuple(loaded.warnings)
+    other_runs, other_warnings = other_ui_runs(facts, webui_path, policy.gpu_for(facts, overrides))
+    obs_warnings += other_warnings
 
     the_plan = policy.plan(
         facts,
@@ -128,6 +246,7 @@ def make_plan(*, webui: Path | None, facts_file: Path | None, overrides: Overrid
         family=family,
         selection=selection,
         xformers_builds=load_xformers_builds(),
+        other_runs=other_runs,
     )
     if obs_warnings or skipped:
         the_plan = replace(the_plan, warnings=the_plan.warnings + skipped + obs_warnings)

@@ -125,8 +125,24 @@ def _cc(raw: Any) -> tuple[int, int] | None:
     return int(major), int(minor or 0)
 
 
+# UIs lowvram plans and launches but does not install (no pinned release in data/uis.json): their own way in.
+NOT_INSTALLED_BY_SETUP = {
+    "forge-neo": ("Forge Neo", "git clone https://github.com/Haoming02/sd-webui-forge-classic sd-webui-forge-neo "
+                                "--branch neo"),
+    "reforge": ("reForge", "git clone https://github.com/Panchovix/stable-diffusion-webui-reForge"),
+}
+
+
+def not_installed_by_setup(key: str) -> UsageError:
+    name, clone = NOT_INSTALLED_BY_SETUP[key]
+    return UsageError(f"lowvram setup cannot install {name}: it has no release lowvram has pinned and tested",
+                      f"install it yourself ({clone}, then its webui.sh), then `lowvram apply --webui PATH` there")
+
+
 def ui_spec(key: str, registry: Registry | None = None) -> UiSpec:
     registry = registry or load_registry()
+    if key in NOT_INSTALLED_BY_SETUP and key not in registry.uis:
+        raise not_installed_by_setup(key)
     if key not in registry.uis:
         raise UsageError(f"unknown UI {key!r}", "choose one of: " + ", ".join(registry.uis))
     return registry.uis[key]
@@ -505,6 +521,8 @@ def setup(
     dest = Path(os.path.abspath(dest))
     info = inspect_target(dest)
     notes: list[str] = []
+    if ui is None and info.kind == "webui" and info.flavor in NOT_INSTALLED_BY_SETUP:
+        raise not_installed_by_setup(info.flavor)
     if ui is None and info.kind == "webui" and info.flavor in registry.uis and info.flavor != spec.key:
         spec = registry.uis[info.flavor]  # no --ui: take the UI that is there
         notes.append(f"{dest} holds {spec.name}; configuring it (pass --ui to choose)")

@@ -205,6 +205,18 @@ class TorchMover:
     def free_reserve(self, handle: Any) -> None:
         handle.set_()  # drop its storage now: the block goes to the caching allocator's free list
 
+    def gpu_uuid(self) -> str | None:
+        """The card's UUID as NVML spells it ("GPU-…"), so lowvram matches records to a GPU across UIs.
+        torch >= 2.2 has `props.uuid` (torch 2.1.2, A1111 1.8's, does not): None there."""
+        try:
+            uuid = getattr(torch.cuda.get_device_properties(self.device), "uuid", None)
+        except Exception:
+            return None
+        text = str(uuid) if uuid is not None else ""
+        if not text:
+            return None
+        return text if text.upper().startswith("GPU-") else f"GPU-{text}"
+
     # Readings for the observations (not used by the layout itself).
     def memory_reserved(self) -> int:
         return int(torch.cuda.memory_reserved(self.device))

@@ -55,6 +55,7 @@ class Job:
     images: int | None = None
     device: str | None = None
     owner: Any = None  # weak reference to the job's `p`, so a close of another p is not taken for it
+    gpu_uuid: str | None = None  # the card's UUID (torch >= 2.2), so runs carry across UIs on this GPU
 
 
 def exception_reason(exc: BaseException | None) -> str:
@@ -138,9 +139,10 @@ class Recorder:
 
     def start_job(self, p: Any, model: Any, cfg: HookConfig) -> None:
         self.steps.reset()
-        ooms = non_torch = total = None
+        ooms = non_torch = total = gpu_uuid = None
         if self.ui.cuda():
             mover = self.ui.mover
+            gpu_uuid = read_gpu_uuid(mover)
             try:
                 mover.reset_peaks()
                 ooms = mover.num_ooms()
@@ -155,7 +157,7 @@ class Recorder:
                        **job_shape(p), layout_s=layout_s, cfg=cfg,
                        checkpoint=model_checkpoint_key(model), family=model_family(model, cfg.family),
                        laid_out=laid_out, layout_error=layout_error, device=self.ui.device_type(),
-                       owner=weak_owner(p))
+                       owner=weak_owner(p), gpu_uuid=gpu_uuid)
         self.sample_shared()
 
     def take_job(self) -> Job | None:
@@ -196,6 +198,16 @@ class Recorder:
             append_record(cfg.observations, record)
         except (OSError, ValueError) as exc:
             self.ui.say_once(f"cannot record the observation in {cfg.observations}: {exc}")
+
+
+def read_gpu_uuid(mover: Any) -> str | None:
+    """The card's UUID from the mover (TorchMover.gpu_uuid), None where it cannot say (torch < 2.2, a fake)."""
+    try:
+        read = getattr(mover, "gpu_uuid", None)
+        uuid = read() if callable(read) else None
+    except Exception:
+        return None
+    return uuid if isinstance(uuid, str) else None
 
 
 def read_memory(ui: UiState, job: Job, peaks: bool) -> dict[str, Any]:
@@ -258,4 +270,5 @@ def job_record(job: Job, memory: dict[str, Any], *, ok: bool, reason: str, now: 
         "tag": cfg.tag,
         "pid": os.getpid(),
         "hook_version": HOOK_VERSION,
+        "gpu_uuid": job.gpu_uuid,
     }

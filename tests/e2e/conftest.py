@@ -252,3 +252,84 @@ def read_observations(home: Path) -> list[dict[str, Any]]:
     for path in found:
         records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return records
+
+
+# -- the real ComfyUI and the real Forge (issue 19) -----------------------------------------------
+# Built by `shared/tools/real-comfy/build.sh` and `shared/tools/real-forge/build.sh`; used only where
+# LOWVRAM_E2E_COMFY / LOWVRAM_E2E_FORGE name the build (its $E2E folder), else skipped with a reason.
+
+
+@dataclass
+class RealUi:
+    """A built real UI: its tree, and the environment lowvram and the UI run with."""
+
+    tree: Path
+    env: dict[str, str]
+
+    def lowvram(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "lowvram", *args], capture_output=True, text=True,
+                              env=self.env, cwd=self.tree, timeout=timeout)
+
+    def start(self, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+        with open(log, "wb") as fh:
+            return subprocess.Popen(argv, cwd=self.tree, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _real_ui_env(env_file: Path, home: Path, tmp: Path) -> dict[str, str]:
+    env = _sourced_env(env_file)
+    for var in ("LOWVRAM_WEBUI", "LOWVRAM_FACTS", "LOWVRAM_CONFIG", "LOWVRAM_HOOK", "COMMANDLINE_ARGS"):
+        env.pop(var, None)
+    mirror = tmp / "empty-mirror"  # extensions fail at once, offline; launch goes on without them
+    mirror.mkdir(exist_ok=True)
+    env.update(LOWVRAM_HOME=str(home), PYTHONPATH=str(REPO), LOWVRAM_MIRROR=str(mirror),
+               COLUMNS=os.environ.get("COLUMNS", "1000"))
+    return env
+
+
+@pytest.fixture
+def real_comfy(tmp_path: Path, lowvram_home: Path) -> RealUi:
+    given = os.environ.get("LOWVRAM_E2E_COMFY")
+    if not given:
+        pytest.skip("no real ComfyUI: set LOWVRAM_E2E_COMFY to a real-comfy build (shared/tools/real-comfy)")
+    root = Path(given)
+    if not (root / "ComfyUI" / "comfy" / "cli_args.py").is_file() or not (root / "comfy-env.sh").is_file():
+        pytest.fail(f"LOWVRAM_E2E_COMFY={given} holds no built ComfyUI (ComfyUI/, comfy-env.sh)")
+    # lowvram writes nothing into a ComfyUI tree (its state is under LOWVRAM_HOME): the build is used as is.
+    return RealUi(root / "ComfyUI", _real_ui_env(root / "comfy-env.sh", lowvram_home, tmp_path))
+
+
+@pytest.fixture
+def real_forge(tmp_path: Path, lowvram_home: Path) -> RealUi:
+    given = os.environ.get("LOWVRAM_E2E_FORGE")
+    if not given:
+        pytest.skip("no real Forge: set LOWVRAM_E2E_FORGE to a real-forge build (shared/tools/real-forge)")
+    root = Path(given)
+    src = root / "stable-diffusion-webui-forge"
+    if not (src / "backend" / "args.py").is_file() or not (root / "forge-env.sh").is_file():
+        pytest.fail(f"LOWVRAM_E2E_FORGE={given} holds no built Forge (stable-diffusion-webui-forge/, forge-env.sh)")
+    # `launch` writes its block into webui-user.sh: each test gets its own copy (the venv linked).
+    dest = tmp_path / "stable-diffusion-webui-forge"
+    dest.mkdir()
+    for entry in src.iterdir():
+        if entry.name == "venv":
+            (dest / "venv").symlink_to(entry)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, dest / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, dest / entry.name, follow_symlinks=False)
+    return RealUi(dest, _real_ui_env(root / "forge-env.sh", lowvram_home, tmp_path))
+
+
+def wait_http(port: int, path: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 300) -> None:
+    """Until the UI answers GET `path`; fails with the log's tail if it exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the UI exited {proc.returncode} before answering:\n{tail(log)}")
+        try:
+            api(port, path, timeout=5)
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            time.sleep(0.5)
+    raise AssertionError(f"the UI did not answer on port {port} within {timeout:.0f} s:\n{tail(log)}")

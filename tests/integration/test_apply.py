@@ -273,3 +273,27 @@ def test_cli_disk_full_is_one_line_and_a_hint(cli, tree: Path, stub_planner: lis
     assert lines[0].startswith("error: no space left on the disk while writing")
     assert lines[1].startswith("hint:")
     assert "Traceback" not in res.err
+
+
+def test_apply_on_comfyui_says_what_it_did_instead_of_an_empty_list(cli: Any, tmp_path: Path) -> None:
+    """issue 19: ComfyUI has no webui-user file; `apply` printed a header over an empty list."""
+    comfy = make_webui(tmp_path / "ComfyUI", flavor="comfyui")
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps({
+        "system": {"os": "linux", "ram_mb": 32768, "wsl": False},
+        "gpus": [{"index": 0, "uuid": "GPU-1", "name": "NVIDIA GeForce GTX 1070", "vram_total_mb": 8192,
+                  "vram_free_mb": 7800, "driver": "546.01", "cuda_driver": "12.3", "compute_capability": "6.1"}],
+    }))
+    before = tree_snapshot(comfy)
+    for dry in ((), ("--dry-run",)):
+        result = cli("apply", *dry, "--webui", str(comfy), "--facts", str(facts), "--model", "sdxl")
+        assert result.code == 0, result.err
+        plan = json.loads(cli("plan", "--json", "--webui", str(comfy), "--facts", str(facts), "--model", "sdxl").out)
+        lines = result.out.strip().splitlines()
+        assert len(lines) >= 2, result.out
+        assert ("ComfyUI has no webui-user file, so nothing is written into the tree; `lowvram launch` puts the "
+                f"flags on main.py's command line: {' '.join(plan['args'])}") in result.out
+    assert "nothing to write" in cli("apply", "--webui", str(comfy), "--facts", str(facts), "--model", "sdxl").out
+    data = json.loads(cli("apply", "--json", "--webui", str(comfy), "--facts", str(facts), "--model", "sdxl").out)
+    assert data["changes"] == [] and data["plan"]["args"]  # JSON: unchanged
+    assert tree_snapshot(comfy) == before

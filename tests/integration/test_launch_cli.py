@@ -240,6 +240,31 @@ def test_exit_code_and_json_report(tree: Path, facts_file: Path, tmp_path: Path,
     assert "Launching Web UI" in proc.stderr
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+def test_the_uis_exit_code_2_is_told_apart_from_lowvrams_usage_error(tree: Path, facts_file: Path, tmp_path: Path,
+                                                                      offline: Path, as_json: bool) -> None:
+    """issue 19: lowvram passes the UI's code on, and 2 is also lowvram's own usage-error code."""
+    record = tmp_path / "record.jsonl"
+    proc = lowvram("launch", *(["--json"] if as_json else []), *plan_args(tree, facts_file),
+                   env=fake_env(record, light="1", exit="2"))
+    assert proc.returncode == 2
+    assert proc.stderr.rstrip("\n").splitlines()[-1] == (
+        "lowvram: the UI exited with code 2 (its own command-line error, see its output above); lowvram's own "
+        "usage errors say \"error:\" or \"Error:\" and exit before starting it")
+
+
+def test_a_comfyui_exit_code_2_is_told_apart_too(cli: Any, tmp_path: Path, facts_file: Path) -> None:
+    comfy = make_webui(tmp_path / "ComfyUI", flavor="comfyui")
+    python = comfy / "venv" / "bin" / "python"  # what argparse does on a flag it refuses
+    python.write_text("#!/bin/sh\necho 'main.py: error: argument --cpu: not allowed with argument --lowvram' >&2\n"
+                      "exit 2\n")
+    proc = lowvram("launch", "--webui", str(comfy), "--facts", str(facts_file), "--model", "sdxl")
+    assert proc.returncode == 2
+    lines = proc.stderr.rstrip("\n").splitlines()
+    assert "not allowed with argument" in proc.stderr
+    assert lines[-1].startswith("lowvram: the UI exited with code 2 (its own command-line error")
+
+
 def test_explicit_profile_is_remembered_but_not_with_facts(tree: Path, facts_file: Path, tmp_path: Path,
                                                            offline: Path) -> None:
     record = tmp_path / "record.jsonl"

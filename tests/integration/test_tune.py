@@ -389,8 +389,8 @@ def test_no_webui_or_not_a1111_is_one_clear_error(cli: Any, tmp_path: Path, monk
     res = cli("tune", "--json")
     assert res.code == 1
     assert "no WebUI found" in json.loads(res.out)["error"]["message"]
-    comfy = make_webui(tmp_path / "ComfyUI", flavor="comfyui")
-    res = cli("tune", "--webui", str(comfy), "--facts", str(facts), "--json")
+    sdnext = make_webui(tmp_path / "automatic", flavor="sdnext")  # ComfyUI is tuned since issue 19
+    res = cli("tune", "--webui", str(sdnext), "--facts", str(facts), "--json")
     assert res.code == 1
     assert "A1111" in json.loads(res.out)["error"]["message"]
     assert "Traceback" not in res.err

@@ -92,7 +92,9 @@ def test_old_driver_function_not_found_falls_back(use) -> None:
     assert gpu.vram_total_mb == 8192  # memory v1 after v2 was missing
     assert gpu.cuda_driver is None and gpu.driver == "470.256.02"
     assert gpu.pcie_gen is None and gpu.pcie_width is None
-    assert set(gpu.errors) == {"pcie_gen: FunctionNotFound", "pcie_width: FunctionNotFound"}
+    assert set(gpu.errors) == {"pcie_gen: FunctionNotFound", "pcie_width: FunctionNotFound",
+                               "cuda_cores: FunctionNotFound"}
+    assert gpu.cuda_cores is None and gpu.pcie_gen_max == 3 and gpu.sm_clock_max_mhz == 1911
 
 
 def test_bytes_names_are_decoded(use) -> None:
@@ -162,3 +164,36 @@ def test_a_field_the_binding_cannot_decode_loses_only_that_field(use) -> None:
 
 def _undecodable() -> UnicodeDecodeError:
     return UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+
+@pytest.mark.parametrize(
+    ("scenario", "cores", "clock", "link_max"),
+    [
+        ("gtx1050ti", 768, 1911, (3, 16)),
+        ("gtx1070", 1920, 1911, (3, 16)),
+        ("gtx1660", 1408, 2100, (3, 16)),
+        ("rtx3060", 3584, 2100, (4, 16)),
+    ],
+)
+def test_speed_facts_are_read(use, scenario, cores, clock, link_max) -> None:
+    use(fake_nvml.SCENARIOS[scenario]())
+    (gpu,), _ = nvml.probe_gpus()
+    assert gpu.cuda_cores == cores and gpu.sm_clock_max_mhz == clock
+    assert (gpu.pcie_gen_max, gpu.pcie_width_max) == link_max
+    assert gpu.errors == ()
+
+
+def test_an_idle_link_keeps_its_maximum(use) -> None:
+    """The current link of an idle card is Gen 1; the bandwidth a streaming model gets is the maximum's."""
+    use(fake_nvml.idle_link())
+    (gpu,), _ = nvml.probe_gpus()
+    assert (gpu.pcie_gen, gpu.pcie_width) == (1, 16)
+    assert (gpu.pcie_gen_max, gpu.pcie_width_max) == (4, 16)
+
+
+def test_speed_facts_not_supported_are_null_with_errors(use) -> None:
+    use(fake_nvml.speed_not_supported())
+    (gpu,), _ = nvml.probe_gpus()
+    assert gpu.cuda_cores is None and gpu.sm_clock_max_mhz is None
+    assert gpu.pcie_gen_max == 3 and gpu.vram_total_mb == 8192
+    assert set(gpu.errors) == {"cuda_cores: NotSupported", "sm_clock_max_mhz: NotSupported"}

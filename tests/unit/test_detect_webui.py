@@ -293,11 +293,18 @@ def test_no_version_anywhere(tmp_path: Path) -> None:
     assert webui.probe_webui(root, os_name="linux").version is None
 
 
-def test_comfyui_reads_comfyui_version_and_has_no_checkpoint(tmp_path: Path) -> None:
+def test_comfyui_reads_comfyui_version_and_its_checkpoint(tmp_path: Path) -> None:
     root = make_webui(tmp_path / "ComfyUI", flavor="comfyui", version="0.3.27")
     f = webui.probe_webui(root, os_name="linux")
     assert f.version == "0.3.27"
-    assert f.checkpoint is None and f.model_family is None and f.user_args is None
+    assert f.checkpoint == "sd_xl_base_1.0.safetensors" and f.model_family == "sdxl" and f.user_args is None
+    assert f.model_files == ("sd_xl_base_1.0.safetensors",)
+
+
+def test_comfyui_without_model_files_has_no_checkpoint(tmp_path: Path) -> None:
+    root = make_webui(tmp_path / "ComfyUI", flavor="comfyui", version="0.3.27", family=None)
+    f = webui.probe_webui(root, os_name="linux")
+    assert f.checkpoint is None and f.model_family is None and f.model_files == ()
 
 
 def test_windows_venv_and_cpu_torch(tmp_path: Path) -> None:

@@ -229,7 +229,7 @@ def test_checkpoint_family() -> None:
     pickle = by_id(make(GTX1070, web=webui(checkpoint="old.ckpt", model_family="unknown")))["webui.checkpoint"]
     assert ".ckpt" in pickle.message
     comfy = by_id(make(GTX1070, web=webui(flavor="comfyui", checkpoint=None, model_family=None)))["webui.checkpoint"]
-    assert comfy.status == "skip" and "--model" in comfy.hint
+    assert comfy.status == "warn" and "no model file" in comfy.message and "--model" in comfy.hint
 
 
 def test_a_fresh_a1111_without_a_checkpoint_is_told_about_the_sd15_download() -> None:

@@ -204,7 +204,8 @@ def test_where_nothing_says_the_family_plan_and_estimate_give_the_same_error_and
         if case.startswith("no-webui"):
             assert "no WebUI found" in plan_msg and "--webui PATH" in plan_hint
         else:
-            assert "no checkpoint selected" in plan_msg and args[1] in plan_msg
+            assert ("no checkpoint selected" in plan_msg or "has no model file in models/checkpoints" in plan_msg) \
+                and args[1] in plan_msg
         assert cli("plan", "--facts", str(facts_file), *args, "--model", "sdxl").code == 0, case
         assert cli("estimate", "--facts", str(facts_file), *args, "--model", "sdxl").code == 0, case
         assert cli("plan", "--facts", str(facts_file), *args, "--profile", "8gb-sdxl").code == 0, case
@@ -228,7 +229,7 @@ def test_unreadable_checkpoint_gives_plan_and_estimate_the_same_exit_code(cli: R
 
 def _found(command: str, result: CliResult) -> str | None:
     """The WebUI path the command worked on, as its output says it."""
-    if command == "tune":  # tune refuses a ComfyUI tree, naming the tree it found
+    if command == "tune":  # tune refuses an SD.Next tree, naming the tree it found
         message, _hint = _error(result)
         return message
     data = json.loads(result.out)
@@ -263,16 +264,15 @@ PLACES = ("webui-folder", "folder-inside-it", "remembered", "LOWVRAM_WEBUI")
 def test_every_command_finds_the_same_webui_from_the_same_place(cli: Run, tmp_path: Path, facts_file: Path,
                                                                 monkeypatch: pytest.MonkeyPatch, command: str,
                                                                 place: str) -> None:
-    # ComfyUI for tune (it refuses one at once, naming it); A1111 for the rest.
-    flavor = "comfyui" if command == "tune" else "a1111"
-    tree = make_webui(tmp_path / "webui", flavor=flavor, version="0.3.40" if flavor == "comfyui" else "1.8.0")
+    # SD.Next for tune (it refuses one at once, naming it: tune drives A1111, Forge and ComfyUI); A1111 for the rest.
+    flavor = "sdnext" if command == "tune" else "a1111"
+    tree = make_webui(tmp_path / "webui", flavor=flavor, version=None if flavor == "sdnext" else "1.8.0")
     mirror = tmp_path / "mirror"  # install-extensions: an empty mirror, so nothing is fetched
     mirror.mkdir()
     monkeypatch.setenv("LOWVRAM_MIRROR", str(mirror))
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    cwd = {"webui-folder": tree, "folder-inside-it": tree / "models" / "checkpoints" if flavor == "comfyui"
-           else tree / "models" / "Stable-diffusion"}.get(place, outside)
+    cwd = {"webui-folder": tree, "folder-inside-it": tree / "models" / "Stable-diffusion"}.get(place, outside)
     monkeypatch.chdir(cwd)
     if place == "remembered":
         state.remember(tree)

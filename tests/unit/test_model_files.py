@@ -18,9 +18,9 @@ from tests.fixtures import fake_nvml
 from tests.fixtures.model_headers import gguf_bytes, write_gguf, write_model, write_safetensors_model
 from tests.fixtures.webui_trees import make_webui
 
-SAFETENSORS_FORMATS = ("fp16", "bf16", "fp32", "fp8_e4m3", "fp8_e5m2", "nf4", "fp4")
+SAFETENSORS_FORMATS = ("fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2", "nf4", "fp4")
 GGUF_FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k_s", "q4_k_s", "q4_k_m", "q5_k_s",
-                "q5_k_m", "q6_k", "f16", "bf16", "f32")
+                "q5_k_m", "q6_k", "fp16", "bf16", "fp32")
 
 
 @pytest.mark.parametrize("single_file", [True, False], ids=["checkpoint", "diffusion-only"])
@@ -39,7 +39,7 @@ def test_gguf_family_and_quant(tmp_path: Path, family: str, fmt: str) -> None:
     assert (info.family, info.format) == (family, fmt)
 
 
-@pytest.mark.parametrize(("fmt", "dominant"), [("q4_k_s", "q4_k"), ("q8_0", "q8_0"), ("f16", "f16")])
+@pytest.mark.parametrize(("fmt", "dominant"), [("q4_k_s", "q4_k"), ("q8_0", "q8_0"), ("fp16", "fp16")])
 def test_gguf_without_file_type_names_the_tensors_type(tmp_path: Path, fmt: str, dominant: str) -> None:
     info = checkpoint_info(write_gguf(tmp_path / "m.gguf", "flux1-dev", fmt, file_type=False))
     assert (info.family, info.format) == ("flux1-dev", dominant)
@@ -182,12 +182,16 @@ def test_an_a1111_tree_skips_a_gguf_as_a1111_does(cli, tmp_path: Path, monkeypat
 
 
 @pytest.mark.parametrize("command", ["plan", "estimate"])
-def test_plan_and_estimate_stop_on_a_family_they_cannot_model(cli, flux_webui: Path, command: str) -> None:  # type: ignore[no-untyped-def]
-    result = cli(command, "--webui", str(flux_webui))
-    assert result.code == 1 and "Traceback" not in result.err
-    lines = result.err.strip().splitlines()
-    assert lines[0].startswith("error: flux1-dev (nf4) detected") and "no memory model" in lines[0]
-    assert lines[1].startswith("hint: ") and "--model sdxl" in lines[1]
+def test_plan_and_estimate_model_the_detected_flux_file(cli, flux_webui: Path, command: str) -> None:  # type: ignore[no-untyped-def]
+    """Issue 18 item 4: the Flux file Forge has selected is planned and estimated as flux1-dev in nf4."""
+    result = cli(command, "--webui", str(flux_webui), "--json")
+    assert result.code == 0 and "Traceback" not in result.err, result.err
+    data = json.loads(result.out)
+    if command == "plan":
+        decided = {d["setting"]: d["value"] for d in data["decisions"]}
+        assert (data["model_family"], decided["model_format"]) == ("flux1-dev", "nf4")
+    else:
+        assert "flux1-dev" in json.dumps(data) and "nf4" in json.dumps(data)
 
 
 @pytest.mark.parametrize("command", ["plan", "estimate"])

@@ -74,6 +74,8 @@ SCREENS: dict[str, tuple[list[str], list[str]]] = {
     "estimate": (["estimate", "--webui", "{tree}", "--facts", "{win}", "--hires-scale", "1.5"],
                  ["peak", "weights_unet", "largest square"]),
     "estimate-sweep": (["estimate", "--model", "sdxl", "--vram-mb", "8192", "--sweep"], ["1024²", "medvram-sdxl"]),
+    "estimate-formats": (["estimate", "--model", "flux1-dev", "--facts", "{win}", "--formats"],
+                         ["q4_k_s", "streamed/step", "relative", "recommended:"]),
     "reserve": (["reserve", "--webui", "{tree}", "--facts", "{win}"], ["formula", "tuning", "reserve MiB"]),
     "profiles-list": (["profiles", "list"], ["gtx1070-sdxl", "description"]),
     "profiles-show": (["profiles", "show", "gtx1070-sdxl"], ["layout.mode", "inherited"]),
@@ -152,7 +154,8 @@ def test_piped_output_without_columns_is_80_wide(where) -> None:
 
 @pytest.mark.parametrize("args", [["plan", "--webui", "{tree}", "--facts", "{win}", "--json"],
                                   ["doctor", "--webui", "{tree}", "--facts", "{linux}", "--json"],
-                                  ["estimate", "--model", "sdxl", "--vram-mb", "8192", "--sweep", "--json"]],
+                                  ["estimate", "--model", "sdxl", "--vram-mb", "8192", "--sweep", "--json"],
+                                  ["estimate", "--model", "flux1-dev", "--vram-mb", "8192", "--formats", "--json"]],
                          ids=lambda a: a[0])
 def test_json_is_never_wrapped(cli, monkeypatch, where, args: list[str]) -> None:
     args = [a.format(**where) for a in args]

@@ -32,6 +32,9 @@ from lowvram.core.estimate.memory import (
     effective_offload,
     phase_terms,
 )
+from lowvram.core.estimate.memory import (
+    UIS as _UIS,
+)
 from lowvram.core.observations import Observation
 
 STATS_KEYS = ("txt2img", "txt2img_hr", "txt2img_hr_latent", "img2img")
@@ -282,6 +285,9 @@ def _observation_point(template: EstimateRequest, obs: Observation, co: Coeffici
         return "no size or batch recorded"
     if obs.family and obs.family != template.family:
         return f"another model family ({obs.family})"
+    ui = _LINEAGE.get(obs.ui or "", obs.ui or "")  # another UI's run (issue 19 item 5) is estimated as it ran
+    if ui and ui != template.ui and ui in _UIS:
+        template = replace(template, ui=ui)
     try:
         req = request_for_flags(
             replace(template, width=obs.width, height=obs.height, batch=obs.batch, hires_scale=1.0),
@@ -430,3 +436,49 @@ def calibrate(
         source=source,
         skipped=tuple(skipped),
     )
+
+
+# --------------------------------------------------------------------------- other UIs' runs (issue 19 item 5)
+
+MAX_MEASURED_SCALE = 2.0  # evidence may double an estimate, no more: a run elsewhere is not this run
+_LINEAGE = {"forge-neo": "forge", "reforge": "forge"}
+
+
+@dataclass(frozen=True)
+class MeasuredScale:
+    """How much more than the estimator says this model needs on this card, by runs of it in other UIs."""
+
+    scale: float = 1.0  # >= 1: the estimate times this; 1.0 = the runs agree with the estimate (or none)
+    ooms: int = 0  # runs that ran out of memory
+    peaks: int = 0  # runs that recorded a peak
+
+
+def measured_scale(template: EstimateRequest, runs: Iterable[Observation], *, usable_mb: int | None,
+                   room_mb: int) -> MeasuredScale:
+    """Each run is estimated as it ran (its UI, flags, offload level, size and batch): a run that ran out of
+    memory needed more than its card's usable VRAM, a run's peak is what it needed. The scale is the most the
+    OOMs say at least, or the median measured/estimated peak, whichever is larger, never below 1 (evidence
+    from another UI makes a plan more careful, never less) nor over MAX_MEASURED_SCALE."""
+    from lowvram.core.estimate.memory import UIS, estimate
+    from lowvram.core.observations import oom_run
+
+    oom_ratios: list[float] = []
+    peak_ratios: list[float] = []
+    for obs in runs:
+        if not obs.width or not obs.height:
+            continue
+        ui = _LINEAGE.get(obs.ui or "", obs.ui or "")
+        try:
+            req = request_for_flags(replace(template, width=obs.width, height=obs.height, batch=obs.batch or 1,
+                                            hires_scale=1.0, ui=ui if ui in UIS else template.ui),
+                                    obs.flags, obs.offload)
+            e = estimate(req)
+        except Exception:  # a record the model cannot describe: skip it, keep the rest
+            continue
+        total = obs.vram_total_mb or usable_mb
+        if oom_run(obs) and total and e.peak_mb > 0:
+            oom_ratios.append((total - room_mb if obs.vram_total_mb else total) / e.peak_mb)
+        elif obs.ok and obs.peak_allocated_mb and e.torch_peak_mb > 0:
+            peak_ratios.append(obs.peak_allocated_mb / e.torch_peak_mb)
+    scale = max([1.0, *oom_ratios, statistics.median(peak_ratios) if peak_ratios else 1.0])
+    return MeasuredScale(min(MAX_MEASURED_SCALE, scale), len(oom_ratios), len(peak_ratios))

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from lowvram.core.errors import UsageError
+from lowvram.core.estimate import dit
+from lowvram.core.estimate.formats import FORMATS, WeightFormat, weight_format, weights_bytes
 
 MIB = 1024 * 1024
 
@@ -27,7 +29,8 @@ DEFAULT_MARGIN = 0.10
 CUDA_CONTEXT_MB = 450
 """CUDA context + cuDNN/cuBLAS handles and kernels: memory the card holds outside torch's allocator."""
 
-FAMILIES = ("sd15", "sd2", "sdxl", "sdxl-refiner")
+SD_FAMILIES = ("sd15", "sd2", "sdxl", "sdxl-refiner")
+FAMILIES = SD_FAMILIES + dit.DIT_FAMILIES
 PRECISIONS = ("half", "full")
 ATTENTIONS = ("none", "split", "sub-quad", "xformers", "sdp")
 OFFLOADS = ("none", "medvram-sdxl", "medvram", "lowvram")
@@ -199,6 +202,11 @@ class EstimateRequest:
     ui: str = "a1111"  # a1111 | forge | sdnext | comfyui
     batch_cond_uncond: bool = True
     tiled_vae: bool = False
+    # The diffusion model's stored format (doctor's model_format: fp16, fp8_e4m3fn, nf4, q4_k_s, …); "" = the
+    # precision's own (fp16/bf16 for half, fp32 for full). T5-XXL's format for the DiT families; "" = fp8_e4m3fn
+    # where the model itself is quantised (fp8, NF4, GGUF: what low-VRAM guides pair it with), else fp16.
+    weight_format: str = ""
+    text_format: str = ""
 
 
 @dataclass(frozen=True)
@@ -223,6 +231,9 @@ def validate(req: EstimateRequest) -> None:
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise UsageError(f"unknown {name.replace('_', '-')} {value!r}", f"use one of: {', '.join(allowed)}")
+    for fmt in (req.weight_format, req.text_format):
+        if fmt:
+            weight_format(fmt)
     if req.width < 8 or req.height < 8 or req.width > 16384 or req.height > 16384:
         raise UsageError(
             f"image size {req.width}x{req.height} is out of range", "use a width and height between 8 and 16384"
@@ -231,6 +242,24 @@ def validate(req: EstimateRequest) -> None:
         raise UsageError(f"batch size {req.batch} is out of range", "use a batch size between 1 and 256")
     if not (1.0 <= req.hires_scale <= 8.0) or math.isnan(req.hires_scale):
         raise UsageError(f"hires scale {req.hires_scale} is out of range", "use a hires scale between 1 and 8")
+
+
+def model_format(req: EstimateRequest) -> WeightFormat:
+    """The diffusion model's stored format: the request's, else its precision's (bf16 for a DiT, fp16 for a UNet)."""
+    if req.weight_format:
+        return weight_format(req.weight_format)
+    if req.precision == "full":
+        return FORMATS["fp32"]
+    return FORMATS["bf16" if req.family in dit.DIT_FAMILIES else "fp16"]
+
+
+def t5_format(req: EstimateRequest) -> WeightFormat | None:
+    """T5-XXL's format; None where the UI leaves it unloaded (A1111 1.10 runs SD3 without T5 unless told)."""
+    if req.text_format:
+        return weight_format(req.text_format)
+    if req.ui == "a1111":
+        return None
+    return FORMATS["fp16" if model_format(req).kind == "float" else "fp8_e4m3fn"]
 
 
 def effective_offload(family: str, offload: str) -> str:
@@ -253,7 +282,7 @@ class _Resident:
 
 def _residency(spec: FamilySpec, req: EstimateRequest, offload: str, phase: str) -> _Resident:
     """Bytes of weights on the GPU during a phase under the offload mode."""
-    unet = spec.unet_params * _elem(req.precision)
+    unet = weights_bytes(spec.unet_params, model_format(req)) if req.weight_format else spec.unet_params * _elem(req.precision)
     text = spec.text_params * _elem(req.precision)
     vae = spec.vae_params * _elem(req.vae_precision)
     swaps_whole_modules = offload in ("medvram", "lowvram") or (req.ui in ("forge", "comfyui") and offload == "none")
@@ -342,6 +371,8 @@ class PhaseTerms:
 def phase_terms(req: EstimateRequest, co: Coefficients = DEFAULT_COEFFICIENTS) -> dict[str, PhaseTerms]:
     """Every phase of the generation `req` describes (calibration reuses these to fit its scales)."""
     validate(req)
+    if req.family in dit.DIT_FAMILIES:
+        return _dit_phase_terms(req, co)
     spec = SPECS[req.family]
     offload = effective_offload(req.family, req.offload)
     w, h = float(req.width), float(req.height)
@@ -359,6 +390,63 @@ def phase_terms(req: EstimateRequest, co: Coefficients = DEFAULT_COEFFICIENTS) -
         hact, hattn = _unet_working(spec, req, co, w=hw, h=hh, offload=offload)
         phases["hires_encode"] = PhaseTerms(vae_res, {}, {"hires": _vae_working(req, co, hw, hh, True)})
         phases["hires_sampling"] = PhaseTerms(unet_res, {"hires": hact + hattn}, {})
+        phases["hires_decode"] = PhaseTerms(vae_res, {}, {"hires": _vae_working(req, co, hw, hh, False)})
+    return phases
+
+
+def _dit_residency(req: EstimateRequest, offload: str, phase: str) -> _Resident:
+    """Weights of a DiT on the GPU in a phase. Forge, ComfyUI and SD.Next load a model for its phase and
+    move the others out when the room is needed (A1111 keeps all three unless --medvram); --lowvram and
+    its kin stream the model block by block (at least the largest block stays)."""
+    elem, fam = _elem(req.precision), req.family
+    model = dit.model_bytes(fam, model_format(req))
+    text = dit.text_bytes(fam, t5_format(req), elem)
+    vae = dit.VAE16_PARAMS * _elem(req.vae_precision)
+    if req.ui == "a1111" and offload == "none":
+        return _Resident(model, text, vae)
+    if offload == "lowvram":
+        model *= dit.largest_block_share(fam)
+    return {"text": _Resident(0.0, text, 0.0), "unet": _Resident(model, 0.0, 0.0)}.get(phase, _Resident(0.0, 0.0, vae))
+
+
+def _dit_working(req: EstimateRequest, co: Coefficients, w: float, h: float) -> tuple[float, float]:
+    """(activations, attention) bytes of one DiT sampling step at w × h."""
+    elem = _elem(req.precision)
+    act = dit.activation_bytes(req.family, w, h, req.batch, elem)
+    if req.attention == "sub-quad":
+        act *= 1.0 + co.subquad_extra
+    attn = 0.0
+    if req.attention in ("none", "split"):
+        full = dit.attention_score_bytes(req.family, w, h, req.batch, elem)
+        cap = co.split_cap_mb * MIB
+        attn = full if req.attention == "none" else float((full**-8 + cap**-8) ** -0.125)
+    return act, attn
+
+
+def _dit_phase_terms(req: EstimateRequest, co: Coefficients) -> dict[str, PhaseTerms]:
+    """The phases of one DiT generation (dit.py): text encode, sampling, VAE decode, and the hires passes."""
+    offload = "none" if req.offload == "medvram-sdxl" else req.offload
+    w, h = float(req.width), float(req.height)
+    hw, hh = w * req.hires_scale, h * req.hires_scale
+    text_act = dit.text_activation_bytes(req.family, req.batch, _elem(req.precision))
+    act, attn = _dit_working(req, co, w, h)
+    model_res = _dit_residency(req, offload, "unet")
+    vae_res = _dit_residency(req, offload, "vae")
+    text_res = _dit_residency(req, offload, "text")
+    if req.ui != "a1111":
+        # Forge, ComfyUI and SD.Next load the text encoders into what is free and stream the rest once per
+        # image (T5-XXL alone is 9.1 GiB in fp16): the encode needs no more room than the sampling it precedes
+        # (its own activations included, so a capped encode never sets the peak above sampling).
+        text_res = _Resident(0.0, min(text_res.text, max(0.0, model_res.unet + act + attn - text_act)), 0.0)
+    phases = {
+        "text_encode": PhaseTerms(text_res, {"activations": text_act}, {}),
+        "sampling": PhaseTerms(model_res, {"activations": act, "attention": attn}, {}),
+        "vae_decode": PhaseTerms(vae_res, {}, {"vae_decode": _vae_working(req, co, w, h, False)}),
+    }
+    if req.hires_scale > 1.0:
+        hact, hattn = _dit_working(req, co, hw, hh)
+        phases["hires_encode"] = PhaseTerms(vae_res, {}, {"hires": _vae_working(req, co, hw, hh, True)})
+        phases["hires_sampling"] = PhaseTerms(model_res, {"hires": hact + hattn}, {})
         phases["hires_decode"] = PhaseTerms(vae_res, {}, {"hires": _vae_working(req, co, hw, hh, False)})
     return phases
 
@@ -390,7 +478,7 @@ def estimate(req: EstimateRequest, calibration: Calibrated | None = None) -> Est
     torch_peak = max(0.0, weights + sum(work.values()) + extra)
 
     raw: dict[str, float] = {
-        "weights_unet": res.unet,
+        "weights_model" if req.family in dit.DIT_FAMILIES else "weights_unet": res.unet,
         "weights_text": res.text,
         "weights_vae": res.vae,
         "activations": work.get("activations", 0.0),

@@ -6,6 +6,11 @@ lowvram/data/estimate_reference.json marks every figure the estimator is compare
 the calibration rows only; the validation rows are what the estimator is judged on
 (tests/unit/test_estimate.py; benchmarks/estimate_errors.py prints both, per family).
 
+The diffusion transformers and the weight formats have rows of their own (`"dit"`: diffusers' Flux-dev
+benchmark on an L40, city96's GGUF files, Forge's NF4 all-in-one): `dit_points` turns them into RefPoints of
+family "flux1-dev", and `fit_dit_constants` refits each constant of dit.py, formats.py and format_choice.py
+from the one calibration row it was fitted on (tests/unit/test_estimate_dit.py compares them).
+
 Pure core: the caller reads the JSON and hands the parsed value in.
 """
 
@@ -17,7 +22,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lowvram.core.estimate import dit
+from lowvram.core.estimate import format_choice as fc
 from lowvram.core.estimate import memory as est
+from lowvram.core.estimate.formats import FORMATS
 from lowvram.core.estimate.memory import Coefficients, EstimateRequest
 
 SETS = ("calibration", "validation")
@@ -31,11 +39,12 @@ SDXL_LEAF_PAIR_MB = 2 * 1280 * 10240 * 2 / est.MIB
 class RefPoint:
     """One reference figure: what was measured, and how the model predicts it for given coefficients."""
 
-    family: str  # sd15 | sdxl | vae (the VAE rows are shared by the SD families)
+    family: str  # sd15 | sdxl | vae (the VAE rows are shared by the SD families) | flux1-dev
     set: str  # calibration | validation
     label: str
-    measured_mb: float
+    measured_mb: float  # the figure, in `unit`
     predict: Callable[[Coefficients], float]
+    unit: str = "MiB"  # MiB, or s for a step time (the DiT rows)
 
     def error(self, co: Coefficients) -> float:
         """Relative error of the prediction, signed (positive: the model says more than was measured)."""
@@ -172,3 +181,137 @@ def error_summary(points: Sequence[RefPoint], co: Coefficients = est.DEFAULT_COE
                 worst = max(errs)
                 out.append(ErrorSummary(fam, s, len(errs), statistics.median(e for e, _ in errs), worst[0], worst[1]))
     return out
+
+
+# --- The diffusion transformers and the weight formats (estimate_reference.json "dit") ---------------------------
+
+GIB = 1024.0**3
+# diffusers' benchmark CI card (benchmarks/README.md): an L40, AD102 with 142 SMs × 128 = 18176 CUDA cores at a
+# 2490 MHz boost (181 TFLOPS dense bf16), PCIe 4 ×16.
+L40 = {"cc": (8, 9), "name": "NVIDIA L40", "cores": 18176, "clock_mhz": 2490, "pcie_gen": 4, "pcie_width": 16}
+# diffusers' Flux layout: the largest leaf is a double block's adaLN linear (3072 → 18432, with its bias), and
+# norm1 and norm1_context run one after the other: the largest pair group offload holds (the running leaf and
+# the prefetched one). BFL's single-block linear1 (3072 → 21504) + linear2 (15360 → 3072) is the same 113 M.
+FLUX_LARGEST_LEAF_PARAMS = 3072 * 18432 + 18432
+FLUX_LEAF_PAIR_PARAMS = 2 * FLUX_LARGEST_LEAF_PARAMS
+_FAMILY = "flux1-dev"
+
+
+def l40_speed() -> fc.CardSpeed:
+    return fc.card_speed(cc=(8, 9), name=str(L40["name"]), cores=18176, clock_mhz=2490, pcie_gen=4, pcie_width=16)
+
+
+def _flux_forward(fmt: str) -> EstimateRequest:
+    """diffusers' benchmark: one transformer forward at 1024² (4096 image + 512 text tokens), batch 1, SDPA; the
+    sampling phase of a UI that swaps whole models holds the transformer alone (ui comfyui)."""
+    return EstimateRequest(_FAMILY, 1024, 1024, 1, attention="sdp", ui="comfyui", weight_format=fmt)
+
+
+def _sampling(fmt: str, co: Coefficients = est.DEFAULT_COEFFICIENTS) -> tuple[float, float]:
+    """(weights, working memory) bytes of the forward's sampling phase."""
+    terms = est.phase_terms(_flux_forward(fmt), co)["sampling"]
+    return terms.resident.unet, sum(terms.unet.values())
+
+
+def _dit_memory(case: str) -> Callable[[Coefficients], float] | None:
+    """The predicted peak (MiB) of a diffusers Flux-dev forward row."""
+    bf16 = FORMATS["bf16"]
+
+    def resident(fmt: str) -> Callable[[Coefficients], float]:
+        return lambda co: sum(_sampling(fmt, co)) / est.MIB
+
+    def group_offload(co: Coefficients) -> float:
+        return (FLUX_LEAF_PAIR_PARAMS * bf16.bits / 8 + _sampling("bf16", co)[1]) / est.MIB
+
+    def layerwise_fp8(co: Coefficients) -> float:
+        # The load (bf16 model on the GPU, one leaf's fp8 copy beside it) or the fp8 forward with one leaf upcast.
+        load = dit.model_bytes(_FAMILY, bf16) + FLUX_LARGEST_LEAF_PARAMS
+        weights, working = _sampling("fp8_e4m3fn", co)
+        return max(load, weights + working + FLUX_LARGEST_LEAF_PARAMS * 2) / est.MIB
+
+    return {"diffusers_flux_bf16_peak": resident("bf16"), "diffusers_flux_nf4_peak": resident("nf4"),
+            "diffusers_flux_group_offload_peak": group_offload, "diffusers_flux_fp8_peak": layerwise_fp8}.get(case)
+
+
+def _dit_time(case: str) -> Callable[[Coefficients], float] | None:
+    """The predicted forward time (s) on the L40: format_choice's step time."""
+    streamed = {"diffusers_flux_group_offload_time": dit.model_bytes(_FAMILY, FORMATS["bf16"])}
+    fmt = {"diffusers_flux_bf16_time": "bf16", "diffusers_flux_nf4_time": "nf4", "diffusers_flux_fp8_time": "fp8_e4m3fn",
+           "diffusers_flux_group_offload_time": "bf16"}.get(case)
+    if fmt is None:
+        return None
+    return lambda co: fc.step_seconds(_flux_forward(fmt), fmt, l40_speed(), streamed.get(case, 0.0), pinned=True)
+
+
+def _dit_size(row: Mapping[str, Any]) -> Callable[[Coefficients], float]:
+    """A file's size (MiB): the transformer in its format, or Forge's all-in-one (NF4 transformer, T5-XXL fp8,
+    CLIP-L fp16, VAE bf16)."""
+    if row["case"] == "forge_flux_nf4_aio_size":
+        total = (dit.model_bytes(_FAMILY, FORMATS["nf4"]) + dit.text_bytes(_FAMILY, FORMATS["fp8_e4m3fn"], 2)
+                 + dit.VAE16_PARAMS * 2)
+    else:
+        total = dit.model_bytes(_FAMILY, FORMATS[str(row["format"])])
+    return lambda co: total / est.MIB
+
+
+def dit_points(data: Mapping[str, Any]) -> list[RefPoint]:
+    """The DiT and weight-format rows of estimate_reference.json ("dit"), family flux1-dev."""
+    points = []
+    for row in data["dit"]:
+        case = label = str(row["case"])
+        if "seconds" in row:
+            predict, measured, unit = _dit_time(case), float(row["seconds"]), "s"
+        elif "gib" in row:
+            predict, measured, unit = _dit_memory(case), float(row["gib"]) * GIB / est.MIB, "MiB"
+        else:
+            predict, measured, unit = _dit_size(row), float(row["gb"]) * 1e9 / est.MIB, "MiB"
+        if predict is None:
+            raise ValueError(f"reference row {case!r}: the model predicts no such case")
+        if row["set"] not in SETS:
+            raise ValueError(f"reference row {case!r} without a calibration/validation set")
+        points.append(RefPoint(_FAMILY, str(row["set"]), label, measured, predict, unit))
+    return points
+
+
+@dataclass(frozen=True)
+class DitFit:
+    """The DiT constants as their calibration rows give them (each from one row; no validation row is read)."""
+
+    act_fit: float  # dit.DIT_ACT_FIT ← the bf16 peak
+    matmul_efficiency: float  # format_choice.MATMUL_EFFICIENCY ← the bf16 time
+    pcie_efficiency: float  # format_choice.PCIE_EFFICIENCY ← the group-offload time
+    nf4_dequant: float  # formats.FORMATS["nf4"].dequant ← the NF4 time
+    fp8_dequant: float  # formats.FORMATS["fp8_e4m3fn"].dequant ← the fp8 time
+    kept_high_params: float  # dit.SPECS["flux1-dev"].kept_high_params ← the Q4_0 file
+
+
+def _calibration_row(rows: Sequence[Mapping[str, Any]], case: str) -> Mapping[str, Any]:
+    found = [r for r in rows if r["case"] == case]
+    if len(found) != 1 or found[0]["set"] != "calibration":
+        raise ValueError(f"{case}: a constant is fitted on it, so it must be one row marked calibration")
+    return found[0]
+
+
+def fit_dit_constants(data: Mapping[str, Any]) -> DitFit:
+    """Invert the model on each calibration row: the value of the constant that makes it predict the row exactly."""
+    rows = data["dit"]
+
+    def cal(case: str, key: str) -> float:
+        return float(_calibration_row(rows, case)[key])
+
+    weights, working = _sampling("bf16")
+    act_fit = dit.DIT_ACT_FIT * (cal("diffusers_flux_bf16_peak", "gib") * GIB - weights) / working
+    speed, req = l40_speed(), _flux_forward("bf16")
+    t_bf16 = cal("diffusers_flux_bf16_time", "seconds")
+    compute = fc.step_seconds(req, "bf16", speed, 0.0, pinned=True)  # ∝ 1 / MATMUL_EFFICIENCY
+    stream = fc.step_seconds(req, "bf16", speed, dit.model_bytes(_FAMILY, FORMATS["bf16"]), pinned=True) - compute
+    q4 = FORMATS["q4_0"]
+    size = cal("city96_flux_q4_0_size", "gb") * 1e9
+    return DitFit(
+        act_fit=act_fit,
+        matmul_efficiency=fc.MATMUL_EFFICIENCY * compute / t_bf16,
+        pcie_efficiency=fc.PCIE_EFFICIENCY * stream / (cal("diffusers_flux_group_offload_time", "seconds") - t_bf16),
+        nf4_dequant=cal("diffusers_flux_nf4_time", "seconds") / t_bf16 - 1,
+        fp8_dequant=cal("diffusers_flux_fp8_time", "seconds") / t_bf16 - 1,
+        kept_high_params=(size - dit.SPECS[_FAMILY].params * q4.bits / 8) / (2 - q4.bits / 8),
+    )

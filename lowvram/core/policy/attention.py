@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from lowvram.core.facts import Facts, GpuFacts
 from lowvram.core.policy.builder import Builder, GpuStep, Inputs, UiStep
+from lowvram.ui import lineage_key
 from lowvram.ui.base import UiAdapter
 
 
@@ -68,8 +69,8 @@ def decide_attention(b: Builder, inp: Inputs, u: UiStep, g: GpuStep) -> str:
         if wanted == "xformers":
             src, why2 = "profile", f"profile {prof.name} prefers xformers; {why2}"
     elif wanted == "auto":
-        if ui_key == "forge":
-            attention, src, why2 = "auto", "auto", "Forge picks by itself (xformers when it imports, else PyTorch SDP)"
+        if lineage_key(ui_key) == "forge":
+            attention, src, why2 = "auto", "auto", f"{u.ui.title} picks by itself (xformers when it imports, else PyTorch SDP)"
         elif ok and ui_key == "a1111":
             attention, src, why2 = "xformers", "auto", why
         else:
@@ -79,5 +80,24 @@ def decide_attention(b: Builder, inp: Inputs, u: UiStep, g: GpuStep) -> str:
         b.warn(f"xformers is not usable here ({why}); planned SDP attention instead")
     else:
         attention, src, why2 = wanted, "profile", f"profile {prof.name}" + (f": {why}" if wanted == "xformers" else "")
+    if attention in ("sdp", "sdp-no-mem") and lineage_key(ui_key) == "forge":
+        attention, why2 = _forge_sdp(u.ui, facts, attention, why2, xformers_builds=inp.xformers_builds)
     b.add("attention", attention, src, why2)
     return attention
+
+
+def _forge_sdp(ui: UiAdapter, facts: Facts, attention: str, why: str, *,
+               xformers_builds: Mapping[str, str] | None) -> tuple[str, str]:
+    """PyTorch SDP on the Forge lineage: their backends turn PyTorch attention on by themselves with torch >= 2
+    unless a working xformers imports (Forge's backend/memory_management.py: ENABLE_PYTORCH_ATTENTION; an
+    xformers without its C++ library sets XFORMERS_IS_AVAILABLE False). A flag changes something only
+    where the venv holds an xformers that loads; elsewhere no flag ("auto"), and the reason says so."""
+    installed = _torch_base(facts.webui.xformers) if facts.webui else None
+    torch_now = _torch_base(facts.webui.torch) if facts.webui else None
+    built_for = (xformers_builds or {}).get(installed or "")
+    if installed and not (built_for and torch_now and built_for != torch_now):
+        return attention, why  # a working xformers would win: the flag is what turns it off
+    had = (f"its venv's xformers {installed} is built for torch {built_for}, not {torch_now}, so it does not load"
+           if installed else "no xformers is in its venv")
+    return "auto", (f"{why}; {ui.title} uses PyTorch SDP by itself here ({had}; with torch >= 2 its backend turns "
+                    "PyTorch attention on unless xformers loads): no flag")

@@ -10,18 +10,20 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lowvram.core.facts import Facts
-from lowvram.core.observations import Observation
+from lowvram.core.observations import Observation, OtherTreeRuns
 from lowvram.core.plan import EstimateSummary, ExtensionSpec, HookPlan, Overrides, Plan, ReservePlan, TcmallocPlan
 from lowvram.core.policy.attention import decide_attention
 from lowvram.core.policy.builder import Builder, GpuStep, Inputs, Merge, Target, UiStep
+from lowvram.core.policy.dit import decide_comfy_reserve, decide_forge_memory, decide_model_format, decide_streaming
 from lowvram.core.policy.environment import decide_allocator, decide_env, decide_tcmalloc, decide_torch_install
 from lowvram.core.policy.estimate import Fits, decide_estimate
+from lowvram.core.policy.evidence import decide_evidence
 from lowvram.core.policy.extensions import decide_extensions
 from lowvram.core.policy.family import FamilyChoice, decide_family, decide_profile, decide_target
-from lowvram.core.policy.flags import decide_flags, decide_ui, merge_user_flags
+from lowvram.core.policy.flags import checked_against, decide_flags, decide_ui, merge_user_flags
 from lowvram.core.policy.hardware import decide_device_flag, decide_gpu, decide_headroom, decide_sysmem_fallback
 from lowvram.core.policy.offload import decide_offload, map_to_ui_rung, recent_runs, run_setup
-from lowvram.core.policy.precision import decide_precision
+from lowvram.core.policy.precision import decide_precision, ui_vae_precision
 from lowvram.core.policy.reserve import decide_hook, decide_reserve
 from lowvram.core.policy.road import decide_road, record_offload_and_road
 from lowvram.core.policy.road_history import road_history
@@ -41,6 +43,7 @@ def plan(
     family: FamilyChoice | None = None,
     selection: Selection | None = None,
     xformers_builds: Mapping[str, str] | None = None,
+    other_runs: Sequence[OtherTreeRuns] = (),
 ) -> Plan:
     """Decide everything for one WebUI, one step per setting in the order `lowvram plan` shows them;
     see docs/architecture.md#the-policy for each rule."""
@@ -51,20 +54,20 @@ def plan(
     fam = decide_family(b, inp, family)
     g = decide_gpu(b, inp, u, fam)
     fallback = decide_sysmem_fallback(b, inp)
-    spill_possible = fallback == "on"
     attention = decide_attention(b, inp, u, g)
     unet_prec, vae_prec = decide_precision(b, inp, g, ui_key=u.key, family=fam)
     target = decide_target(inp, fam)
     rungs = u.ui.rungs(fam, u.version)
     checkpoint = facts.webui.checkpoint_key if facts.webui else None
-    fits = Fits(fam, g, target, unet=unet_prec, vae=vae_prec, attention=attention, ui_key=u.key)
+    fits = decide_evidence(b, other_runs, g, Fits(fam, g, target, unet=unet_prec, vae=vae_prec, attention=attention,
+                           ui_key=u.key, weight_format=decide_model_format(b, inp, u, g, fam)))  # + other UIs' runs
     setup = run_setup(u, fam, rungs, attention=attention, unet=unet_prec, vae=vae_prec)
-    rung, rung_src, rung_why = decide_offload(b, inp, g, rungs=rungs, fits=fits, spill_possible=spill_possible,
+    rung, rung_src, rung_why = decide_offload(b, inp, g, rungs=rungs, fits=fits, spill_possible=fallback == "on",
                                               recent=recent_runs(observations, checkpoint), setup=setup,
                                               history=road_history(observations, checkpoint,
                                                                    g.gpu.driver if g.gpu else None))
     rung, rung_why = map_to_ui_rung(rung, rung_why, u, g, rungs)
-    road = decide_road(b, inp, u, g, spill_possible=spill_possible, rung=rung, checkpoint=checkpoint, target=target,
+    road = decide_road(b, inp, u, g, spill_possible=fallback == "on", rung=rung, checkpoint=checkpoint, target=target,
                        setup=setup, whole_fits=rung == "none" and fits("none") is True)
     offload = record_offload_and_road(b, (rung, rung_src, rung_why), road)
     reserve = decide_reserve(b, inp, g, road.road, checkpoint=checkpoint, target=target)
@@ -74,15 +77,15 @@ def plan(
     device_index = decide_device_flag(b, u, g)
     plan_args = decide_flags(b, inp, u, UiSettings(
         offload="none" if g.foreign else offload, attention=attention,
-        unet_precision="half" if g.foreign else unet_prec, vae_precision="half" if g.foreign else vae_prec,
-        device_index=device_index, headroom_mb=g.room if (u.key == "comfyui" and g.gpu is not None) else None,
+        unet_precision="half" if g.foreign else unet_prec, vae_precision=ui_vae_precision(u.key, g, vae_prec),
+        device_index=device_index, headroom_mb=decide_comfy_reserve(b, inp, u, g, fam=fam, checkpoint=checkpoint),
         family=fam))
-    m = merge_user_flags(b, inp, u, plan_args, device_index=device_index, offload=offload,
-                         attention=attention)
+    m = merge_user_flags(b, inp, u, plan_args, device_index=device_index, offload=offload, attention=attention)
     exts = decide_extensions(b, inp, u, g, registry)
     estimate = decide_estimate(b, fam, u, g, t=target, fits=fits, offload=m.offload, road=road.road, rungs=rungs,
                                unet=unet_prec, vae=vae_prec, attention=m.attention)
-    decide_headroom(b, inp, u, g)
+    decide_headroom(b, inp, u, g, forge_inference_mb=decide_forge_memory(
+        b, inp, u, g, fits, row=decide_streaming(b, inp, u, g, fam=fam, fits=fits)))
     env = decide_env(b, u, g, m, tc_env=tc_env, alloc_conf=alloc_conf, hook=hook,
                      hook_config_path=hook_config_path)
     env.update(decide_torch_install(b, inp, u, g))
@@ -129,7 +132,7 @@ def _extra(inp: Inputs, u: UiStep, t: Target, fallback: str, selection: Selectio
         "target": {"width": t.width, "height": t.height, "batch": t.batch, "hires_scale": t.hires},
         "profile_chain": list(inp.resolved.chain),
         "ui_version": u.version,
-        "flags_checked_against": u.ui.describe(u.version),
+        "flags_checked_against": checked_against(inp, u),
         "sysmem_fallback": fallback,
         # The hook config reads this (hookconfig.build_hook_config): the order the layout moves tensors back in.
         "layout_order": prof.layout.order,

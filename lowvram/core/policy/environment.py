@@ -90,9 +90,10 @@ def decide_torch_install(b: Builder, inp: Inputs, u: UiStep, g: GpuStep) -> dict
 
 # The torch each UI's first start installs on an NVIDIA machine (lowvram/data/uis.json, "no-torch"). A1111
 # 1.8–1.10 and Forge: cu121, which runs from sm_50; SD.Next: cu130, from sm_75. ComfyUI has no installer
-# (setup's commands take the cu126 index). Forge Neo (torch 2.11+cu130) is no flavor of lowvram's: its tree
-# reads as Forge, so only doctor's check of the venv's torch covers it.
-UI_DEFAULT_TORCH = {"a1111": "2.1.2+cu121", "forge": "2.3.1+cu121", "sdnext": "2.12.0+cu130"}
+# (setup's commands take the cu126 index). Forge Neo: 2.11.0+cu130 (its README and launch_utils), from sm_75;
+# reForge: 2.9.0 from the cu128 index (launch_utils), from sm_70.
+UI_DEFAULT_TORCH = {"a1111": "2.1.2+cu121", "forge": "2.3.1+cu121", "sdnext": "2.12.0+cu130", "forge-neo": "2.11.0+cu130",
+                    "reforge": "2.9.0+cu128"}
 TORCH_COMMAND_IS_PIP_ARGS = ("sdnext",)  # installer.py: `pip install $TORCH_COMMAND`; A1111/Forge: `python -m …`
 
 

@@ -6,14 +6,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from packaging.version import Version
+
 from lowvram.core.errors import FlagError, ProfileError
 from lowvram.core.facts import Facts, WebuiFacts
 from lowvram.core.plan import Overrides
-from lowvram.core.policy.builder import Builder, Inputs, Target
+from lowvram.core.policy.builder import Builder, Inputs, Target, UiStep
 from lowvram.core.profiles import ResolvedProfile, Selection
-from lowvram.ui import adapter
+from lowvram.ui import adapter, parse_ui_version
 
-DEFAULT_TARGET = {"sd15": 512, "sd2": 768, "sdxl": 1024, "sdxl-refiner": 1024}
+DEFAULT_TARGET = {"sd15": 512, "sd2": 768, "sdxl": 1024, "sdxl-refiner": 1024, "flux1-dev": 1024,
+                  "flux1-schnell": 1024, "sd3-medium": 1024, "sd3.5-medium": 1024, "sd3.5-large": 1024}
 # What a fresh A1111 downloads and loads at its first start (v1-5-pruned-emaonly), unless
 # --no-download-sd-model: the family lowvram plans for when nothing else says.
 FRESH_A1111_FAMILY = "sd15"
@@ -29,12 +32,34 @@ class FamilyChoice:
     reason: str
 
 
+MAX_LISTED = 6  # model files named in a reason; the rest are counted
+
+
+def _described(webui: WebuiFacts) -> str:
+    """'b.gguf (flux1-dev, q4_k_s)'."""
+    extra = ", ".join(x for x in (webui.model_family, webui.model_variant, webui.model_format) if x)
+    return f"{webui.checkpoint} ({extra})"
+
+
+def comfy_models_line(webui: WebuiFacts) -> str:
+    """What a ComfyUI tree holds and which file was planned for (ComfyUI picks a model per workflow,
+    lowvram plans for the newest file); doctor says the same words."""
+    files = webui.model_files
+    if len(files) <= 1:
+        return f"ComfyUI picks a model per workflow: found one, {_described(webui)}; --model FILE plans for another"
+    named = ", ".join(files[:MAX_LISTED]) + (f", and {len(files) - MAX_LISTED} more" if len(files) > MAX_LISTED else "")
+    return (f"ComfyUI picks a model per workflow: found {len(files)} ({named}); planned for the newest, "
+            f"{_described(webui)}; --model FILE plans for another")
+
+
 def _checkpoint_choice(webui: WebuiFacts | None, model: str | None, *, note_ignored: bool) -> FamilyChoice | None:
     family = webui.model_family if webui is not None else None
     if webui is None or not family or family == "unknown":
         return None
     if family not in PLANNED_FAMILIES and model:  # detected, but not modelled yet: --model answers
         return None
+    if webui.flavor == "comfyui":  # nothing is selected there: --model FAMILY counts
+        return None if model else FamilyChoice(family, "auto", comfy_models_line(webui))
     reason = f"the selected checkpoint {webui.checkpoint!r} is {family}"
     if note_ignored and model and model != _base_family(family):
         reason += f" (--model {model} ignored: the checkpoint says otherwise)"
@@ -101,6 +126,9 @@ def require_family(choice: FamilyChoice, facts: Facts, ui: str | None = None) ->
 def family_or_error(choice: FamilyChoice, w: WebuiFacts | None, ui: str | None) -> str:
     """The family, or one ProfileError (exit 1, for every command) saying why it is unknown and which
     of the user's choices settles it."""
+    if choice.family and choice.family not in PLANNED_FAMILIES and choice.source == "cli":
+        raise ProfileError(f"{choice.reason}: lowvram has no memory model for it yet",
+                           "--model sdxl plans as SDXL (or --model sd15|sd2)")
     if choice.family and choice.family not in PLANNED_FAMILIES and w is not None and choice.family == w.model_family:
         extra = ", ".join(x for x in (w.model_variant, w.model_format) if x)
         raise ProfileError(f"{choice.family}{f' ({extra})' if extra else ''} detected in {w.checkpoint}: lowvram has "
@@ -113,6 +141,10 @@ def family_or_error(choice: FamilyChoice, w: WebuiFacts | None, ui: str | None) 
     if w is not None and w.model_family == "unknown":
         raise ProfileError(f"cannot tell the model family of {w.checkpoint or 'the selected checkpoint'}",
                            SETTLE_FAMILY)
+    if w is not None and w.flavor == "comfyui":
+        raise ProfileError(f"the model family is unknown: the ComfyUI at {w.path} has no model file in "
+                           "models/checkpoints, models/unet or models/diffusion_models",
+                           f"{SETTLE_FAMILY}; or --model FILE")
     if w is not None:
         why = " (--no-download-sd-model: its first start downloads none)" if w.flavor == "a1111" else ""
         raise ProfileError(f"the model family is unknown: the {_title(w.flavor)} at {w.path} has no checkpoint "
@@ -130,6 +162,46 @@ def _title(ui: str | None) -> str:
 
 def _base_family(family: str | None) -> str | None:
     return "sdxl" if family == "sdxl-refiner" else family
+
+
+# Which UI runs which diffusion transformer. A1111 1.10.0 added SD3 medium (modules/models/sd3, the
+# setting sd3_enable_t5) and nothing later: no Flux.1, no SD3.5 (its MMDiT-X). Forge (HEAD), ComfyUI and
+# SD.Next run all five.
+A1111_SD3_FROM = "1.10.0"
+FLUX_FAMILIES = ("flux1-dev", "flux1-schnell")
+SD35_FAMILIES = ("sd3.5-medium", "sd3.5-large")
+ELSEWHERE = "lowvram setup --ui forge (or --ui comfyui), then plan there with --webui PATH"
+
+
+def require_ui_runs(ui_key: str, fam: str, version: str | None, *, tree: bool) -> str | None:
+    """One ProfileError where the UI cannot run the family at all; a warning where it may not (an A1111 of
+    unknown version and SD3); None where it runs. `tree`: planning for a WebUI found on disk (with no tree,
+    A1111 is the 1.10.1 `lowvram setup` installs)."""
+    if ui_key != "a1111":
+        return None
+    if fam in FLUX_FAMILIES:
+        raise ProfileError(f"{fam}: Flux.1 runs in Forge, ComfyUI or SD.Next, not A1111", ELSEWHERE)
+    if fam in SD35_FAMILIES:
+        raise ProfileError(f"{fam}: SD 3.5 runs in Forge, ComfyUI or SD.Next, not A1111 "
+                           "(A1111 1.10 runs SD3 medium only)", ELSEWHERE)
+    if fam != "sd3-medium" or not tree:
+        return None
+    v = parse_ui_version(version)
+    if v is None:
+        return (f"SD3 medium runs in A1111 from {A1111_SD3_FROM}; this A1111's version is unknown: if it is older, "
+                "update it (git checkout v1.10.1 in its folder) or use Forge")
+    if v < Version(A1111_SD3_FROM):
+        raise ProfileError(f"sd3-medium: SD3 runs in A1111 from {A1111_SD3_FROM}, this A1111 is {v}",
+                           f"update it (git checkout v1.10.1 in its folder), or {ELSEWHERE}")
+    return None
+
+
+def decide_ui_runs(b: Builder, inp: Inputs, u: UiStep, fam: str) -> None:
+    """Stop where the UI cannot run the family (one line and where it runs); warn where it may not."""
+    webui = inp.facts.webui
+    warning = require_ui_runs(u.key, fam, u.version, tree=webui is not None and webui.flavor == u.key)
+    if warning:
+        b.warn(warning)
 
 
 def _warn_damaged_inputs(b: Builder, facts: Facts, fam: str, fam_choice: FamilyChoice) -> None:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import shlex
 from collections.abc import Iterable, Sequence
 
-from lowvram.core.facts import Facts
+from lowvram.core.facts import Facts, UiFlagsFacts
 from lowvram.core.plan import Decision
 from lowvram.core.policy.builder import Builder, Inputs, Merge, UiStep
 from lowvram.ui import Contradiction, UiSettings, adapter, parse_args
-from lowvram.ui.base import UiAdapter
+from lowvram.ui.base import UiAdapter, flags_for
 
 
 def decide_ui(b: Builder, inp: Inputs) -> UiStep:
@@ -34,7 +34,7 @@ def decide_ui(b: Builder, inp: Inputs) -> UiStep:
 
 def _user_flags(facts: Facts, ui_key: str, ui: UiAdapter, version: str | None) -> UiStep:
     """The user's own flags (literal COMMANDLINE_ARGS), read where the tree is this UI."""
-    flagset = ui.flagset(version)
+    flagset, _ = flags_for(ui, version, _installed(facts, ui_key))
     user_tokens: tuple[str, ...] = ()
     user_literal = True
     if facts.webui is not None and facts.webui.flavor == ui_key:
@@ -54,8 +54,40 @@ def decide_flags(b: Builder, inp: Inputs, u: UiStep, settings: UiSettings) -> li
     plan_args = list(rendered.args) + [a for a in prof.args if a not in rendered.args]
     if prof.args:
         b.add("args", list(prof.args), "profile", f"extra flags from profile {prof.name}")
-    u.ui.validate(plan_args, u.version)
+    installed = _installed(inp.facts, u.key)
+    _, unread = flags_for(u.ui, u.version, installed)
+    if unread:
+        b.add("flags", None, "auto", unread)
+    elif installed is not None:
+        plan_args = _drop_missing(b, u, plan_args, installed.source)
+    u.ui.validate(plan_args, u.version, u.flagset)
     return plan_args
+
+
+def checked_against(inp: Inputs, u: UiStep) -> str:
+    """What the flags were checked against: the installed version's own parser, or lowvram's list."""
+    installed = _installed(inp.facts, u.key)
+    if installed is not None and installed.flags and not installed.error:
+        return f"{u.flagset.label} ({installed.source})"
+    return u.ui.describe(u.version)
+
+
+def _installed(facts: Facts, ui_key: str) -> UiFlagsFacts | None:
+    """The installed UI's own flags, where the tree is this UI and they were read."""
+    return facts.webui.ui_flags if facts.webui is not None and facts.webui.flavor == ui_key else None
+
+
+def _drop_missing(b: Builder, u: UiStep, plan_args: list[str], source: str) -> list[str]:
+    """Leave out a plan flag the installed version's own parser lacks (the UI would exit 2 on it)."""
+    shipped = u.ui.flagset(u.version)
+    kept: list[str] = []
+    for p in parse_args(plan_args, shipped, strict=True):
+        if p.name in u.flagset:
+            kept += p.tokens
+        else:
+            b.add("flags", None, "auto", f"{' '.join(p.tokens)} left out: {u.flagset.label} has no {p.name} "
+                                         f"(its own {source} does not define it)")
+    return kept
 
 
 def merge_user_flags(b: Builder, inp: Inputs, u: UiStep, plan_args: list[str], *, device_index: int | None,
@@ -84,7 +116,34 @@ def merge_user_flags(b: Builder, inp: Inputs, u: UiStep, plan_args: list[str], *
               "append the plan's flags to your COMMANDLINE_ARGS at run time; their later values override your "
               + " ".join(user_dropped) if merge == "assign"
               else "append the plan's flags to your COMMANDLINE_ARGS at run time")
+    if inp.overrides.extra_args:
+        plan_args, offload, attention = _settle_extra(b, inp, u, plan_args, plan_dropped, offload=offload,
+                                                      attention=attention)
     return Merge(merge, user_dropped, user_kept, plan_dropped, plan_args, offload, attention)
+
+
+def _settle_extra(b: Builder, inp: Inputs, u: UiStep, plan_args: list[str], plan_dropped: list[str], *,
+                  offload: str, attention: str) -> tuple[list[str], str, str]:
+    """The user's flags after `launch --` against the plan's: the user's wins (it is this run's word),
+    the plan's is left out of the command line, and the user is told (the same as an on/off flag in
+    COMMANDLINE_ARGS). Two flags of one exclusive group would make the UI exit 2; a valued flag in the
+    block would be read after the command line's. The device flag stays as the GPU choice decided it."""
+    extra = parse_args(inp.overrides.extra_args, u.flagset, strict=False)
+    plan_parsed = parse_args(plan_args, u.flagset, strict=True)
+    drop: set[tuple[str, ...]] = set()
+    for c in u.ui.cross_contradictions(extra, plan_parsed, u.flagset):
+        if c.first[0].split("=")[0] == u.ui.device_flag or c.second in drop:
+            continue
+        drop.add(c.second)
+        b.warn(f"your {' '.join(c.first)} (after --) contradicts the plan's {' '.join(c.second)}: kept yours and "
+               "left the plan's out of the command line")
+        user_value = u.ui.categories.get(c.category, {}).get(c.first[0].split("=")[0])
+        if c.category == "offload" and user_value:
+            offload = _user_decision(b, "offload", user_value, c, offload)
+        elif c.category == "attention" and user_value:
+            attention = _user_decision(b, "attention", user_value, c, attention)
+    plan_dropped += [t for p in plan_parsed if p.tokens in drop for t in p.tokens]
+    return [t for p in plan_parsed if p.tokens not in drop for t in p.tokens], offload, attention
 
 
 def _settle_conflicts(b: Builder, inp: Inputs, u: UiStep, conflicts: Iterable[Contradiction], *,

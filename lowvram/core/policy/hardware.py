@@ -158,10 +158,17 @@ def decide_device_flag(b: Builder, u: UiStep, g: GpuStep) -> int | None:
     return None
 
 
-def decide_headroom(b: Builder, inp: Inputs, u: UiStep, g: GpuStep) -> None:
-    """Forge's GPU Weights follow the headroom; then the headroom itself."""
+def decide_headroom(b: Builder, inp: Inputs, u: UiStep, g: GpuStep, *, forge_inference_mb: int | None = None) -> None:
+    """Forge's GPU Weights follow the headroom (or, for a DiT, the inference memory decided from its
+    estimate, policy/dit.py); then the headroom itself."""
     vram_total, room, facts = g.vram_total, g.room, inp.facts
-    if u.key == "forge" and vram_total and not g.cpu_mode:
+    if forge_inference_mb is not None and vram_total:
+        b.add("forge.gpu_weights_mb", vram_total - forge_inference_mb, "auto",
+              f"GPU Weights (MB) {vram_total - forge_inference_mb} (= {vram_total} − forge_inference_memory "
+              f"{forge_inference_mb}): `lowvram apply` writes both into Forge's config.json, and the value a page "
+              "load of the 'xl' or 'flux' UI preset resets the slider to (xl_GPU_MB / flux_GPU_MB); the 'sd' and "
+              "'all' presets reset it to total − 1024 at each page load (they have no such setting)")
+    elif u.key in ("forge", "forge-neo") and vram_total and not g.cpu_mode:  # Forge 2's GPU Weights slider
         weights = max(0, vram_total - room - FORGE_INFERENCE_MB)
         b.add("forge.gpu_weights_mb", weights, "auto",
               f"Forge's GPU Weights slider (Settings) follows the VRAM kept free: at most {vram_total} − {room} kept "

@@ -8,12 +8,12 @@ from dataclasses import replace
 from typing import Any
 
 from lowvram.core.estimate import memory as est
-from lowvram.core.observations import Observation
+from lowvram.core.observations import Observation, forge_knobs
 from lowvram.core.policy.builder import Builder, GpuStep, Inputs, UiStep
 from lowvram.core.policy.estimate import SPILL_TOLERANCE_MB, Fits, medvram_above_lowvram, tight_fit
 from lowvram.core.policy.road_history import UNTIL_CHANGED, RunSetup, failure_text, rung_failures
 from lowvram.core.words import plural
-from lowvram.ui import UiSettings
+from lowvram.ui import UiSettings, adapter
 
 SPILL_MISS_MB = 256  # overflow into shared memory that counts as a miss (docs/architecture.md#the-policy, "Offload ladder")
 COMFORT_RUNS = 3  # runs with room to spare before trying one rung up
@@ -24,7 +24,8 @@ RECENT_RUNS = 10
 def recent_runs(observations: Sequence[Observation], checkpoint: str | None) -> list[Observation]:
     """The latest RECENT_RUNS hook and tuning runs of this checkpoint, oldest first: what the ladder learns from."""
     runs = [o for o in observations if o.source in ("hook", "tuning")
-            and (checkpoint is None or o.checkpoint in (None, checkpoint))]
+            and (checkpoint is None or o.checkpoint in (None, checkpoint))
+            and not forge_knobs(o)]  # a Forge settings probe (one that ran out of memory too) says nothing of rungs
     return sorted(runs, key=lambda o: o.time)[-RECENT_RUNS:]
 
 
@@ -89,6 +90,9 @@ def decide_offload(b: Builder, inp: Inputs, g: GpuStep, *, rungs: Sequence[str],
                 b.warn(f"a recent run at offload level {offload} (pinned by profile {prof.name}) ran out of memory "
                        "or spilled: " + (f"try more offload with --offload {more}" if more else "try a smaller image"))
                 break
+    elif fits.streams:
+        offload, offload_why = "none", _streams_by_itself(fits)
+        offload_src = "cli" if overrides.offload == "auto" else "auto"
     else:
         offload, offload_why = _faster_first(_ladder(rungs, fits, fits.estimates, g.vram_total, g.room), rungs, fits)
         offload_src = "cli" if overrides.offload == "auto" else "auto"
@@ -97,6 +101,17 @@ def decide_offload(b: Builder, inp: Inputs, g: GpuStep, *, rungs: Sequence[str],
                                                            failed=lambda r: rung_failures(history, r,
                                                                                           setup or RunSetup()))
     return offload, offload_src, offload_why
+
+
+def _streams_by_itself(fits: Fits) -> str:
+    """Forge, ComfyUI and SD.Next load what fits of a diffusion transformer and stream the rest (STREAMING_UIS)."""
+    ui = adapter(fits.ui_key)
+    # Forge's --always-low-vram and ComfyUI's --lowvram load the model the same way; they only move the text
+    # encoders to the CPU (text_encoder_device() in backend/memory_management.py, comfy/model_management.py).
+    lowest = {"forge": " (--always-low-vram would only run the text encoders on the CPU)",
+              "comfyui": " (--lowvram would only run the text encoders on the CPU)"}.get(ui.key, "")
+    return (f"{ui.title} loads what fits of the model and streams the rest from RAM every step by itself: "
+            f"no offload flag{lowest}; the streaming decision says how much streams and what it costs")
 
 
 def _ladder_learns(ladder: tuple[str, str, str], g: GpuStep, *, rungs: Sequence[str],

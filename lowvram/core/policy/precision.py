@@ -15,7 +15,9 @@ at 1024² against 5.6 GB in fp32 (InvokeAI PR #7674, reference/vram_data.md §2)
 
 from __future__ import annotations
 
+from lowvram.core.estimate.dit import DIT_FAMILIES
 from lowvram.core.policy.builder import Builder, GpuStep, Inputs
+from lowvram.ui import adapter, lineage_key
 
 SDXL_FAMILIES = ("sdxl", "sdxl-refiner")
 FP32_DECODE_1024_MB = 5568  # SDXL VAE decode at 1024², fp32, reserved (InvokeAI PR #7674)
@@ -34,21 +36,41 @@ def decide_precision(b: Builder, inp: Inputs, g: GpuStep, *, ui_key: str | None 
               "GTX 16xx produces NaN (black) images in fp16: --upcast-sampling (--no-half is the fallback)")
     else:
         prec_src = "profile" if inp.resolved.origins.get("precision.unet", "default") != "default" else "auto"
-        b.add("precision.unet", unet_prec, prec_src,
-              f"profile {prof.name}" if unet_prec != "half" else "fp16 weights (the default)")
+        half_why = ("16-bit compute (the default); the weights stay in the file's format (model_format)"
+                    if family in DIT_FAMILIES else "fp16 weights (the default)")
+        b.add("precision.unet", unet_prec, prec_src, f"profile {prof.name}" if unet_prec != "half" else half_why)
     if not g.cpu_mode:
         vae_prec, src, why = _vae(inp, g, vae_prec, ui_key=ui_key, family=family)
         b.add("precision.vae", vae_prec, src, why)
     return unet_prec, vae_prec
 
 
+def forge_upcasts_vae(ui_key: str | None, g: GpuStep) -> bool:
+    """The Forge lineage runs the VAE in fp32 by itself below sm 8.0 (its VAE_DTYPES start with bf16 only on
+    sm 8.0+ with bf16 support; Forge Neo and reForge keep ComfyUI's same rule), so its fp32-VAE flag changes
+    nothing there. An unknown card keeps the flag."""
+    cc = g.gpu.cc_tuple if g.gpu is not None else None
+    return lineage_key(ui_key or "") == "forge" and cc is not None and cc < (8, 0)
+
+
+def ui_vae_precision(ui_key: str | None, g: GpuStep, vae_prec: str) -> str:
+    """The VAE precision the UI's flags spell: "half" (no flag) where the UI already runs it in fp32, or on a
+    GPU that is not NVIDIA's (no precision flags there)."""
+    return "half" if g.foreign or (vae_prec == "full" and forge_upcasts_vae(ui_key, g)) else vae_prec
+
+
 def _vae(inp: Inputs, g: GpuStep, vae_prec: str, *, ui_key: str | None, family: str | None) -> tuple[str, str, str]:
     """(precision, source, reason) of the VAE: see the module's docstring for the SDXL evidence."""
     if vae_prec == "full":
+        if forge_upcasts_vae(ui_key, g):
+            title = adapter(ui_key or "forge").title
+            return "full", "profile", (f"VAE in fp32 (avoids NaN/black images at decode), which {title} does by itself "
+                                       f"on this card: its VAE runs in bf16 only on sm 8.0+, else fp32 "
+                                       "(VAE_DTYPES, backend/memory_management.py): no flag")
         return "full", "profile", "VAE in fp32 (avoids NaN/black images at decode)"
     if family not in SDXL_FAMILIES or ui_key is None:
         return vae_prec, "auto", "VAE in fp16 (the default)"
-    if ui_key in ("forge", "comfyui"):
+    if lineage_key(ui_key) in ("forge", "comfyui"):
         return vae_prec, "auto", ("VAE as the UI picks it: bf16 on sm 8.0+, else fp32 (never fp16 unless told), "
                                   "so SDXL's fp16 VAE overflow does not arise")
     if ui_key == "sdnext":

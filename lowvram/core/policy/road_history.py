@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from lowvram.core.observations import Observation, comparable_key, measured_road, run_failed
+from lowvram.core.observations import Observation, comparable_key, forge_knobs, measured_road, run_failed
 from lowvram.core.policy.builder import RoadChoice
 from lowvram.core.words import RESIDENT, SWAP, plural, road_words
 
@@ -58,7 +58,7 @@ def road_history(observations: Sequence[Observation], checkpoint: str | None,
     """
     runs = [o for o in observations if o.source in ("hook", "tuning")
             and (checkpoint is None or o.checkpoint in (None, checkpoint))
-            and not (driver and o.driver and o.driver != driver)]
+            and not (driver and o.driver and o.driver != driver) and not forge_knobs(o)]
     return sorted(runs, key=lambda o: o.time)
 
 

@@ -21,8 +21,8 @@ from lowvram.core.errors import ApplyError
 from lowvram.core.facts import Facts
 from lowvram.core.plan import Plan
 from lowvram.world import fsutil, gitops, paths
+from lowvram.world.apply import forge_settings, webui_user
 from lowvram.world.apply import hook as hook_mod
-from lowvram.world.apply import webui_user
 from lowvram.world.apply.manifest import Manifest, check_applied, rel, sha256
 
 if TYPE_CHECKING:
@@ -318,6 +318,20 @@ def _apply_hook(plan: Plan, webui: Path, facts: Facts, manifest: Manifest, resul
         result.notes.append(f"hook config: {cfg_path}")
 
 
+def _apply_forge_settings(change: forge_settings.ConfigChange, manifest: Manifest, result: ApplyResult, *,
+                          dry_run: bool) -> None:
+    """Forge's memory settings into config.json (world/apply/forge_settings.py); the dry run names them."""
+    if not dry_run:
+        forge_settings.commit(change, manifest)
+    action = ("created" if change.old is None else "modified") if change.changed else "unchanged"
+    result.changes.append({"path": str(change.path), "action": action})
+    verb = "would write" if dry_run and change.changed else "holds" if not change.changed else "wrote"
+    result.notes.append(f"Forge's memory settings: config.json {verb} {change.describe()} (a browser page load "
+                        "resets Swap Method and Swap Location to Queue and CPU, and GPU Weights to the UI preset's "
+                        "value; with --nowebui Forge applies the stored values only once one is posted to "
+                        "/sdapi/v1/options)")
+
+
 def apply_plan(plan: Plan, webui: Path, facts: Facts, *, dry_run: bool = False,
                progress: gitops.Progress | None = None, lock_held: bool = False,
                sources: Mapping[str, str] | None = None, update: bool = False) -> ApplyResult:
@@ -360,6 +374,9 @@ def apply_plan(plan: Plan, webui: Path, facts: Facts, *, dry_run: bool = False,
         else:
             _apply_preflight(webui, manifest, target=target.path if change.action != "unchanged" else None,
                              hook=hook_wanted, entries=entries, ui=ui, sources=sources, update=update)
+        forge_change = forge_settings.plan_change(webui, plan)  # a damaged config.json: refused before any write
+        if forge_change is not None and forge_change.changed and not dry_run:
+            check_writable([forge_change.real])
 
         # 1. the hook is copied beside its place first: a copy that fails (a full disk) leaves the
         # tree as it was; 2. the managed block; 3. the hook renamed into place
@@ -372,6 +389,8 @@ def apply_plan(plan: Plan, webui: Path, facts: Facts, *, dry_run: bool = False,
             if staged is not None:
                 staged.discard()
             raise
+        if forge_change is not None:
+            _apply_forge_settings(forge_change, manifest, result, dry_run=dry_run)
         if hook_wanted:
             _apply_hook(plan, webui, facts, manifest, result, staged=staged)
 
@@ -415,6 +434,9 @@ def _revert_file(webui: Path, key: str, entry: dict[str, Any], manifest: Manifes
             fsutil.kill_point("revert:file:before-unlink")
             fsutil.write_target(path, webui).unlink()  # a link's target: the link stays as it was
             return "removed"
+    elif unchanged_since and entry.get("created") and not entry.get("backup") and key == forge_settings.CONFIG:
+        fsutil.write_target(path, webui).unlink()  # config.json apply made, as it wrote it: gone again
+        return "removed"
     # config.json: the exact old bytes when nobody touched it since; else put the keys back.
     elif unchanged_since and entry.get("backup"):
         restored = manifest.read_backup(str(entry["backup"]))
@@ -425,7 +447,9 @@ def _revert_file(webui: Path, key: str, entry: dict[str, Any], manifest: Manifes
         from lowvram.world.apply import extensions as ext_mod
 
         changes = manifest.config_keys.get(key, {})
-        return "modified" if ext_mod.config_put_back(webui, key, changes) else "unchanged"
+        put = ext_mod.config_put_back(webui, key, changes)
+        put = forge_settings.put_back(webui, key, changes) or put  # Forge's memory keys lowvram wrote
+        return "modified" if put else "unchanged"
     if new == current:
         return "unchanged"
     fsutil.atomic_write_bytes(path, new, within=webui)

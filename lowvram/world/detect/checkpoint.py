@@ -233,9 +233,32 @@ def checkpoint_info(path: Path) -> ModelInfo:
         if info.reason is not None:
             raise WebuiError(f"checkpoint {path} is damaged: {info.reason}", _HINT)
         return info
-    if suffix != ".safetensors":
+    if suffix not in (".safetensors", ".sft"):  # .sft: ComfyUI's short name for a safetensors file
         return ModelInfo("unknown")
     return safetensors_info(read_safetensors_header(path))
+
+
+# The model's content key hashes this many bytes from the start of the file: a safetensors or GGUF header
+# (every tensor's name, dtype, shape and offset, and the metadata) and, in most files, the first weights
+# after it. Bounded: a key costs one read of 1 MiB, however large the model.
+CONTENT_KEY_BYTES = 1024 * 1024
+
+
+def content_key(path: Path) -> str:
+    """markers.content_key of a model file: its size and the sha256 of its first CONTENT_KEY_BYTES, the same
+    for a copy in another tree (another name, another mtime). Raises WebuiError where it cannot be read."""
+    import hashlib
+
+    from lowvram.core.markers import content_key as make_key
+
+    path = Path(path)
+    fh, size = _open_regular(path)
+    try:
+        with fh:
+            head = fh.read(CONTENT_KEY_BYTES)
+    except OSError as exc:
+        raise WebuiError(f"cannot read checkpoint {path}: {exc.strerror or exc}", "check the file's permissions") from exc
+    return make_key(size, hashlib.sha256(head).hexdigest())
 
 
 def checkpoint_family(path: Path) -> str:

@@ -86,6 +86,19 @@ class _Reader:
             return None
 
 
+def _speed_facts(r: _Reader, handle: Any, fields: dict[str, Any]) -> None:
+    """CUDA cores, the SM clock's maximum and the link's maximum generation and width (the current
+    link drops to Gen 1 when the card idles, so the bandwidth comes from the maximum)."""
+    for key, fn, *args in (
+        ("cuda_cores", pynvml.nvmlDeviceGetNumGpuCores),
+        ("sm_clock_max_mhz", pynvml.nvmlDeviceGetMaxClockInfo, pynvml.NVML_CLOCK_SM),
+        ("pcie_gen_max", pynvml.nvmlDeviceGetMaxPcieLinkGeneration),
+        ("pcie_width_max", pynvml.nvmlDeviceGetMaxPcieLinkWidth),
+    ):
+        value = r.read(key, fn, handle, *args)
+        fields[key] = int(value) if value is not None else None
+
+
 def _probe_one(index: int, driver: str | None, cuda_driver: str | None) -> GpuFacts:
     r = _Reader()
     fields: dict[str, Any] = {}
@@ -110,6 +123,7 @@ def _probe_one(index: int, driver: str | None, cuda_driver: str | None) -> GpuFa
         fields["pcie_gen"] = int(gen) if gen is not None else None
         width = r.read("pcie_width", pynvml.nvmlDeviceGetCurrPcieLinkWidth, handle)
         fields["pcie_width"] = int(width) if width is not None else None
+        _speed_facts(r, handle, fields)
     except _LostError:
         lost = True
     return GpuFacts(index=index, driver=driver, cuda_driver=cuda_driver, lost=lost, errors=tuple(r.errors), **fields)

@@ -27,6 +27,7 @@ from lowvram.core import markers
 from lowvram.core.errors import WebuiError
 from lowvram.core.facts import WebuiFacts
 from lowvram.world.detect.checkpoint import checkpoint_info
+from lowvram.world.detect.ui_flags import read_ui_flags
 from lowvram.world.fsutil import UnsafeFileError, read_regular_bytes, special_kind
 from lowvram.world.managed_block import BAT, SH, block_spans
 
@@ -56,12 +57,62 @@ def detect_flavor(path: Path) -> str | None:
         if (root / "installer.py").is_file() and launcher:
             return "sdnext"
         if ((root / "modules_forge").is_dir() or (root / "backend" / "args.py").is_file()) and launcher:
-            return "forge"
+            return forge_lineage(root)
         if ((root / "webui.sh").is_file() or (root / "webui.bat").is_file()) and (root / "modules" / "cmd_args.py").is_file():
             return "a1111"
     except OSError:
         return None
     return None
+
+
+# Forge's successors keep modules_forge/ and say who they are in modules_forge/forge_version.py (`version`):
+# lllyasviel Forge '2.0.1v1.10.1' (Forge 1: '0.0.17v1.8.0rc'), Forge Neo "neo" (with `release`), Forge Classic
+# "classic", reForge '1.0.0v2-v1.10.1RC' (its branches: '…v2dev…', '1.3.5-v1.10.1RC'; reForge2 reuses Forge's
+# '2.0.1v1.10.1'). The README's first heading names Neo and reForge too; the git remote is a weaker hint.
+_HEADING = re.compile(r"^#|^<h1", re.MULTILINE)
+
+
+def _readme_title(root: Path) -> str:
+    text = _read_text(root / "README.md") or ""
+    for line in text.splitlines()[:20]:
+        if _HEADING.match(line.strip()):
+            return re.sub(r"<[^>]+>", "", line).strip("# ").strip()
+    return ""
+
+
+def _git_remote(root: Path) -> str:
+    """origin's URL from .git/config (read, never run): a hint where the files say nothing."""
+    text = _read_text(root / ".git" / "config") or ""
+    m = re.search(r'\[remote "origin"\][^\[]*?url\s*=\s*(\S+)', text)
+    return m.group(1).lower() if m else ""
+
+
+def forge_lineage(root: Path) -> str:
+    """forge | forge-neo | reforge for a tree with Forge's files, from the files each really has: its version
+    file first, then the README's title, then (weakest) the git remote. Forge Classic is "forge": it keeps
+    Forge's flags (ldm_patched's args_parser, the parser Forge 2's backend/args.py kept) and its installer."""
+    text = _read_text(root / "modules_forge" / "forge_version.py") or ""
+    version = (_py_assignment(text, "version") or "").lower()
+    if version == "neo":
+        return "forge-neo"
+    if "reforge" in version or re.match(r"^1\.\d+\.\d+(v2\w*)?-v1\.10", version):
+        return "reforge"
+    if version:
+        title = _readme_title(root).lower()
+        if "reforge" in title and not (root / "backend" / "args.py").is_file():
+            return "reforge"  # reForge (1.x): ldm_patched/ (reForge2 has backend/ and Forge's version: Forge)
+        return "forge"
+    title = _readme_title(root).lower()
+    if "forge - neo" in title or "forge neo" in title:
+        return "forge-neo"
+    if "reforge" in title and (root / "ldm_patched").is_dir():
+        return "reforge"
+    remote = _git_remote(root)
+    if "sd-webui-forge-classic" in remote and (root / "backend" / "args.py").is_file():
+        return "forge-neo"  # Neo is that repository's only branch with backend/
+    if "stable-diffusion-webui-reforge" in remote and (root / "ldm_patched").is_dir():
+        return "reforge"
+    return "forge"
 
 
 def not_a_webui(path: Path) -> WebuiError:
@@ -128,10 +179,29 @@ def _comfy_version(root: Path) -> str | None:
     return None if text is None else _py_assignment(text, "__version__")
 
 
+def forge_own_version(root: Path) -> str | None:
+    """What a Forge-lineage UI calls its version (modules/launch_utils.py prints it at start as
+    `Version: …`): Forge and reForge 'f' + modules_forge/forge_version.py's `version` (before git
+    describe's suffix: f2.0.1v1.10.1, f1.0.0v2-v1.10.1RC); Forge Neo and Classic name the branch there
+    (version = "neo") and Neo its release (release = "2.22"): the release, else the name."""
+    text = _read_text(root / "modules_forge" / "forge_version.py")
+    version = _py_assignment(text, "version") if text else None
+    if not version or not text:
+        return None
+    if version.lower() in ("neo", "classic"):
+        return _py_assignment(text, "release") or version
+    return f"f{version}"
+
+
 def webui_version(root: Path, flavor: str) -> str | None:
+    """The UI's own version file first (ComfyUI's comfyui_version.py, Forge's forge_version.py), then
+    `git describe`, then CHANGELOG.md's first heading."""
+    from lowvram.ui import UIS, adapter
+
     if flavor == "comfyui":
         return _comfy_version(root) or _git_describe(root)
-    return _git_describe(root) or _changelog_version(root)
+    own = forge_own_version(root) if flavor in UIS and adapter(flavor).lineage == "forge" else None
+    return own or _git_describe(root) or _changelog_version(root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,6 +648,108 @@ def find_checkpoint(root: Path, config: dict[str, Any], args: tuple[str, ...] | 
     return None, None
 
 
+# ComfyUI's model folders (its folder_paths.py): "checkpoints" is models/checkpoints, "diffusion_models" is
+# models/unet and models/diffusion_models; extra_model_paths.yaml adds folders under those keys ("unet" is
+# the legacy name of diffusion_models). `.gguf` files there are what ComfyUI-GGUF's loader lists.
+COMFY_MODEL_FOLDERS = ("checkpoints", "unet", "diffusion_models")
+COMFY_EXTRA_KEYS = ("checkpoints", "unet", "diffusion_models")
+COMFY_MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".gguf")
+MAX_EXTRA_PATHS_BYTES = 1024 * 1024
+
+
+def _extra_base(root: Path, conf: dict[str, Any]) -> Path | None:
+    base = conf.get("base_path")
+    if not isinstance(base, str) or not base.strip():
+        return None
+    p = Path(os.path.expandvars(os.path.expanduser(base.strip())))
+    return p if p.is_absolute() else root / p
+
+
+def comfy_extra_dirs(root: Path) -> tuple[list[Path], str | None]:
+    """The model folders `extra_model_paths.yaml` adds under checkpoints/unet/diffusion_models, as
+    ComfyUI's utils/extra_config.py reads them (a relative path is the YAML's folder's, or base_path's);
+    (folders, why the file could not be read)."""
+    path = root / "extra_model_paths.yaml"
+    try:
+        raw = read_regular_bytes(path, MAX_EXTRA_PATHS_BYTES, "ComfyUI's extra model paths file")
+    except UnsafeFileError as exc:
+        return [], exc.message
+    if raw is None:
+        return [], None
+    import yaml
+
+    try:
+        config = yaml.safe_load(raw.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError):
+        return [], f"{path} is not valid YAML: its model folders are not read (ComfyUI fails on it too)"
+    dirs: list[Path] = []
+    for conf in config.values() if isinstance(config, dict) else ():
+        if not isinstance(conf, dict):
+            continue
+        base = _extra_base(root, conf)
+        for key in COMFY_EXTRA_KEYS:
+            value = conf.get(key)
+            for line in value.split("\n") if isinstance(value, str) else ():
+                if line.strip():
+                    entry = Path(os.path.expanduser(line.strip()))
+                    dirs.append(base / entry if base is not None else entry if entry.is_absolute() else root / entry)
+    return dirs, None
+
+
+def comfy_model_dirs(root: Path) -> tuple[list[Path], str | None]:
+    """ComfyUI's checkpoint and diffusion-model folders, its own then extra_model_paths.yaml's."""
+    extra, problem = comfy_extra_dirs(root)
+    return list(dict.fromkeys([root / "models" / name for name in COMFY_MODEL_FOLDERS] + extra)), problem
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except (OSError, ValueError):
+        return 0.0
+
+
+def comfy_models(root: Path) -> tuple[list[str], tuple[str, Path] | None, str | None]:
+    """(every model file's name in ComfyUI's model folders, in listing order; the newest file's name and
+    path, the one the user most likely runs now; why extra_model_paths.yaml was not read). Bounded as
+    A1111's walk."""
+    dirs, problem = comfy_model_dirs(root)
+    found = [(f.relative_to(d).as_posix(), f) for d, f in _walk_checkpoints(dirs, COMFY_MODEL_SUFFIXES)]
+    names = sorted(dict.fromkeys(name for name, _f in found), key=natural_key)
+    newest = max(found, key=lambda item: _mtime(item[1]), default=None)
+    return names, newest, problem
+
+
+def read_model(file: Path) -> tuple[dict[str, Any], str | None]:
+    """The WebuiFacts fields of one model file (family, variant, format, checkpoint_key), and the
+    damage that left its family unknown (None when it read)."""
+    fields: dict[str, Any] = {"checkpoint_path": str(file)}
+    error = None
+    try:
+        info = checkpoint_info(file)
+        fields.update(model_family=info.family, model_variant=info.variant, model_format=info.format)
+    except WebuiError as exc:  # a damaged header: the family is unknown, --model answers it
+        fields["model_family"], error = "unknown", exc.message
+    try:
+        st = file.stat()
+        fields["checkpoint_key"] = markers.checkpoint_key(file.name, st.st_size, st.st_mtime)
+    except OSError:
+        fields["checkpoint_key"] = None
+    return fields, error
+
+
+def _comfy_facts(root: Path, common: dict[str, Any]) -> WebuiFacts:
+    names, newest, problem = comfy_models(root)
+    fields: dict[str, Any] = {}
+    error = None
+    if newest is not None:
+        fields, error = read_model(newest[1])
+        fields["checkpoint"] = newest[0]
+    return WebuiFacts(**common, **fields, user_args=None, user_args_literal=True,
+                      extensions=_extension_dirs(root / "custom_nodes"), model_files=tuple(names),
+                      checkpoint_error=error, config_error=problem)
+
+
 def _extension_dirs(ext_root: Path) -> tuple[str, ...]:
     try:
         return tuple(sorted(p.name for p in ext_root.iterdir() if p.is_dir() and not p.name.startswith(".")))
@@ -615,10 +787,10 @@ def probe_webui(path: Path, os_name: str | None = None) -> WebuiFacts:
         "torch": torch,
         "torch_cuda": torch_cuda,
         "xformers": xformers,
+        "ui_flags": read_ui_flags(root, flavor),  # the installed UI's own flags, read as data
     }
     if flavor == "comfyui":
-        return WebuiFacts(**common, user_args=None, user_args_literal=True,
-                          extensions=_extension_dirs(root / "custom_nodes"))
+        return _comfy_facts(root, common)
     user_args, literal = read_user_args(root, os_name)
     data_dir = _abs(root, flag_value(user_args, "--data-dir") or ".")
     settings_file = flag_value(user_args, "--ui-settings-file")
@@ -627,32 +799,19 @@ def probe_webui(path: Path, os_name: str | None = None) -> WebuiFacts:
         config = read_config(_abs(root, settings_file) if settings_file else data_dir / "config.json")
     except ConfigDamagedError as exc:  # the UI resets it to its defaults: plan for those, and say so
         config, config_error = {}, exc.message
-    suffixes = FORGE_CHECKPOINT_SUFFIXES if flavor == "forge" else CHECKPOINT_SUFFIXES
+    suffixes = FORGE_CHECKPOINT_SUFFIXES if flavor in ("forge", "forge-neo") else CHECKPOINT_SUFFIXES
     name, file = find_checkpoint(root, config, user_args, suffixes)
-    family = key = variant = fmt = None
+    model: dict[str, Any] = {}
     if file is None:  # a FIFO, a file or a broken link where the checkpoint folder belongs: say which
         checkpoint_error = checkpoint_dir_problem(checkpoint_dirs(root, user_args))
-    if file is not None:
-        try:
-            info = checkpoint_info(file)
-            family, variant, fmt = info.family, info.variant, info.format
-        except WebuiError as exc:  # a damaged header: the family is unknown, --model answers it
-            family, checkpoint_error = "unknown", exc.message
-        try:
-            st = file.stat()
-            key = markers.checkpoint_key(file.name, st.st_size, st.st_mtime)
-        except OSError:
-            key = None
+    else:
+        model, checkpoint_error = read_model(file)
     bcu = config.get("batch_cond_uncond", True)
     disabled = config.get("disabled_extensions", [])
     return WebuiFacts(
         **common,
         checkpoint=name,
-        checkpoint_path=str(file) if file else None,
-        checkpoint_key=key,
-        model_family=family,
-        model_variant=variant,
-        model_format=fmt,
+        **model,
         batch_cond_uncond=bcu if isinstance(bcu, bool) else True,
         user_args=user_args,
         user_args_literal=literal,

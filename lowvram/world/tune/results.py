@@ -41,6 +41,8 @@ class TuneSettings:
     ready_timeout_s: float = 600.0  # A1111's first start installs and loads for minutes
     request_timeout_s: float = 600.0  # one txt2img; also capped by what is left of max_minutes
     stop_timeout_s: float = 10.0  # SIGTERM, then SIGKILL for the whole process group
+    max_candidates: int | None = None  # Forge: at most this many candidates (None: forge.MAX_CANDIDATES)
+    extra_args: tuple[str, ...] = ()  # ComfyUI: the user's own flags (after `--`), on every candidate's command line
 
     def check(self) -> None:
         if self.roads not in ("auto", "swap", "resident"):
@@ -76,12 +78,25 @@ class Probe:
     # Seconds per image, the whole job (--medvram's model moves included, which s/it leaves out):
     # the hook's wall_s of the measured jobs, else the API's wall time per request (batch 1).
     wall_s: float | None = None
+    # ComfyUI (road "comfyui"): the candidate's load mode (default | lowvram | normalvram) and its
+    # --reserve-vram in MiB (None: no flag, ComfyUI's own reserve).
+    load_mode: str = ""
+    reserve_vram_mb: int | None = None
+    # Forge (road "forge"): reserve_mb is forge_inference_memory; its Swap Method and Swap Location.
+    swap_method: str | None = None
+    swap_location: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"road": self.road, "reserve_mb": self.reserve_mb, "sit": self.sit, "ok": self.ok,
-                "reason": self.reason, "walls": [round(w, 4) for w in self.walls], "sit_source": self.sit_source,
-                "free_mb": self.free_mb, "overflow_mb": self.overflow_mb, "ooms": self.ooms,
-                "layout_error": self.layout_error or None, "device": self.device, "wall_s": self.wall_s}
+        out = {"road": self.road, "reserve_mb": self.reserve_mb, "sit": self.sit, "ok": self.ok,
+               "reason": self.reason, "walls": [round(w, 4) for w in self.walls], "sit_source": self.sit_source,
+               "free_mb": self.free_mb, "overflow_mb": self.overflow_mb, "ooms": self.ooms,
+               "layout_error": self.layout_error or None, "device": self.device, "wall_s": self.wall_s}
+        if self.load_mode:
+            out.update(load_mode=self.load_mode, reserve_vram_mb=self.reserve_vram_mb)
+        if self.swap_method:
+            out.update(forge_inference_memory=self.reserve_mb, forge_async_loading=self.swap_method,
+                       forge_pin_shared_memory=self.swap_location)
+        return out
 
     @property
     def speed(self) -> float | None:
@@ -118,7 +133,15 @@ class TuneResult:
 
     def to_dict(self) -> dict[str, Any]:
         def point(p: Probe | None) -> dict[str, Any] | None:
-            return None if p is None else {"road": p.road, "reserve_mb": p.reserve_mb, "sit": p.sit}
+            if p is None:
+                return None
+            out: dict[str, Any] = {"road": p.road, "reserve_mb": p.reserve_mb, "sit": p.sit}
+            if p.load_mode:
+                out.update(load_mode=p.load_mode, reserve_vram_mb=p.reserve_vram_mb, wall_s=p.wall_s)
+            if p.swap_method:
+                out.update(forge_inference_memory=p.reserve_mb, forge_async_loading=p.swap_method,
+                           forge_pin_shared_memory=p.swap_location, wall_s=p.wall_s)
+            return out
 
         return {
             "schema": 1,

@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lowvram.core.policy.forge_tuned import FORGE_SLIDER_UIS
 from lowvram.core.words import plural
 from lowvram.world import paths
 from lowvram.world.fsutil import FileLock
@@ -160,9 +161,15 @@ def run_tune(*, webui: Path | None, facts_file: Path | None, overrides: Override
         raise TuneError("no WebUI found to tune: tune starts a local A1111 and measures it",
                         "point at one with --webui PATH (or LOWVRAM_WEBUI), or install one with `lowvram setup`")
     flavor = detect_flavor(found)
-    if flavor != "a1111":
-        raise TuneError(f"tune drives A1111's API and the layout hook; {found} is {flavor}",
-                        "use `lowvram launch` there; the reserve search needs A1111")
+    if flavor not in (*FORGE_SLIDER_UIS, "a1111", "comfyui"):  # reForge (Forge 1) has no GPU Weights slider
+        raise TuneError(f"tune drives A1111's API and the layout hook, Forge's GPU Weights (Forge, Forge Neo) or "
+                        f"ComfyUI's; {found} is {flavor}" + (", which has no GPU Weights slider" * (flavor == "reforge")),
+                        "use `lowvram launch` there; the search needs A1111, Forge, Forge Neo or ComfyUI")
+    if settings.extra_args and flavor != "comfyui":
+        from lowvram.core.errors import UsageError
+
+        raise UsageError("flags after `--` are for ComfyUI's command line; A1111 reads yours from webui-user",
+                         "put them in webui-user's COMMANDLINE_ARGS, where tune reads them")
     ctx = make_plan(webui=found, facts_file=facts_file, overrides=overrides)
     refuse_untunable(ctx.plan, ctx.facts)
     target = Path(ctx.webui or found)
@@ -170,15 +177,18 @@ def run_tune(*, webui: Path | None, facts_file: Path | None, overrides: Override
     lock.acquire()
     try:
         with _sigterm_as_interrupt():
-            session = _Session(ctx=ctx, facts_file=facts_file, overrides=overrides, settings=settings, report=emit,
-                               lock=lock)
+            session: Any = (_comfy(ctx, settings, emit, lock) if ctx.plan.ui == "comfyui" else
+                            _forge(ctx, settings, emit, lock) if ctx.plan.ui in FORGE_SLIDER_UIS else
+                            _Session(ctx=ctx, facts_file=facts_file, overrides=overrides, settings=settings,
+                                     report=emit, lock=lock))
             try:
-                result = session.run()
+                result: TuneResult = session.run()
             except KeyboardInterrupt:
                 problems = _quietly(session.restore)
                 raise TuneInterruptedError(
                     f"interrupted: {plural(len(session.probes), 'probe')} kept as observations; the UI was stopped"
-                    + (f" and {RESTORED}" if not problems else f", but {'; '.join(problems)}"),
+                    + (f" and {getattr(session, 'restored', RESTORED)}" if not problems
+                       else f", but {'; '.join(problems)}"),
                     "run `lowvram tune` again to finish the search (`lowvram reserve` shows where it stands)",
                 ) from None
             except BaseException:
@@ -193,6 +203,24 @@ def run_tune(*, webui: Path | None, facts_file: Path | None, overrides: Override
             return result
     finally:
         lock.release()
+
+
+def _comfy(ctx: Any, settings: TuneSettings, report: Reporter, lock: FileLock) -> Any:
+    """ComfyUI's tune (world/tune/comfy.py): one ComfyUI start per --reserve-vram candidate."""
+    from lowvram.world.tune.comfy import comfy_session
+
+    facts = _local_facts(ctx.facts, Path(ctx.webui)) if ctx.from_facts_file else ctx.facts
+    return comfy_session(ctx=ctx, facts=facts, settings=settings, report=report, lock=lock,
+                         gpu=_gpu(facts, ctx.plan), size=_target_size(ctx.plan, settings))
+
+
+def _forge(ctx: Any, settings: TuneSettings, report: Reporter, lock: FileLock) -> Any:
+    """Forge's tune (world/tune/forge.py): GPU Weights, Swap Method and Swap Location through its options API."""
+    from lowvram.world.tune.forge import forge_tune
+
+    facts = _local_facts(ctx.facts, Path(ctx.webui)) if ctx.from_facts_file else ctx.facts
+    return forge_tune(ctx=ctx, facts=facts, settings=settings, report=report, lock=lock,
+                      gpu=_gpu(facts, ctx.plan), size=_target_size(ctx.plan, settings))
 
 
 def refuse_untunable(plan: Plan, facts: Facts) -> None:
