@@ -110,9 +110,9 @@ def apply_cmd(  # noqa: PLR0917 - one parameter per CLI option
         _print_changes(result.changes, tree)
     if not result.changes and plan.ui == "comfyui":
         # ComfyUI reads no webui-user file: say what apply did instead of an empty list.
-        print(render.wrap("  ComfyUI has no webui-user file, so nothing is written into the tree; "
-                          "`lowvram launch` puts the flags on main.py's command line: "
-                          + (" ".join(plan.args) or "(none)"), hang=2))
+        where = (f"`lowvram launch` puts the flags on main.py's command line: {' '.join(plan.args)}" if plan.args
+                 else "and this plan adds no flags to main.py's command line (`lowvram plan` says why)")
+        print(render.wrap(f"  ComfyUI has no webui-user file, so nothing is written into the tree; {where}", hang=2))
     if result.extensions:
         print("extensions:" if not dry_run else "extensions (what apply would do):")
         print(render_extensions(result.extensions, dry_run=dry_run))

@@ -15,6 +15,16 @@ ROADS = ("swap", "resident")
 
 
 @dataclass(frozen=True)
+class ModelFile:
+    """A model file's header as `--model FILE` read it (core/model_files.py): name, family, variant, format."""
+
+    name: str
+    family: str
+    variant: str | None = None
+    format: str | None = None
+
+
+@dataclass(frozen=True)
 class Overrides:
     """What the command line (or remembered state) asked for; None = not asked."""
 
@@ -27,6 +37,9 @@ class Overrides:
     sysmem_fallback: str | None = None  # auto | on | off
     no_hook: bool = False
     extra_args: tuple[str, ...] = ()
+    # --model FILE where no WebUI was found (with one, the file becomes its checkpoint in the facts):
+    # the file's header, for the steps that read the model file (policy/family.py `planned_model`).
+    model_file: ModelFile | None = None
 
     @property
     def explicit_profile(self) -> bool:

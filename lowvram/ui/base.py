@@ -222,6 +222,7 @@ class UiSettings:
     device_index: int | None = None  # the UI's device flag; None = leave it out
     headroom_mb: int | None = None  # what other programs hold (ComfyUI --reserve-vram)
     family: str | None = None
+    fast_fp8: bool = False  # fp8 matmul on fp8 weights (Forge Neo --fast-fp8; policy/dit.py decide_fast_fp8)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ cli_args, so the offload levels are `--lowvram`/`--novram`/`--cpu` (one exclusiv
 rest by itself, starts through webui.sh with A1111's TORCH_COMMAND, and `--gpu-device-id` sets
 CUDA_VISIBLE_DEVICES. `--xformers`, `--sage` and `--flash` only install packages: Neo uses the first of
 SageAttention, FlashAttention, xformers, PyTorch that imports (README "Attention Functions"). `--fast-fp8`
-(torch._scaled_mm) needs native fp8 matmul, compute capability 8.9 or newer (reference/vram_data.md).
+(torch._scaled_mm) needs native fp8 matmul, compute capability 8.9 or newer (reference/vram_data.md): with it
+Neo runs the Linear layers of an fp8_e4m3fn model as fp8 matmuls (backend/operations.py: ForgeOperationsFP8
+where the storage dtype is float8_e4m3fn, args.fast_fp8 and supports_fp8_compute()), and ignores it elsewhere.
 Its first start installs torch 2.11.0+cu130 (README; modules/launch_utils.py TORCH_COMMAND), which has no
 kernels below sm_75 (core/torch_builds.py).
 """
@@ -64,6 +66,8 @@ class ForgeNeo(Forge):
             notes.append("Forge Neo keeps GTX 16xx out of fp16 by itself: no flag")
         if settings.vae_precision == "full" and settings.unet_precision != "full":
             args.append("--fp32-vae")
+        if settings.fast_fp8:
+            args.append("--fast-fp8")  # decided only for an fp8_e4m3fn file on sm 8.9+ (policy/dit.py)
         if settings.device_index is not None:
             args += ["--gpu-device-id", str(settings.device_index)]
         return Rendered(tuple(args), tuple(notes))

@@ -12,7 +12,7 @@ from lowvram.core import policy
 from lowvram.core.errors import UsageError
 from lowvram.core.facts import Facts, GpuFacts, WebuiFacts
 from lowvram.core.observations import Observation, OtherTreeRuns
-from lowvram.core.plan import ExtensionSpec, Overrides, Plan
+from lowvram.core.plan import ExtensionSpec, ModelFile, Overrides, Plan
 from lowvram.core.profiles import ResolvedProfile, Selection
 from lowvram.world import paths, state
 from lowvram.world.profile_files import load_all_checked, load_profile, select_profile
@@ -66,11 +66,13 @@ _MODEL_HINT = ("give a family ({families}), or a .safetensors or .gguf file: a p
 @dataclass(frozen=True)
 class ModelArg:
     """`--model` resolved: the family name the policy takes, the WebUI's facts with the file as its
-    checkpoint (as if the UI had it selected), and for a file the plan's family choice and its reason."""
+    checkpoint (as if the UI had it selected), and for a file the plan's family choice and its reason, and
+    where no WebUI was found the file's header (`Overrides.model_file`: its format and variant still count)."""
 
     family: str | None
     webui: WebuiFacts | None
     choice: policy.FamilyChoice | None = None
+    file: ModelFile | None = None
 
 
 def _model_dirs(webui: WebuiFacts | None) -> list[Path]:
@@ -146,7 +148,8 @@ def resolve_model_arg(model: str | None, webui: WebuiFacts | None) -> ModelArg:
                         checkpoint_key=markers.checkpoint_key(path.name, st.st_size, st.st_mtime),
                         model_family=info.family, model_variant=info.variant, model_format=info.format,
                         checkpoint_error=None)
-    return ModelArg(info.family, webui, choice)
+        return ModelArg(info.family, webui, choice)
+    return ModelArg(info.family, None, choice, ModelFile(path.name, info.family, info.variant, info.format))
 
 
 def _gather(webui: Path | None, facts_file: Path | None) -> Facts:
@@ -203,7 +206,7 @@ def make_plan(*, webui: Path | None, facts_file: Path | None, overrides: Overrid
     check_ui_matches(overrides.ui, facts.webui, located[1] if located else None)
     model_arg = resolve_model_arg(overrides.model, facts.webui)
     facts = facts.with_webui(model_arg.webui)
-    overrides = replace(overrides, model=model_arg.family)
+    overrides = replace(overrides, model=model_arg.family, model_file=model_arg.file)
 
     if os.environ.get("LOWVRAM_HOOK", "").strip().lower() == "off" and not overrides.no_hook:
         overrides = replace(overrides, no_hook=True)  # docs/architecture.md#the-policy: --no-hook or LOWVRAM_HOOK=off

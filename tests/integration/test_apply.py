@@ -291,9 +291,13 @@ def test_apply_on_comfyui_says_what_it_did_instead_of_an_empty_list(cli: Any, tm
         plan = json.loads(cli("plan", "--json", "--webui", str(comfy), "--facts", str(facts), "--model", "sdxl").out)
         lines = result.out.strip().splitlines()
         assert len(lines) >= 2, result.out
-        assert ("ComfyUI has no webui-user file, so nothing is written into the tree; `lowvram launch` puts the "
-                f"flags on main.py's command line: {' '.join(plan['args'])}") in result.out
+        said = " ".join(result.out.split())
+        assert "ComfyUI has no webui-user file, so nothing is written into the tree;" in said
+        if plan["args"]:
+            assert f"`lowvram launch` puts the flags on main.py's command line: {' '.join(plan['args'])}" in said
+        else:  # on this Pascal card ComfyUI needs none (its VAE is fp32 there by itself; no reserve without evidence)
+            assert "this plan adds no flags to main.py's command line" in said
     assert "nothing to write" in cli("apply", "--webui", str(comfy), "--facts", str(facts), "--model", "sdxl").out
     data = json.loads(cli("apply", "--json", "--webui", str(comfy), "--facts", str(facts), "--model", "sdxl").out)
-    assert data["changes"] == [] and data["plan"]["args"]  # JSON: unchanged
+    assert data["changes"] == [] and data["plan"]["ui"] == "comfyui"  # JSON: unchanged
     assert tree_snapshot(comfy) == before

@@ -114,6 +114,9 @@ def test_tune_sweeps_reserve_vram_and_the_next_plan_uses_the_fastest(tmp_path: P
     i = plan["args"].index("--reserve-vram")
     assert plan["args"][i + 1] == "1.2"
     assert _decision(plan, "reserve_vram")["source"] == "tuning"
+    # One load mode measured (the model far from the card's size): the mode was not tuned, the plan's stays.
+    offload = _decision(plan, "offload")
+    assert offload["source"] != "tuning" and not {"--lowvram", "--normalvram"} & set(plan["args"]), offload
 
 
 def test_tune_on_comfyui_says_what_it_measured(tmp_path: Path) -> None:

@@ -32,7 +32,8 @@ CASES = [
     ("rtx2060-6gb", "sd15", "6gb-sd15", {XF}, set(), set()),
     ("rtx2060-6gb", "sdxl", "6gb-sdxl", {"--medvram-sdxl", XF}, set(), set()),
     ("gtx1070-8gb", "sd15", "pascal-sd15", {XF}, {XF}, set()),
-    ("gtx1070-8gb", "sdxl", "gtx1070-sdxl", {"--medvram-sdxl", XF, "--no-half-vae"}, {XF}, {"--fp32-vae"}),
+    # ComfyUI runs the VAE in fp32 by itself below sm 8.0 (model_management.vae_dtype): no --fp32-vae
+    ("gtx1070-8gb", "sdxl", "gtx1070-sdxl", {"--medvram-sdxl", XF, "--no-half-vae"}, {XF}, set()),
     ("rtx4060-8gb-win", "sd15", "8gb-sd15", {XF}, set(), set()),
     ("rtx4060-8gb-win", "sdxl", "8gb-sdxl", {"--medvram-sdxl", XF}, set(), set()),
     ("rtx3060-12gb", "sd15", "12gb-sd15", {XF}, set(), set()),

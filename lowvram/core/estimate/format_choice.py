@@ -139,7 +139,7 @@ def resident_capacity(ui: str, usable_mb: float, work_mb: float) -> float:
 
 def format_row(req: est.EstimateRequest, fmt: str, speed: CardSpeed, *, usable_mb: int | None, margin: float,
                calibration: est.Calibrated | None = None, ram_mb: int | None = None,
-               pinned: bool = False) -> FormatRow:
+               pinned: bool = False, fast_fp8: bool = False) -> FormatRow:
     """One format: peak whole, fit, what streams, and the step time (relative_sit is set by compare_formats).
     The margin (the estimator's own error) is on the working memory: the weights' bytes are exact. A model that
     does not fit whole runs while its working memory and one block fit; what the UI cannot keep streams."""
@@ -166,17 +166,19 @@ def format_row(req: est.EstimateRequest, fmt: str, speed: CardSpeed, *, usable_m
     if over and ram_mb and in_ram > ram_mb * RAM_SHARE:
         why_not = why_not or (f"the {in_ram / 1024:.1f} GiB it streams and the text encoders need more RAM than the "
                               f"{ram_mb / 1024:.0f} GiB here can spare: Windows/Linux would swap")
-    step = step_seconds(req, fmt, speed, over * est.MIB, pinned=pinned)
+    step = step_seconds(req, fmt, speed, over * est.MIB, pinned=pinned, fast_fp8=fast_fp8)
     return FormatRow(fmt, weights, e.peak_mb, fits, over, None, step, why_not)
 
 
 def step_seconds(req: est.EstimateRequest, fmt: str, speed: CardSpeed, streamed_bytes: float, *,
-                 pinned: bool = False) -> float:
+                 pinned: bool = False, fast_fp8: bool = False) -> float:
     """One sampling step: compute × (1 + the format's dequant share) + the bytes streamed from RAM ÷ the link
     (PAGEABLE_RATIO of it unless the RAM is pinned). The UIs upcast fp8 even where the card has fp8 math
-    (ComfyUI --fast, Forge Neo --fast-fp8 opt in); a card without bf16 math casts bf16 weights per layer."""
+    (ComfyUI --fast, Forge Neo --fast-fp8 opt in); a card without bf16 math casts bf16 weights per layer.
+    fast_fp8: the UI multiplies the fp8 weights as they are (Forge Neo's --fast-fp8 on sm 8.9+: torch._scaled_mm),
+    so there is no per-layer cast; the matmul is still counted at the 16-bit rate (no published fp8 timing)."""
     compute = dit.flops_per_step(req.family, req.width, req.height, req.batch) / (speed.tflops * 1e12)
-    share = FORMATS[fmt].dequant
+    share = 0.0 if fast_fp8 and FORMATS[fmt].kind == "fp8" else FORMATS[fmt].dequant
     if fmt == "bf16" and speed.cc is not None and speed.cc < (8, 0):
         share += BF16_CAST_SHARE
     link = speed.h2d_gbps * (1.0 if pinned else PAGEABLE_RATIO)

@@ -10,15 +10,19 @@ evidence: the fastest one `lowvram tune` measured (source `tuning`), or what oth
 kept free after a run of this model ran out of memory (source `observations`).
 
 `tuned_runs` and `best_tuned` are also what tune itself names its winner with (world/tune/comfy.py),
-so tune's verdict and the next plan agree.
+so tune's verdict and the next plan agree. Where that tune measured more than one load mode (the model
+near the card's size), the plan runs the winner's mode too (`tuned_load_mode`): the offload step
+(policy/offload.py) takes the rung it names (--lowvram is ComfyUI's lowvram rung; no flag and
+--normalvram are its "none"), and `load_mode_flags` adds --normalvram, which no rung renders.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from lowvram.core.observations import Observation
-from lowvram.core.policy.builder import Builder, GpuStep, Inputs
+from lowvram.core.policy.builder import Builder, GpuStep, Inputs, Target, UiStep
 
 TOLERANCE = 0.03  # probes within 3 % of the fastest are as fast: no flag, else the larger reserve, wins
 LOAD_MODES = ("default", "lowvram", "normalvram")
@@ -69,6 +73,43 @@ def best_tuned(runs: Sequence[Observation]) -> Observation | None:
     close = [o for o in ok if (_speed(o) or 0.0) <= fastest * (1 + TOLERANCE)]
     return min(close, key=lambda o: (o.reserve_vram_mb is not None, o.load_mode != "default",
                                      -(o.reserve_vram_mb or 0), _speed(o) or 0.0))
+
+
+@dataclass(frozen=True)
+class TunedMode:
+    """The load mode the latest tune measured fastest, where it measured more than one."""
+
+    mode: str  # default | lowvram | normalvram
+    rung: str  # the offload rung that spells it: lowvram, else none
+    reason: str
+
+
+def tuned_load_mode(inp: Inputs, u: UiStep, g: GpuStep, target: Target) -> TunedMode | None:
+    """The fastest load mode of the latest ComfyUI tune of this model and driver at the plan's target
+    (best_tuned, the rule its reserve comes from), where that tune measured more than one mode; else None
+    (the mode was not tuned)."""
+    if u.key != "comfyui" or g.gpu is None or g.cpu_mode or g.foreign:
+        return None
+    checkpoint = inp.facts.webui.checkpoint_key if inp.facts.webui else None
+    runs = tuned_runs(inp.observations, checkpoint=checkpoint, driver=g.gpu.driver, size=(target.width, target.height))
+    modes = sorted({o.load_mode or "default" for o in runs})
+    best = best_tuned(runs) if len(modes) > 1 else None
+    if best is None or best.load_mode is None:
+        return None
+    at = f"{best.width}×{best.height}" if best.size else "the tuned size"
+    speed = f"{best.wall_s:.2f} s/image" if best.wall_s is not None else f"{best.sit or 0.0:.3f} s/it"
+    tried = ", ".join("no load-mode flag" if m == "default" else f"--{m}" for m in modes)
+    mode = "no load-mode flag" if best.load_mode == "default" else f"--{best.load_mode}"
+    why = (f"`lowvram tune` measured {mode} fastest at {at} ({speed}; it tried {tried}, the model being near "
+           "this card's size)")
+    if best.load_mode == "normalvram":
+        why += ": --normalvram keeps ComfyUI from switching to lowvram by itself on this card"
+    return TunedMode(best.load_mode, "lowvram" if best.load_mode == "lowvram" else "none", why)
+
+
+def load_mode_flags(tuned: TunedMode | None, rung: str) -> list[str]:
+    """--normalvram where the tuned mode is it and the plan runs the rung it belongs to (no rung renders it)."""
+    return ["--normalvram"] if tuned is not None and tuned.mode == "normalvram" and rung == tuned.rung else []
 
 
 def _oom(obs: Observation) -> bool:

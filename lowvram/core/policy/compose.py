@@ -14,7 +14,14 @@ from lowvram.core.observations import Observation, OtherTreeRuns
 from lowvram.core.plan import EstimateSummary, ExtensionSpec, HookPlan, Overrides, Plan, ReservePlan, TcmallocPlan
 from lowvram.core.policy.attention import decide_attention
 from lowvram.core.policy.builder import Builder, GpuStep, Inputs, Merge, Target, UiStep
-from lowvram.core.policy.dit import decide_comfy_reserve, decide_forge_memory, decide_model_format, decide_streaming
+from lowvram.core.policy.comfy_reserve import load_mode_flags, tuned_load_mode
+from lowvram.core.policy.dit import (
+    decide_comfy_reserve,
+    decide_fast_fp8,
+    decide_forge_memory,
+    decide_model_format,
+    decide_streaming,
+)
 from lowvram.core.policy.environment import decide_allocator, decide_env, decide_tcmalloc, decide_torch_install
 from lowvram.core.policy.estimate import Fits, decide_estimate
 from lowvram.core.policy.evidence import decide_evidence
@@ -23,7 +30,7 @@ from lowvram.core.policy.family import FamilyChoice, decide_family, decide_profi
 from lowvram.core.policy.flags import checked_against, decide_flags, decide_ui, merge_user_flags
 from lowvram.core.policy.hardware import decide_device_flag, decide_gpu, decide_headroom, decide_sysmem_fallback
 from lowvram.core.policy.offload import decide_offload, map_to_ui_rung, recent_runs, run_setup
-from lowvram.core.policy.precision import decide_precision, ui_vae_precision
+from lowvram.core.policy.precision import decide_precision
 from lowvram.core.policy.reserve import decide_hook, decide_reserve
 from lowvram.core.policy.road import decide_road, record_offload_and_road
 from lowvram.core.policy.road_history import road_history
@@ -55,15 +62,15 @@ def plan(
     g = decide_gpu(b, inp, u, fam)
     fallback = decide_sysmem_fallback(b, inp)
     attention = decide_attention(b, inp, u, g)
-    unet_prec, vae_prec = decide_precision(b, inp, g, ui_key=u.key, family=fam)
+    unet_prec, vae_prec, ui_vae = decide_precision(b, inp, g, ui_key=u.key, family=fam)  # ui_vae: as the flags spell it
     target = decide_target(inp, fam)
-    rungs = u.ui.rungs(fam, u.version)
+    rungs, tuned = u.ui.rungs(fam, u.version), tuned_load_mode(inp, u, g, target)  # tuned: ComfyUI's load mode
     checkpoint = facts.webui.checkpoint_key if facts.webui else None
     fits = decide_evidence(b, other_runs, g, Fits(fam, g, target, unet=unet_prec, vae=vae_prec, attention=attention,
                            ui_key=u.key, weight_format=decide_model_format(b, inp, u, g, fam)))  # + other UIs' runs
-    setup = run_setup(u, fam, rungs, attention=attention, unet=unet_prec, vae=vae_prec)
+    setup = run_setup(u, fam, rungs, attention=attention, unet=unet_prec, vae=ui_vae)
     rung, rung_src, rung_why = decide_offload(b, inp, g, rungs=rungs, fits=fits, spill_possible=fallback == "on",
-                                              recent=recent_runs(observations, checkpoint), setup=setup,
+                                              recent=recent_runs(observations, checkpoint), setup=setup, tuned=tuned,
                                               history=road_history(observations, checkpoint,
                                                                    g.gpu.driver if g.gpu else None))
     rung, rung_why = map_to_ui_rung(rung, rung_why, u, g, rungs)
@@ -77,9 +84,9 @@ def plan(
     device_index = decide_device_flag(b, u, g)
     plan_args = decide_flags(b, inp, u, UiSettings(
         offload="none" if g.foreign else offload, attention=attention,
-        unet_precision="half" if g.foreign else unet_prec, vae_precision=ui_vae_precision(u.key, g, vae_prec),
+        unet_precision="half" if g.foreign else unet_prec, vae_precision=ui_vae,
         device_index=device_index, headroom_mb=decide_comfy_reserve(b, inp, u, g, fam=fam, checkpoint=checkpoint),
-        family=fam))
+        family=fam, fast_fp8=decide_fast_fp8(b, u, g, fits.weight_format))) + load_mode_flags(tuned, offload)
     m = merge_user_flags(b, inp, u, plan_args, device_index=device_index, offload=offload, attention=attention)
     exts = decide_extensions(b, inp, u, g, registry)
     estimate = decide_estimate(b, fam, u, g, t=target, fits=fits, offload=m.offload, road=road.road, rungs=rungs,

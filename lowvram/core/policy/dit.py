@@ -15,11 +15,11 @@ from dataclasses import replace
 from lowvram.core.estimate import dit as arch
 from lowvram.core.estimate import memory as est
 from lowvram.core.estimate.format_choice import CardSpeed, FormatRow, card_speed, compare_formats, format_row, recommend
-from lowvram.core.estimate.formats import COMPARED, FORMATS, ui_loads
+from lowvram.core.estimate.formats import COMPARED, FORMATS, native_fp8, ui_loads
 from lowvram.core.facts import GpuFacts, WebuiFacts
 from lowvram.core.policy.builder import Builder, GpuStep, Inputs, UiStep
 from lowvram.core.policy.estimate import Fits
-from lowvram.core.policy.family import decide_ui_runs
+from lowvram.core.policy.family import decide_ui_runs, planned_model
 from lowvram.core.policy.forge_tuned import FORGE_SLIDER_UIS, record_tuned, tuned_forge
 
 MUCH_FASTER = 1.3  # another format of the same model this much faster is worth a warning
@@ -46,7 +46,7 @@ def decide_model_format(b: Builder, inp: Inputs, u: UiStep, g: GpuStep, fam: str
     decide_ui_runs(b, inp, u, fam)
     if fam not in arch.DIT_FAMILIES:
         return ""
-    fmt, why = file_format(fam, inp.facts.webui)
+    fmt, why = file_format(fam, planned_model(inp.facts, inp.overrides))
     shown = FORMATS[fmt or "bf16"]
     cannot = ui_loads(u.key, shown, fam)
     if cannot:
@@ -69,6 +69,41 @@ def decide_model_format(b: Builder, inp: Inputs, u: UiStep, g: GpuStep, fam: str
     return fmt
 
 
+NEO_FAST_FP8_FORMAT = "fp8_e4m3fn"  # Neo's ForgeOperationsFP8 takes only a float8_e4m3fn storage dtype
+
+
+def fast_fp8_applies(ui_key: str, cc: tuple[int, int] | None, fmt: str) -> bool:
+    """Forge Neo's --fast-fp8 changes something: an fp8_e4m3fn model on a card with fp8 matrix math (sm 8.9+)."""
+    return ui_key == "forge-neo" and fmt == NEO_FAST_FP8_FORMAT and native_fp8(cc)
+
+
+def decide_fast_fp8(b: Builder, u: UiStep, g: GpuStep, fmt: str) -> bool:
+    """Forge Neo's --fast-fp8 for an fp8 model file (backend/operations.py: ForgeOperationsFP8 where the storage
+    dtype is float8_e4m3fn, args.fast_fp8 and memory_management.supports_fp8_compute(), i.e. sm 8.9+); a decision
+    only where the file is fp8 on Neo, saying why the flag is left out where a user might expect it."""
+    shown = FORMATS.get(fmt)
+    if u.key != "forge-neo" or shown is None or shown.kind != "fp8" or g.no_nvidia:
+        return False
+    cc = g.gpu.cc_tuple if g.gpu is not None else None
+    if cc is not None and fast_fp8_applies(u.key, cc, fmt):
+        b.add("fast_fp8", True, "auto",
+              f"--fast-fp8: the file is {fmt} and this card has fp8 matrix math (sm {cc[0]}.{cc[1]} ≥ 8.9), so Forge Neo multiplies the fp8 weights as they are "
+              "(torch._scaled_mm, its ForgeOperationsFP8) instead of casting them to 16 bit layer by layer every "
+              "step: the step-time estimate counts no fp8 cast; the activations are rounded to fp8 on the way in "
+              "(clamped to ±448), which can change the image a little, not the memory")
+        return True
+    if fmt != NEO_FAST_FP8_FORMAT:
+        why = (f"no --fast-fp8: Forge Neo's fp8 matmul takes fp8_e4m3fn weights only (backend/operations.py), this "
+               f"file is {fmt}: Neo casts it to 16 bit layer by layer whatever the flag")
+    elif cc is None:
+        why = "no --fast-fp8: this card's compute capability is unknown, and Neo's fp8 matmul needs sm 8.9 (Ada) or newer"
+    else:
+        why = (f"no --fast-fp8: this card is sm {cc[0]}.{cc[1]} and fp8 matrix math (torch._scaled_mm) needs sm 8.9 "
+               "(Ada) or newer; Neo ignores the flag below it and casts the fp8 weights to 16 bit layer by layer")
+    b.add("fast_fp8", False, "auto", why)
+    return False
+
+
 def gpu_speed(gpu: GpuFacts) -> CardSpeed:
     """The card's compute and PCIe rates (the link's maximum: an idle card drops to Gen 1)."""
     return card_speed(cc=gpu.cc_tuple, name=gpu.name, cores=gpu.cuda_cores, clock_mhz=gpu.sm_clock_max_mhz,
@@ -83,7 +118,8 @@ def decide_streaming(b: Builder, inp: Inputs, u: UiStep, g: GpuStep, *, fam: str
         return None
     fmt = fits.weight_format or "bf16"
     req, speed, usable = fits.request("none"), gpu_speed(gpu), vram - g.room
-    row = format_row(req, fmt, speed, usable_mb=usable, margin=est.DEFAULT_MARGIN)
+    fast = fast_fp8_applies(u.key, gpu.cc_tuple, fmt)
+    row = format_row(req, fmt, speed, usable_mb=usable, margin=est.DEFAULT_MARGIN, fast_fp8=fast)
     assumed = f" (assumed: {'; '.join(speed.assumed)})" if speed.assumed else ""
     if row.step_s is None:
         b.add("streaming", None, "auto", f"{fam} {fmt} does not run on this card even with every weight in RAM")
@@ -94,7 +130,7 @@ def decide_streaming(b: Builder, inp: Inputs, u: UiStep, g: GpuStep, *, fam: str
         b.add("streaming", 0, "auto", f"{fam} {fmt} fits whole on this card ({row.peak_mb} MiB peak of {usable} MiB "
               "usable, with the 10 % margin): nothing streams")
     else:
-        whole = format_row(req, fmt, speed, usable_mb=1 << 30, margin=est.DEFAULT_MARGIN)
+        whole = format_row(req, fmt, speed, usable_mb=1 << 30, margin=est.DEFAULT_MARGIN, fast_fp8=fast)
         ratio = (row.step_s / whole.step_s) if whole.step_s else 1.0
         b.add("streaming", row.offloaded_mb, "auto",
               f"{fam} {fmt} on {vram / 1024:.0f} GB: {_gb(row.weights_mb)} of weights, {_gb(row.offloaded_mb)} "

@@ -66,6 +66,32 @@ def _checkpoint_choice(webui: WebuiFacts | None, model: str | None, *, note_igno
     return FamilyChoice(family, "auto", reason)
 
 
+def ignored_model_warning(webui: WebuiFacts | None, model: str | None) -> str | None:
+    """One warning where --model FAMILY names another family than the checkpoint the UI loads at start-up.
+
+    The checkpoint wins (`choose_family`): the UI loads it whatever --model says, so flags and a reserve
+    planned for another family would not fit what runs, and the runs observed on this tree (keyed by the
+    checkpoint) are that checkpoint's. The user is told, with the two ways to plan for the other model."""
+    choice = _checkpoint_choice(webui, model, note_ignored=False)
+    if webui is None or choice is None or not model or model == _base_family(choice.family):
+        return None
+    return (f"--model {model} ignored: {_title(webui.flavor)} loads its checkpoint {webui.checkpoint!r} "
+            f"({choice.family}) at start-up, so this plan is for {choice.family}; to plan for {model}, select a "
+            f"checkpoint of {model} in the UI (its checkpoint list, saved in config.json) and plan again, "
+            "or give that file: --model FILE")
+
+
+def planned_model(facts: Facts, overrides: Overrides) -> WebuiFacts | None:
+    """The model file the plan is for, as checkpoint facts (model_family, model_variant, model_format): the
+    WebUI's checkpoint (--model FILE takes its place there, world/plan_inputs.py), else where no WebUI was
+    found the file --model FILE read (`Overrides.model_file`; path and flavor empty: there is no tree)."""
+    f = overrides.model_file
+    if facts.webui is not None or f is None:
+        return facts.webui
+    return WebuiFacts(path="", flavor="", checkpoint=f.name, model_family=f.family, model_variant=f.variant,
+                      model_format=f.format)
+
+
 def _profile_choice(name: str | None, models: Sequence[str], webui: WebuiFacts | None) -> FamilyChoice | None:
     """A profile made for a family implies it: the checkpoint's where the profile lists it, else its first."""
     if name is None or not models:
@@ -227,6 +253,9 @@ def decide_family(b: Builder, inp: Inputs, family: FamilyChoice | None) -> str:
     fam_choice = family or resolve_family(inp.facts, inp.overrides, inp.resolved)
     fam = require_family(fam_choice, inp.facts, inp.overrides.ui)
     b.add("model", fam, fam_choice.source, fam_choice.reason)
+    ignored = ignored_model_warning(inp.facts.webui, inp.overrides.model) if fam_choice.source == "auto" else None
+    if ignored:
+        b.warn(ignored)
     _warn_damaged_inputs(b, inp.facts, fam, fam_choice)
     return fam
 

@@ -10,6 +10,7 @@ from typing import Any
 from lowvram.core.estimate import memory as est
 from lowvram.core.observations import Observation, forge_knobs
 from lowvram.core.policy.builder import Builder, GpuStep, Inputs, UiStep
+from lowvram.core.policy.comfy_reserve import TunedMode
 from lowvram.core.policy.estimate import SPILL_TOLERANCE_MB, Fits, medvram_above_lowvram, tight_fit
 from lowvram.core.policy.road_history import UNTIL_CHANGED, RunSetup, failure_text, rung_failures
 from lowvram.core.words import plural
@@ -58,9 +59,10 @@ def _spill_allowances(rungs: Sequence[str], fits: Fits) -> dict[str, int]:
 
 def decide_offload(b: Builder, inp: Inputs, g: GpuStep, *, rungs: Sequence[str], fits: Fits,
                    recent: Sequence[Observation], spill_possible: bool, history: Sequence[Observation] = (),
-                   setup: RunSetup | None = None) -> tuple[str, str, str]:
+                   setup: RunSetup | None = None, tuned: TunedMode | None = None) -> tuple[str, str, str]:
     """The offload rung before the road: (rung, source, reason). `history`: every run of this
-    checkpoint on this driver (road_history), where a rung's failures are remembered until `setup` changes."""
+    checkpoint on this driver (road_history), where a rung's failures are remembered until `setup` changes;
+    `tuned`: ComfyUI's load mode as `lowvram tune` measured it (policy/comfy_reserve.py): only the CLI overrides it."""
     prof, overrides = inp.prof, inp.overrides
     offload_src = "auto"
     fits.spill_possible = spill_possible
@@ -81,6 +83,8 @@ def decide_offload(b: Builder, inp: Inputs, g: GpuStep, *, rungs: Sequence[str],
         offload, offload_why = "none", "no NVIDIA GPU: no offload flags"
     elif overrides.offload and overrides.offload != "auto":
         offload, offload_src, offload_why = overrides.offload, "cli", f"--offload {overrides.offload}"
+    elif tuned is not None:  # measured: above a profile's pin, which guards an estimate's thin margin
+        offload, offload_src, offload_why = tuned.rung, "tuning", tuned.reason
     elif prof.offload != "auto" and overrides.offload != "auto":
         offload, offload_src = prof.offload, "profile"
         offload_why = f"pinned by profile {prof.name}: the margin is too thin to trust an estimate"

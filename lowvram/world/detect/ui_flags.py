@@ -3,7 +3,9 @@
 ComfyUI's flag set changes between releases (v0.3.64 has `--default-device` and lacks
 `--cache-ram`), so one shipped list (`lowvram/ui/flags/comfyui.txt`) passes flags through that the
 installed version exits 2 on, and refuses flags it has. The tree's own `comfy/cli_args.py` (Forge:
-`backend/args.py`, `modules/cmd_args.py` and the extensions' `preload.py`) is parsed with `ast` and
+`backend/args.py`, `modules/cmd_args.py` and the extensions' `preload.py`; Forge Neo: the same and its
+`modules/paths_internal.py`; reForge: `ldm_patched/modules/args_parser.py`, `modules/cmd_args.py` and the
+preloads) is parsed with `ast` and
 never imported or run: every `add_argument` option string, whether it takes a value, its literal
 choices, and the mutually exclusive groups. A source that is too big, not a regular file, or not
 Python lowvram can parse leaves the shipped list in charge, with a note (`UiFlagsFacts.error`).
@@ -25,7 +27,18 @@ MAX_FLAGS = 2000
 
 COMFY_SOURCES = ("comfy/cli_args.py",)
 FORGE_SOURCES = ("backend/args.py", "modules/cmd_args.py")
+# reForge keeps Forge 1's parser: ldm_patched/modules/args_parser.py, which its modules/cmd_args.py extends.
+REFORGE_SOURCES = ("ldm_patched/modules/args_parser.py", "modules/cmd_args.py")
+# Forge Neo's modules/cmd_args.py takes its parser from modules/paths_internal.py, which adds --data-dir and
+# --model-ref to backend/args.py's (Forge's own cmd_args defines those itself): read where the tree has it.
+NEO_OPTIONAL = ("modules/paths_internal.py",)
 FORGE_PRELOADS = ("extensions-builtin", "extensions")
+# flavor -> (the parser files the tree must have, the files read where present); extensions' preload.py besides.
+SOURCES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "forge": (FORGE_SOURCES, ()),
+    "forge-neo": (FORGE_SOURCES, NEO_OPTIONAL),
+    "reforge": (REFORGE_SOURCES, ()),
+}
 
 _FLAG_ACTIONS = {"store_true", "store_false", "store_const", "append_const", "count", "help", "version",
                  "BooleanOptionalAction"}
@@ -40,8 +53,9 @@ def read_ui_flags(root: Path, flavor: str) -> UiFlagsFacts | None:
     main: tuple[str, ...]
     if flavor == "comfyui":
         main, extra = COMFY_SOURCES, []
-    elif flavor == "forge":
-        main, extra = FORGE_SOURCES, _forge_preloads(root)
+    elif flavor in SOURCES:
+        required, optional = SOURCES[flavor]
+        main, extra = (*required, *(rel for rel in optional if (root / rel).is_file())), _forge_preloads(root)
     else:
         return None
     if not all((root / rel).exists() or (root / rel).is_symlink() for rel in main):
@@ -64,7 +78,7 @@ def read_ui_flags(root: Path, flavor: str) -> UiFlagsFacts | None:
 
 
 def _forge_preloads(root: Path) -> list[str]:
-    """Forge's extensions add flags in their preload.py (`def preload(parser)`)."""
+    """The Forge lineage's extensions add flags in their preload.py (`def preload(parser)`)."""
     out: list[str] = []
     for folder in FORGE_PRELOADS:
         try:

@@ -1,6 +1,9 @@
 """`lowvram tune` on ComfyUI: --reserve-vram (and the load mode where the model is near the card's size)
 measured by starting ComfyUI once per candidate (it reads both at start) and timing a small workflow
-through its own API (docs/architecture.md#tune).
+through its own API (docs/architecture.md#tune). The workflow loads the plan's model as
+world/tune/comfy_workflow.py builds it: a single-file checkpoint, or a diffusion-model-only file (FLUX.1,
+SD3, a GGUF) with its text encoders and VAE; --normalvram is measured too where this ComfyUI would turn
+lowvram on by itself (`switches_to_lowvram`).
 
 Each candidate: ComfyUI started as `launch` starts it (its venv's python, main.py, the plan's flags
 less the ones the candidate sets) plus `--listen 127.0.0.1` on a free port, its output, temp and
@@ -31,12 +34,10 @@ from lowvram.core.policy.comfy_reserve import best_tuned, reserve_words
 from lowvram.core.words import plural
 from lowvram.world import paths
 from lowvram.world.observation_log import append_observation
+from lowvram.world.tune.comfy_workflow import ModelSource, model_source, workflow
 from lowvram.world.tune.loopback import check_listening, free_port
 from lowvram.world.tune.results import (
     LOOPBACK,
-    NEGATIVE,
-    PROMPT,
-    SEED,
     Probe,
     Reporter,
     TuneError,
@@ -107,27 +108,29 @@ def near_card(plan: Plan, vram_total_mb: int | None) -> bool:
     return NEAR[0] <= share <= NEAR[1]
 
 
-def other_modes(plan: Plan, user_args: tuple[str, ...]) -> list[str]:
-    """The load modes worth one probe besides the plan's: none where the user's own flag picks one."""
+def other_modes(plan: Plan, user_args: tuple[str, ...], *, auto_lowvram: bool = False) -> list[str]:
+    """The load modes worth one probe besides the plan's: none where the user's own flag picks one; no flag
+    and --lowvram, and --normalvram where this ComfyUI would switch to lowvram by itself (`auto_lowvram`:
+    elsewhere --normalvram is what it does anyway)."""
     if any(flag in user_args for flag in VRAM_GROUP):
         return []
     mine = plan_mode(plan.args)
-    return [m for m in ("default", "lowvram") if m != mine]
+    return [m for m in ("default", "lowvram", *(("normalvram",) if auto_lowvram else ())) if m != mine]
 
 
-def workflow(ckpt: str, width: int, height: int, steps: int, prefix: str) -> dict[str, Any]:
-    """shared/tools/real-comfy/gen.py's graph at tune's size and steps: one image, a fixed seed."""
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {
-            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": SEED,
-            "steps": steps, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
-    }
+def switches_to_lowvram(tree: Path, vram_total_mb: int | None) -> bool:
+    """Whether this ComfyUI turns lowvram on by itself on this card: older versions do on cards of 4 GB or
+    less unless --normalvram is given (comfy/model_management.py: "...If you don't want this use:
+    --normalvram"); v0.3.x no longer does, and there --normalvram changes nothing."""
+    if vram_total_mb is None or vram_total_mb > 4096:
+        return False
+    source = tree / "comfy" / "model_management.py"
+    try:
+        with source.open("rb") as fh:
+            text = fh.read(2 << 20).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return "use: --normalvram" in text and "4096" in text
 
 
 def history_outcome(entry: Any) -> tuple[bool, str, float | None]:
@@ -247,13 +250,14 @@ class _ComfyUi:
     webui: Path
     plan: Plan
     facts: Facts
-    ckpt: str
+    source: ModelSource
     size: tuple[int, int]
     tag: str
     log_path: Path
     scratch: Path
     ui: UiProcess | None
     deadline: float
+    nodes_checked = False  # the workflow's loader nodes were found in /object_info (checked at the first start)
 
     def time_left(self) -> float:
         return self.deadline - time.monotonic()
@@ -280,7 +284,7 @@ class _ComfyUi:
         return walls, took, "", device
 
     def _run_workflow(self, client: ApiClient, n: int, timeout: float) -> tuple[bool, str, float | None, float]:
-        graph = workflow(self.ckpt, self.size[0], self.size[1], self.settings.steps, f"lowvram-tune-{n}")
+        graph = workflow(self.source, self.size[0], self.size[1], self.settings.steps, f"lowvram-tune-{n}")
         t0 = time.monotonic()
         status, body = client.post("/prompt", {"prompt": graph, "client_id": self.tag}, timeout=min(60.0, timeout))
         if status != 200 or not isinstance(body, dict) or "prompt_id" not in body:
@@ -314,6 +318,9 @@ class _ComfyUi:
                               self.report)
         check_listening(port)
         self.report(TuneEvent("ready", f"ComfyUI answered after {seconds:.1f} s"))
+        if not self.nodes_checked:
+            check_nodes(client, self.source, self.log_path)
+            self.nodes_checked = True
         return client
 
     def stop(self) -> None:
@@ -331,12 +338,10 @@ class ComfySession(_ComfyUi):
 
     def __init__(self, *, ctx: Any, facts: Facts, settings: TuneSettings, report: Reporter, lock: FileLock,
                  gpu: Any, size: tuple[int, int]) -> None:
-        self.settings, self.report, self.lock = settings, report, lock
-        self.webui = Path(ctx.webui).resolve()
-        self.plan: Plan = ctx.plan
-        self.facts = facts
+        self.settings, self.report, self.lock, self.facts = settings, report, lock, facts
+        self.webui, self.plan = Path(ctx.webui).resolve(), ctx.plan
         webui = facts.webui
-        self.ckpt = _checkpoint_name(self.webui, webui)
+        self.source = model_source(self.webui, webui, self.plan.model_family)  # refused here: nothing started
         self.checkpoint = webui.checkpoint_key if webui is not None else None
         self.driver = gpu.driver if gpu is not None else None
         self.vram_total_mb = gpu.vram_total_mb if gpu is not None else None
@@ -357,12 +362,13 @@ class ComfySession(_ComfyUi):
                                       f"{plural(self.settings.steps, 'step')}, "
                                       f"{plural(self.settings.repeats, 'measured run')} per candidate, one ComfyUI "
                                       "start per candidate (it reads --reserve-vram and the load mode at start)"))
-        todo = reserve_candidates(self.plan)
-        done = self._sweep(todo)
+        self.report(TuneEvent("note", f"the workflow loads the model with {self.source.words()}"))
+        done = self._sweep(reserve_candidates(self.plan))
         if done and near_card(self.plan, self.vram_total_mb):
             best = self.best()
             reserve = best.reserve_vram_mb if best is not None else None
-            extra = [Candidate(reserve, m) for m in other_modes(self.plan, self.settings.extra_args)]
+            extra = [Candidate(reserve, m) for m in other_modes(
+                self.plan, self.settings.extra_args, auto_lowvram=switches_to_lowvram(self.webui, self.vram_total_mb))]
             if extra:
                 self.report(TuneEvent("note", "the estimate puts the model near this card's size: the load mode "
                                               "is measured too"))
@@ -447,6 +453,23 @@ def own_args(facts: Facts, scratch: Path, port: int) -> tuple[str, ...]:
     return tuple(args)
 
 
+def check_nodes(client: ApiClient, source: ModelSource, log_path: Path) -> None:
+    """The loader nodes the workflow needs are in this ComfyUI (/object_info/<node> answers {} for one
+    that is not: a custom node that failed to import, ComfyUI-GGUF without its `gguf` package)."""
+    missing: list[str] = []
+    for node in sorted({n["class_type"] for n in source.nodes().values()}):
+        with contextlib.suppress(OSError):
+            status, body = client.get(f"/object_info/{node}", timeout=10.0)
+            if status == 200 and isinstance(body, dict) and node not in body:
+                missing.append(node)
+    if missing:
+        gguf = any("GGUF" in node for node in missing)
+        raise TuneError(f"ComfyUI has no {' or '.join(missing)} node" + (
+            ": custom_nodes/ComfyUI-GGUF did not load" if gguf else ""),
+            f"its output is in {log_path}" + (" (ComfyUI-GGUF needs the `gguf` package in ComfyUI's Python)"
+                                              if gguf else ""))
+
+
 def _judge(cand: Candidate, walls: list[float], took: list[float], failure: str, *, device: str | None,
            steps: int) -> Probe:
     common: dict[str, Any] = {"load_mode": cand.mode, "reserve_vram_mb": cand.reserve_mb, "device": device,
@@ -489,20 +512,6 @@ def _wait_ready(ui: UiProcess, client: ApiClient, timeout: float, report: Report
             if status == 200:
                 return time.monotonic() - start
         time.sleep(0.2)
-
-
-def _checkpoint_name(tree: Path, webui: Any) -> str:
-    """The plan's checkpoint as CheckpointLoaderSimple names it (relative to models/checkpoints)."""
-    name = webui.checkpoint if webui is not None else None
-    where = Path(webui.checkpoint_path) if webui is not None and webui.checkpoint_path else None
-    folder = (tree / "models" / "checkpoints").resolve()
-    where = where.parent.resolve() / where.name if where is not None else None  # the file itself may be a link
-    if not name or where is None or folder not in where.parents:
-        raise TuneError("tune runs a single-file checkpoint from ComfyUI's models/checkpoints, and the plan names "
-                        + (f"{name}, which is not there" if name else "none"),
-                        "put the checkpoint you run in models/checkpoints (a diffusion-model-only file needs a "
-                        "workflow tune does not build)")
-    return where.relative_to(folder).as_posix()
 
 
 def comfy_session(*, ctx: Any, facts: Facts, settings: TuneSettings, report: Reporter, lock: FileLock,
