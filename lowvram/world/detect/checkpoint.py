@@ -213,13 +213,18 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
 
 def read_gguf_head(path: Path) -> tuple[bytes, bool]:
     """(the first MAX_GGUF_HEADER_BYTES of a .gguf file, whether that is the whole file)."""
+    data, size = _read_head(path, MAX_GGUF_HEADER_BYTES)
+    return data, size <= MAX_GGUF_HEADER_BYTES
+
+
+def _read_head(path: Path, limit: int) -> tuple[bytes, int]:
+    """(the first `limit` bytes of a regular file, its size); WebuiError naming the file where it cannot be read."""
     fh, size = _open_regular(path)
     try:
         with fh:
-            data = fh.read(MAX_GGUF_HEADER_BYTES)
+            return fh.read(limit), size
     except OSError as exc:
         raise WebuiError(f"cannot read checkpoint {path}: {exc.strerror or exc}", "check the file's permissions") from exc
-    return data, size <= MAX_GGUF_HEADER_BYTES
 
 
 def checkpoint_info(path: Path) -> ModelInfo:
@@ -251,13 +256,7 @@ def content_key(path: Path) -> str:
 
     from lowvram.core.markers import content_key as make_key
 
-    path = Path(path)
-    fh, size = _open_regular(path)
-    try:
-        with fh:
-            head = fh.read(CONTENT_KEY_BYTES)
-    except OSError as exc:
-        raise WebuiError(f"cannot read checkpoint {path}: {exc.strerror or exc}", "check the file's permissions") from exc
+    head, size = _read_head(Path(path), CONTENT_KEY_BYTES)
     return make_key(size, hashlib.sha256(head).hexdigest())
 
 

@@ -45,9 +45,9 @@ from lowvram.world.tune.results import (
     TuneResult,
     TuneSettings,
 )
-from lowvram.world.tune.snapshot import TreeSnapshot
+from lowvram.world.tune.snapshot import TreeSnapshot, stop_then_restore
 from lowvram.world.tune.ui_api import ApiClient
-from lowvram.world.tune.ui_process import UiProcess
+from lowvram.world.tune.ui_process import UiProcess, wait_ready
 
 if TYPE_CHECKING:
     from lowvram.core.facts import Facts
@@ -314,7 +314,7 @@ class _ComfyUi:
         client = ApiClient(port)
         self.report(TuneEvent("starting", f"starting ComfyUI ({client.base}) with {cand.words()}"))
         self.ui.start()
-        seconds = _wait_ready(self.ui, client, min(self.settings.ready_timeout_s, max(1.0, self.time_left())),
+        seconds = _wait_ready_comfy(self.ui, client, min(self.settings.ready_timeout_s, max(1.0, self.time_left())),
                               self.report)
         check_listening(port)
         self.report(TuneEvent("ready", f"ComfyUI answered after {seconds:.1f} s"))
@@ -398,12 +398,7 @@ class ComfySession(_ComfyUi):
         return probe
 
     def restore(self) -> list[str]:
-        problems: list[str] = []
-        try:
-            self.stop()
-        except Exception as exc:
-            problems.append(f"stopping ComfyUI: {exc}")
-        problems += self.tree.restore() + self.snapshot.restore()
+        problems = stop_then_restore(self.stop, self.tree.restore, self.snapshot.restore, name="ComfyUI")
         shutil.rmtree(self.scratch, ignore_errors=True)
         return problems
 
@@ -493,25 +488,9 @@ def _device(client: ApiClient) -> str | None:
     return None
 
 
-def _wait_ready(ui: UiProcess, client: ApiClient, timeout: float, report: Reporter) -> float:
-    """Poll GET /system_stats until it answers 200; the seconds it took."""
-    start = time.monotonic()
-    while True:
-        code = ui.exit_code()
-        if code is not None:
-            last = ui.last_line()
-            raise TuneError(f"ComfyUI exited with code {code} before its API answered" + (f": {last}" if last else ""),
-                            f"its output is in {ui.log_path}; `lowvram launch` shows the same start-up")
-        now = time.monotonic()
-        if now - start >= timeout:
-            raise TuneError(f"ComfyUI did not answer on {client.base}/system_stats within {timeout:.0f} s",
-                            f"its output is in {ui.log_path}")
-        report(TuneEvent("waiting", fraction=min(1.0, (now - start) / timeout)))
-        with contextlib.suppress(OSError):
-            status, _body = client.get("/system_stats", timeout=2.0)
-            if status == 200:
-                return time.monotonic() - start
-        time.sleep(0.2)
+def _wait_ready_comfy(ui: UiProcess, client: ApiClient, timeout: float, report: Reporter) -> float:
+    """ComfyUI answers GET /system_stats once its server is up."""
+    return wait_ready(ui, client, timeout, report, 0.2, path="/system_stats", name="ComfyUI", slow_start="")
 
 
 def comfy_session(*, ctx: Any, facts: Facts, settings: TuneSettings, report: Reporter, lock: FileLock,

@@ -37,7 +37,7 @@ from lowvram.world import fsutil, paths
 from lowvram.world.observation_log import append_observation
 from lowvram.world.tune.loopback import check_user_flags
 from lowvram.world.tune.results import Probe, Reporter, TuneError, TuneEvent, TuneResult, TuneSettings
-from lowvram.world.tune.snapshot import TreeSnapshot, _save_file
+from lowvram.world.tune.snapshot import TreeSnapshot, _save_file, stop_then_restore
 from lowvram.world.tune.ui_api import ApiClient, failure_reason, txt2img_payload
 from lowvram.world.tune.ui_process import _TuneUi
 
@@ -200,12 +200,7 @@ class ForgeTune:
 
     def restore(self) -> list[str]:
         """Stop the UI, then put back the tree (webui-user, config.json, lowvram's manifest) byte for byte."""
-        problems: list[str] = []
-        try:
-            self.ui.stop()
-        except Exception as exc:
-            problems.append(f"stopping the UI: {exc}")
-        return problems + self.snapshot.restore()
+        return stop_then_restore(self.ui.stop, self.snapshot.restore)
 
 
 def _measure(t: ForgeTune, client: ApiClient) -> tuple[list[float], str]:

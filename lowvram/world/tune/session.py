@@ -44,7 +44,7 @@ from lowvram.world.tune.results import (
     TuneResult,
     TuneSettings,
 )
-from lowvram.world.tune.snapshot import TreeSnapshot
+from lowvram.world.tune.snapshot import TreeSnapshot, stop_then_restore
 from lowvram.world.tune.ui_process import _TuneUi
 
 if TYPE_CHECKING:
@@ -133,12 +133,7 @@ class _Session:
 
     def restore(self) -> list[str]:
         """Stop the UI, then put back everything as it was before tune. Returns what failed."""
-        problems: list[str] = []
-        try:
-            self.ui.stop()
-        except Exception as exc:
-            problems.append(f"stopping the UI: {exc}")
-        return problems + self.snapshot.restore()
+        return stop_then_restore(self.ui.stop, self.snapshot.restore)
 
     def _time_left(self) -> float:
         return self.deadline - time.monotonic()

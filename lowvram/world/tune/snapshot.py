@@ -121,3 +121,16 @@ class TreeSnapshot:
 def _rmdir_if_empty(path: Path) -> None:
     with contextlib.suppress(OSError):  # gone, or not empty: what someone else put there stays
         path.rmdir()
+
+
+def stop_then_restore(stop: Callable[[], None], *restores: Callable[[], list[str]], name: str = "the UI") -> list[str]:
+    """Stop the UI, then put back each part in turn (whatever stopping raised): what could not be done, in words.
+    Every tune session ends through this, on success, error, Ctrl-C or SIGTERM alike."""
+    problems: list[str] = []
+    try:
+        stop()
+    except Exception as exc:
+        problems.append(f"stopping {name}: {exc}")
+    for restore in restores:
+        problems += restore()
+    return problems

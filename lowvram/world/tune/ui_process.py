@@ -125,24 +125,26 @@ def _group_alive(pgid: int, proc: subprocess.Popen[bytes]) -> bool:
 
 
 def wait_ready(ui: UiProcess, client: ApiClient, timeout: float, report: Reporter,
-               interval: float = 0.25) -> float:
-    """Poll GET /sdapi/v1/progress until it answers 200; return the seconds it took."""
+               interval: float = 0.25, *, path: str = "/sdapi/v1/progress", name: str = "the UI",
+               slow_start: str = "; a first start can take minutes (installs, model load): run `lowvram launch` "
+                                 "once, then tune") -> float:
+    """Poll GET `path` until it answers 200; return the seconds it took. `name` is how the errors call the UI
+    (A1111/Forge: /sdapi/v1/progress; ComfyUI: /system_stats)."""
     start = time.monotonic()
     deadline = start + timeout
     while True:
         code = ui.exit_code()
         if code is not None:
             last = ui.last_line()
-            raise TuneError(f"the UI exited with code {code} before its API answered" + (f": {last}" if last else ""),
+            raise TuneError(f"{name} exited with code {code} before its API answered" + (f": {last}" if last else ""),
                             f"its output is in {ui.log_path}; `lowvram launch` shows the same start-up")
         now = time.monotonic()
         if now >= deadline:
-            raise TuneError(f"the UI did not answer on {client.base}/sdapi/v1/progress within {timeout:.0f} s",
-                            f"its output is in {ui.log_path}; a first start can take minutes "
-                            "(installs, model load): run `lowvram launch` once, then tune")
+            raise TuneError(f"{name} did not answer on {client.base}{path} within {timeout:.0f} s",
+                            f"its output is in {ui.log_path}{slow_start}")
         report(TuneEvent("waiting", fraction=min(1.0, (now - start) / timeout)))
         try:
-            status, _body = client.get("/sdapi/v1/progress", timeout=min(2.0, max(0.1, deadline - now)))
+            status, _body = client.get(path, timeout=min(2.0, max(0.1, deadline - now)))
             if status == 200:
                 return time.monotonic() - start
         except OSError:
