@@ -107,6 +107,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def test_launch_with_the_plans_flags_reaches_the_api_and_generates(real_comfy: RealUi, tmp_path: Path) -> None:
     plan = json.loads(real_comfy.lowvram("plan", "--json", "--webui", str(real_comfy.tree)).stdout)
     assert plan["extra"]["flags_checked_against"] == "ComfyUI 0.3.64 (comfy/cli_args.py)"
+    # No --model: the plan reads the model file in ComfyUI's models/checkpoints (issue 19's first finding).
+    model = next(d for d in plan["decisions"] if d["setting"] == "model")
+    assert model["value"] == "sd15" and "random-sd15.safetensors" in model["reason"], model
     proc, port, log = _launch(real_comfy, tmp_path)
     try:
         wait_http(port, "/system_stats", proc, log)
