@@ -152,17 +152,21 @@ class Tree:
         return proc
 
     def stop_all(self) -> None:
+        """SIGTERM first, so a `lowvram launch` still running forwards it to the UI's own process group and waits
+        for it (a SIGKILL cannot be forwarded: the UI would be left running, 5 GB each); then SIGKILL."""
         for proc in self.procs:
+            if proc.poll() is None:
+                kill_group(proc, signal.SIGTERM, wait=60)
             kill_group(proc)
 
 
-def kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+def kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL, wait: float = 30) -> None:
     try:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=wait)
     except subprocess.TimeoutExpired:
         pass
 
