@@ -19,15 +19,7 @@ from typing import Any
 
 from lowvram.world.detect.ui_flags import read_ui_flags
 from tests.e2e.conftest import RealUi, api, free_port, kill_group, tail, wait_http
-
-GTX1650 = {
-    "system": {"os": "linux", "ram_mb": 32768, "swap_mb": 8192, "glibc": "2.35", "wsl": False, "cpu_count": 8},
-    "gpus": [{"index": 0, "uuid": "GPU-1650", "name": "NVIDIA GeForce GTX 1650", "vram_total_mb": 4096,
-              "vram_free_mb": 3900, "driver": "546.01", "cuda_driver": "12.3", "compute_capability": "7.5",
-              "pcie_gen": 3, "pcie_width": 16}],
-    "tcmalloc": {"library": None, "usable": False, "reason": "not installed"},
-    "webui": None,
-}
+from tests.fixtures.faults import GTX1650_LINUX
 
 
 def _help_options(text: str) -> set[str]:
@@ -122,7 +114,7 @@ def test_launch_with_the_plans_flags_reaches_the_api_and_generates(real_comfy: R
 
 def test_the_users_cpu_after_dashdash_beats_the_plans_lowvram(real_comfy: RealUi, tmp_path: Path) -> None:
     facts = tmp_path / "gtx1650.json"
-    facts.write_text(json.dumps(GTX1650))
+    facts.write_text(json.dumps(GTX1650_LINUX))
     planned = json.loads(real_comfy.lowvram("launch", "--dry-run", "--json", "--webui", str(real_comfy.tree),
                                             "--facts", str(facts), "--offload", "lowvram").stdout)
     assert "--lowvram" in planned["args"]  # what would have met --cpu on ComfyUI's command line

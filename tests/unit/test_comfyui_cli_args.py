@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from lowvram.world.detect.ui_flags import MAX_SOURCE_BYTES, read_ui_flags
+from tests.fixtures.faults import GTX1650_LINUX
 from tests.fixtures.webui_trees import make_webui
 
 # The real shapes of comfy/cli_args.py at v0.3.64 (abridged), plus a deprecated alias, a flag this
@@ -86,20 +87,12 @@ else:
     args = parser.parse_args([])
 '''
 
-GTX1650 = {
-    "system": {"os": "linux", "ram_mb": 32768, "swap_mb": 8192, "glibc": "2.35", "wsl": False, "cpu_count": 8},
-    "gpus": [{"index": 0, "uuid": "GPU-1650", "name": "NVIDIA GeForce GTX 1650", "vram_total_mb": 4096,
-              "vram_free_mb": 3900, "driver": "546.01", "cuda_driver": "12.3", "compute_capability": "7.5",
-              "pcie_gen": 3, "pcie_width": 16}],
-    "tcmalloc": {"library": None, "usable": False, "reason": "not installed"},
-    "webui": None,
-}
 
 
 @pytest.fixture
 def facts_file(tmp_path: Path) -> Path:
     path = tmp_path / "gtx1650.json"
-    path.write_text(json.dumps(GTX1650))
+    path.write_text(json.dumps(GTX1650_LINUX))
     return path
 
 
