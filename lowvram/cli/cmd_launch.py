@@ -111,12 +111,16 @@ def launch_cmd(  # noqa: PLR0917 - typer maps parameters to options
         render.emit_json({"schema": 1, "plan": ctx.plan.to_dict(), "launch": spec.to_dict(),
                           "apply": result.to_dict(), "exit_code": code})
     if code or not as_json:
-        render.note(exit_line(code))  # the last stderr line: whose exit code this is
+        render.note(exit_line(code, spec.exit_code_of))  # the last stderr line: whose exit code this is
     raise typer.Exit(code)
 
 
-def exit_line(code: int) -> str:
-    """lowvram passes the UI's exit code on, so a 2 from the UI must not read as lowvram's usage error."""
+def exit_line(code: int, whose: str = "the UI") -> str:
+    """lowvram passes the UI's exit code on, so a 2 from the UI must not read as lowvram's usage error.
+    Where only the launcher's status is known (cmd on Windows, Forge Neo's webui.sh), it says so."""
+    if whose != "the UI":
+        return (f"lowvram: {whose} exited with code {code} (its own last command's status, not necessarily the "
+                "UI's: see the UI's output above)")
     if code == 2:
         return ("lowvram: the UI exited with code 2 (its own command-line error, see its output above); "
                 "lowvram's own usage errors say \"error:\" or \"Error:\" and exit before starting it")

@@ -47,8 +47,10 @@ class ComfyUI(UiAdapter):
             notes.append("ComfyUI uses xformers whenever it is installed: no flag")
         if settings.unet_precision == "full":
             args.append("--force-fp32")
-        elif settings.unet_precision == "upcast":
-            args.append("--force-upcast-attention")
+        elif settings.unet_precision == "upcast":  # decided for GTX 16xx only (policy/precision.py, the 16xx profiles)
+            notes.append("ComfyUI computes in fp32 on GTX 16xx cards by itself (comfy/model_management.py "
+                         "should_use_fp16 lists the 1630/1650/1660), so --force-upcast-attention would change "
+                         "nothing: no flag")
         if settings.vae_precision == "full" and settings.unet_precision != "full":
             args.append("--fp32-vae")
         if settings.headroom_mb is not None:

@@ -719,7 +719,7 @@ def applied_conflicts(tree: Path, facts: Facts) -> list[str]:
     from lowvram.core.errors import LowvramError
     from lowvram.world.apply import webui_user
     from lowvram.world.apply.manifest import Manifest
-    from lowvram.world.detect.webui import parse_bat_args, parse_sh_args
+    from lowvram.world.detect.webui import parse_bat_args, parse_sh_args, read_user_args
 
     manifest = Manifest.load(tree, read_only=True)
     if not manifest.exists or manifest.broken:
@@ -728,7 +728,7 @@ def applied_conflicts(tree: Path, facts: Facts) -> list[str]:
     version = facts.webui.version if facts.webui is not None else None
     out: list[str] = []
     for key, entry in sorted(manifest.files.items()):
-        if "block_sha256" not in entry or key not in ("webui-user.sh", "webui-user.bat"):
+        if "block_sha256" not in entry or key not in ("webui-user.sh", "webui-user.bat", "webui.settings.sh"):
             continue  # webui.settings.bat: the user's value comes from wherever they start webui.bat
         kind = webui_user.SH if key.endswith(".sh") else webui_user.BAT
         try:
@@ -739,7 +739,13 @@ def applied_conflicts(tree: Path, facts: Facts) -> list[str]:
         if data is None or block is None:
             continue
         text = data.decode("utf-8", "replace")
-        user, literal = parse_sh_args(text) if kind == webui_user.SH else parse_bat_args(text)
+        if key == "webui.settings.sh":  # Forge Neo's: after webui-user.sh's value, its own lines
+            try:
+                user, literal = read_user_args(tree, "linux", ui_key)
+            except LowvramError:
+                continue
+        else:
+            user, literal = parse_sh_args(text) if kind == webui_user.SH else parse_bat_args(text)
         if literal and user:
             pinned = bool(webui_user.parse_block_vars(block, kind).get("CUDA_VISIBLE_DEVICES"))
             out += flag_conflicts(user, webui_user.block_args(block, kind), ui_key, version, pinned=pinned)

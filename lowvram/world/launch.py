@@ -27,18 +27,20 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from lowvram.core.errors import LaunchError, UsageError
+from lowvram.core.errors import LaunchError, LowvramError, UsageError
 from lowvram.core.facts import Facts
 from lowvram.core.plan import Plan
 from lowvram.ui import FORGE_LINEAGE
 from lowvram.ui.base import FlagSet, UiAdapter, flags_for
 from lowvram.world import paths
-from lowvram.world.fsutil import FileLock, atomic_write_text
+from lowvram.world.detect.launcher import MAX_LAUNCHER_BYTES, SETTINGS, SETTINGS_SH, read_launcher, runs_webui_sh
+from lowvram.world.fsutil import FileLock, atomic_write_text, read_regular_bytes
 
-# Forge's lineage (Forge, Forge Neo, reForge) keeps A1111's webui.sh, LAUNCH_SCRIPT and install_dir/clone_dir.
+# Forge's lineage (Forge, Forge Neo, reForge) starts through a webui.sh too. Forge and reForge keep A1111's,
+# LAUNCH_SCRIPT and install_dir/clone_dir included; Forge Neo's is its own (world/detect/launcher.py).
 WEBUI_SH_UIS = ("a1111", "sdnext", *FORGE_LINEAGE)
-# webui.sh of A1111 and Forge honour LAUNCH_SCRIPT and install_dir/clone_dir; SD.Next's `exec`s
-# launch.py itself, so its exit status is already the UI's.
+# webui.sh of A1111 and Forge honour LAUNCH_SCRIPT and install_dir/clone_dir (a tree whose webui.sh is
+# Neo's takes _settings_spec first); SD.Next's `exec`s launch.py itself, so its exit status is already the UI's.
 WRAPPED_UIS = ("a1111", *FORGE_LINEAGE)
 
 STATUS_ENV = "LOWVRAM_LAUNCH_STATUS"
@@ -124,6 +126,7 @@ class LaunchSpec:
     stdin_closed: bool = False
     wrapper_path: Path | None = None  # the LAUNCH_SCRIPT wrapper to write before starting
     status_path: Path | None = None  # where the wrapper records the UI's exit status
+    exit_code_of: str = "the UI"  # whose exit code run_launch returns: the UI's, or its launcher's (cmd, webui.sh)
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -136,6 +139,7 @@ class LaunchSpec:
             "unset": list(self.env_unset),
             "stdin": "closed" if self.stdin_closed else "inherited",
             "exit_status": str(self.status_path) if self.status_path else None,
+            "exit_code_of": self.exit_code_of,
             "notes": list(self.notes),
             "warnings": list(self.warnings),
         }
@@ -220,18 +224,7 @@ def build_launch(
         notes.append("--no-hook: LOWVRAM_HOOK=off, so the hook inside the UI does nothing this run")
 
     if ui == "comfyui":
-        interpreter = _comfyui_python(tree, python, target, facts)
-        env.update({k: v for k, v in plan.env.items() if k not in ("COMMANDLINE_ARGS", "LOWVRAM_CONFIG")})
-        notes.append("ComfyUI has no webui-user file: the planned flags go on main.py's command line")
-        return LaunchSpec(
-            argv=(str(interpreter), "main.py", *plan.args, *extra),
-            cwd=tree,
-            env_changes=env,
-            ui=ui,
-            target_os=target,
-            stdin_closed=False,
-            notes=tuple(notes),
-        )
+        return _comfyui_spec(plan, facts, tree, target, extra=extra, python=python, env=env, notes=notes)
 
     if ui not in WEBUI_SH_UIS:
         raise LaunchError(f"lowvram cannot launch a {ui!r} WebUI", "use --ui a1111, forge, sdnext or comfyui")
@@ -241,6 +234,8 @@ def build_launch(
     if target == "windows":
         return _windows_spec(plan, tree, extra=extra, python=python, env=env, notes=notes, warnings=warnings)
 
+    if read_launcher(tree, ui).style == SETTINGS:
+        return _settings_spec(tree, ui, target, extra=extra, python=python, env=env, notes=notes, warnings=warnings)
     argv: list[str] = ["bash", "webui.sh"]
     if uid == 0:
         argv.append("-f")
@@ -280,6 +275,50 @@ def build_launch(
     )
 
 
+def _comfyui_spec(plan: Plan, facts: Facts, tree: Path, target: str, *, extra: tuple[str, ...],
+                  python: Path | None, env: dict[str, str], notes: list[str]) -> LaunchSpec:
+    """ComfyUI's own Python on main.py, the plan's flags on its command line (it has no webui-user file)."""
+    interpreter = _comfyui_python(tree, python, target, facts)
+    env.update({k: v for k, v in plan.env.items() if k not in ("COMMANDLINE_ARGS", "LOWVRAM_CONFIG")})
+    notes.append("ComfyUI has no webui-user file: the planned flags go on main.py's command line")
+    return LaunchSpec(argv=(str(interpreter), "main.py", *plan.args, *extra), cwd=tree, env_changes=env, ui=plan.ui,
+                      target_os=target, stdin_closed=False, notes=tuple(notes))
+
+
+def _settings_spec(tree: Path, ui: str, target: str, *, extra: tuple[str, ...], python: Path | None,
+                   env: dict[str, str], notes: list[str], warnings: list[str]) -> LaunchSpec:
+    """Forge Neo's launcher (world/detect/launcher.py): `bash webui-user.sh` where that runs webui.sh
+    (as the user would), else `bash webui.sh`; webui.sh reads lowvram's block from webui.settings.sh."""
+    script = "webui.sh"
+    user_text = _read_text(tree / "webui-user.sh")
+    runs, passes_args = runs_webui_sh(user_text) if user_text is not None else (False, False)
+    if runs:
+        script = "webui-user.sh"
+        if extra and not passes_args:
+            raise UsageError(
+                "extra UI arguments cannot reach webui.sh through webui-user.sh (it runs webui.sh without \"$@\")",
+                "put them in webui-user.sh's COMMANDLINE_ARGS line instead")
+    if python is not None:
+        env["PYTHON"] = str(python)
+        notes.append(f"--python: PYTHON={python} (webui.sh makes the venv with it; a webui.settings.sh or "
+                     "webui-user.sh that sets PYTHON wins)")
+    notes.append(("webui-user.sh runs webui.sh, which" if runs else "webui.sh")
+                 + f" reads lowvram's flags from {SETTINGS_SH} and runs launch.py itself")
+    notes.append("webui.sh ends by waiting for a key (\"Press any key to continue...\"): its stdin is closed so it "
+                 "returns when the UI exits, and its exit code is that last read's, not the UI's")
+    return LaunchSpec(argv=("bash", script, *extra), cwd=tree, env_changes=env, ui=ui, target_os=target,
+                      stdin_closed=True, exit_code_of="webui.sh", notes=tuple(notes), warnings=tuple(warnings))
+
+
+def _read_text(path: Path) -> str | None:
+    """A launcher file's text; None when missing or not a regular file lowvram can read (a FIFO never blocks)."""
+    try:
+        data = read_regular_bytes(path, MAX_LAUNCHER_BYTES, "launcher script")
+    except LowvramError:
+        return None
+    return None if data is None else data.decode("utf-8", "replace")
+
+
 def _windows_spec(plan: Plan, tree: Path, *, extra: tuple[str, ...], python: Path | None, env: dict[str, str],
                   notes: list[str], warnings: list[str]) -> LaunchSpec:
     """`cmd /d /c webui-user.bat` (it runs lowvram's block, then webui.bat), stdin closed."""
@@ -307,17 +346,15 @@ def _windows_spec(plan: Plan, tree: Path, *, extra: tuple[str, ...], python: Pat
         ui=plan.ui,
         target_os="windows",
         stdin_closed=True,
+        exit_code_of="cmd",
         notes=tuple(notes),
         warnings=tuple(warnings),
     )
 
 
 def _user_sets_launch_script(tree: Path) -> bool:
-    try:
-        text = (tree / "webui-user.sh").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return _USER_LAUNCH_SCRIPT.search(text) is not None
+    text = _read_text(tree / "webui-user.sh")
+    return text is not None and _USER_LAUNCH_SCRIPT.search(text) is not None
 
 
 def _same_path(a: str | Path, b: str | Path) -> bool:

@@ -52,6 +52,8 @@ _BASH_OPEN = (b"here-document", b"unexpected end of file", b"looking for matchin
 _BAT_JUMP_RE = re.compile(rb"(?:goto|exit)(?:[ \t:/]|$)", re.IGNORECASE)
 _BAT_REM_RE = re.compile(rb"rem(?:[ \t]|$)", re.IGNORECASE)
 _SH_STOP_RE = re.compile(rb"[ \t]*(?:return|exit)(?:[ \t;&|)]|$)")
+# `exec COMMAND` replaces the shell (`exec >log 2>&1` only redirects: bash goes on).
+_SH_EXEC_RE = re.compile(rb"[ \t]*exec[ \t]+(?![0-9]*[<>]|&>)[^ \t\r\n#;&|]")
 
 
 def marker_bytes(kind: str) -> tuple[bytes, bytes]:
@@ -221,11 +223,15 @@ def block_spans(data: bytes, kind: str, where: str) -> list[tuple[int, int]]:
     return spans
 
 
-def sh_first_stop(data: bytes, lines: list[tuple[int, bytes]]) -> int | None:
+def sh_first_stop(data: bytes, lines: list[tuple[int, bytes]], *, exec_too: bool = False) -> int | None:
     """The first line where a sourced webui-user.sh stops for good: a bare `return` or `exit` at the
-    top level (one inside a function, an `if` or a here-document does not count)."""
+    top level (one inside a function, an `if` or a here-document does not count); with `exec_too`
+    also an `exec COMMAND` there (Forge Neo's webui-user.sh ends by exec'ing webui.sh). Only where a
+    block would be appended: a block found after an exec that an older apply wrote stays lowvram's."""
     for i, (offset, line) in enumerate(lines):
-        if not _SH_STOP_RE.match(line_text(line)) or (i and _sh_continues(line_text(lines[i - 1][1]))):
+        text = line_text(line)
+        stops = _SH_STOP_RE.match(text) or (exec_too and _SH_EXEC_RE.match(text))
+        if not stops or (i and _sh_continues(line_text(lines[i - 1][1]))):
             continue
         if bash_reads(data[:offset])[0] in ("top", "unknown"):
             return i

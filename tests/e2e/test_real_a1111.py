@@ -81,6 +81,13 @@ def test_doctor_names_the_real_tree(a1111: Tree) -> None:
     assert "webui.checkpoint     random-sd15.safetensors: SD 1.5" in out, out
 
 
+def test_the_real_webui_sh_is_read_as_a1111s_launcher(a1111: Tree) -> None:
+    from lowvram.world.detect.launcher import read_launcher
+
+    launcher = read_launcher(a1111.path, "forge-neo")  # even named Neo, the file decides
+    assert (launcher.style, launcher.decided_by, launcher.block_file) == ("a1111", "webui.sh", "webui-user.sh")
+
+
 def test_installed_extensions_show_in_a1111s_own_api(a1111: Tree) -> None:
     real = a1111.real
     done = a1111.lowvram("install-extensions", "--webui", str(a1111.path),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lowvram.world.detect.ui_flags import read_ui_flags
 from tests.e2e.conftest import RealUi, free_port, kill_group, tail, txt2img, wait_http
-from tests.e2e.test_real_comfy import GTX1650
+from tests.fixtures.faults import GTX1650_LINUX
 
 # What Forge needs to run on this machine's CPU, and its API on a free port.
 CPU_AND_API = ("--always-cpu", "--skip-torch-cuda-test", "--skip-version-check", "--api", "--nowebui",
@@ -49,7 +49,7 @@ def test_the_flags_read_from_the_tree_include_the_extensions(real_forge: RealUi)
 def test_the_users_always_cpu_after_dashdash_beats_the_plans_always_low_vram(real_forge: RealUi,
                                                                              tmp_path: Path) -> None:
     facts = tmp_path / "gtx1650.json"
-    facts.write_text(json.dumps(GTX1650))
+    facts.write_text(json.dumps(GTX1650_LINUX))
     planned = json.loads(real_forge.lowvram("launch", "--dry-run", "--json", "--webui", str(real_forge.tree),
                                             "--facts", str(facts), "--offload", "lowvram").stdout)
     assert "--always-low-vram" in planned["args"]  # what would have met --always-cpu: Forge exited 2
@@ -64,3 +64,11 @@ def test_the_users_always_cpu_after_dashdash_beats_the_plans_always_low_vram(rea
         assert "--always-low-vram" not in (real_forge.tree / "webui-user.sh").read_text()
     finally:
         _stop(proc)
+
+
+def test_the_real_webui_sh_is_read_as_a1111s_launcher(real_forge: RealUi) -> None:
+    """Forge keeps A1111's webui.sh (it sources webui-user.sh): its text says so, not the flavor."""
+    from lowvram.world.detect.launcher import read_launcher
+
+    launcher = read_launcher(real_forge.tree, "forge-neo")  # even named Neo, the file decides
+    assert (launcher.style, launcher.decided_by, launcher.block_file) == ("a1111", "webui.sh", "webui-user.sh")

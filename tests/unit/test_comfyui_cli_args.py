@@ -234,3 +234,15 @@ def test_doctor_json_carries_the_installed_flags_and_a_facts_file_reads_them_bac
     path.write_text(json.dumps(bad))
     result = cli("plan", "--facts", str(path), "--ui", "comfyui", "--model", "sdxl")
     assert result.code == 1 and "webui.ui_flags.flags.--x" in result.err and "Traceback" not in result.err
+
+
+def test_gtx16xx_gets_no_force_upcast_attention_on_comfyui(cli: Any, tmp_path: Path, facts_file: Path) -> None:
+    """ComfyUI v0.3.64 keeps the 16 series out of fp16 compute by itself (should_use_fp16's list; checked with
+    its own model_management on a GTX 1650's properties: fp16 weights, fp32 compute), so the flag changes
+    nothing there; the UNet decision still says upcast, and the flags note says why there is no flag."""
+    data = plan_json(cli, comfy_tree(tmp_path), facts_file)
+    decided = {d["setting"]: d["value"] for d in data["decisions"]}
+    assert decided["precision.unet"] == "upcast"
+    assert "--force-upcast-attention" not in data["args"]
+    notes = [d["reason"] for d in data["decisions"] if d["setting"] == "flags"]
+    assert any("computes in fp32 on GTX 16xx" in n for n in notes), notes

@@ -142,14 +142,3 @@ def test_neo_refuses_fast_fp8_below_ada() -> None:
     assert isinstance(neo, ForgeNeo)
     assert [f for f, _why in neo.card_refusals(["--fast-fp8", "--lowvram"], (8, 6))] == ["--fast-fp8"]
     assert neo.card_refusals(["--fast-fp8"], (8, 9)) == []
-
-
-@pytest.mark.parametrize("kind", ["forge-neo", "forge", "reforge"])
-def test_a_neo_plan_says_apply_does_not_reach_neos_launcher_yet(cli, tmp_path: Path, kind: str) -> None:  # type: ignore[no-untyped-def]
-    """Forge Neo's webui.sh sources webui.settings.sh, not webui-user.sh (whose last line execs webui.sh): until
-    apply writes there, every command that plans for a Neo tree says so, and only for Neo."""
-    root = make_forge_lineage(tmp_path / "webui", kind)
-    facts = write_facts(MACHINES["rtx3060-12gb"], tmp_path / "f.json")
-    data = json.loads(cli("plan", "--json", "--facts", str(facts), "--webui", str(root), "--model", "sdxl").out)
-    said = any("webui.settings.sh" in w for w in data["warnings"])
-    assert said is (kind == "forge-neo"), data["warnings"]

@@ -159,7 +159,7 @@ def test_a_config_linked_out_of_the_tree_is_refused(cli, tmp_path: Path, facts: 
     assert outside.read_bytes() == _user_bytes() and (tree / "config.json").is_symlink()
 
 
-@pytest.mark.parametrize(("ui", "has"), [("forge", True), ("forge-neo", True), ("reforge", False)])
+@pytest.mark.parametrize(("ui", "has"), [("forge", True), ("forge-neo", False), ("reforge", False)])
 def test_only_the_uis_with_the_slider_get_the_settings(cli, tmp_path: Path, facts: Path, ui: str,  # type: ignore[no-untyped-def]
                                                         has: bool) -> None:
     os.chdir(tmp_path)

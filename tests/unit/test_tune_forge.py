@@ -171,3 +171,14 @@ def test_a_candidate_equal_to_the_stored_value_is_still_made_live(cli: Any, forg
     assert res.code == 0, res.err
     assert [p["forge_inference_memory"] for p in json.loads(res.out)["probes"]] == [1536]
     assert {j["forge_inference_memory"] for j in forge.requests()} == {1536}
+
+
+def test_forge_neo_is_refused_with_the_reason(cli: Any, tmp_path: Path, facts: Path) -> None:
+    """Neo's memory management is ComfyUI's: posting forge_inference_memory to its options would change nothing."""
+    ui = make_forge_api_webui(tmp_path / "neo", config=USER)
+    (ui.root / "modules_forge" / "forge_version.py").write_text('version = "neo"\nrelease = "2.22"\n')
+    before = _state(ui)
+    res = cli("tune", "--webui", str(ui.root), "--facts", str(facts))
+    assert res.code == 1 and "is forge-neo, which has no GPU Weights slider" in res.err
+    assert "--reserve-vram" in res.err and "Traceback" not in res.err
+    assert ui.starts() == [] and _state(ui) == before

@@ -61,15 +61,7 @@ def decide_flags(b: Builder, inp: Inputs, u: UiStep, settings: UiSettings) -> li
     elif installed is not None:
         plan_args = _drop_missing(b, u, plan_args, installed.source)
     u.ui.validate(plan_args, u.version, u.flagset)
-    if u.key == "forge-neo" and inp.facts.webui is not None:
-        b.warn(NEO_LAUNCHER_GAP)
     return plan_args
-
-
-NEO_LAUNCHER_GAP = (
-    "Forge Neo's webui.sh reads webui.settings.sh (its webui-user.sh ends by exec'ing webui.sh), and lowvram's "
-    "apply/launch do not write there yet: put the flags this plan lists into COMMANDLINE_ARGS where Neo's "
-    "launcher reads them (webui.settings.sh on Linux) yourself")
 
 
 def checked_against(inp: Inputs, u: UiStep) -> str:

@@ -1,10 +1,11 @@
 """Forge's memory settings as `lowvram tune` measured them (world/tune/forge.py saves each probe as an
 observation with source `tuning` and the settings it ran with), and what a page load of Forge does to them.
 
-Forge 2 (and Forge Neo, its fork) has the GPU Weights slider: `forge_inference_memory` (MiB kept free for the
-computation; GPU Weights = total − this), Swap Method (`forge_async_loading`: Queue | Async) and Swap Location
-(`forge_pin_shared_memory`: CPU | Shared), all `shared.opts` keys kept in config.json. reForge (Forge 1's
-backend) has none of them.
+Forge 2 has the GPU Weights slider: `forge_inference_memory` (MiB kept free for the computation; GPU Weights =
+total − this), Swap Method (`forge_async_loading`: Queue | Async) and Swap Location (`forge_pin_shared_memory`:
+CPU | Shared), all `shared.opts` keys kept in config.json. reForge (Forge 1's backend) has none of them, and
+neither has Forge Neo: its memory management is ComfyUI's (backend/memory_management.py; `--reserve-vram` and
+the load flags), and its modules_forge/main_entry.py and presets.py define no such option.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from lowvram.core.observations import Observation, forge_knobs
 from lowvram.core.policy.builder import Builder
 from lowvram.core.words import plural
 
-FORGE_SLIDER_UIS = ("forge", "forge-neo")  # the UIs with the GPU Weights slider (reForge has none)
+FORGE_SLIDER_UIS = ("forge",)  # the UIs with the GPU Weights slider (reForge and Forge Neo have none)
 SWAP_METHODS = ("Queue", "Async")
 SWAP_LOCATIONS = ("CPU", "Shared")
 PAGE_LOAD = ("a browser page load of Forge sets Swap Method and Swap Location back to Queue and CPU "

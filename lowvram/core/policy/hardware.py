@@ -168,7 +168,7 @@ def decide_headroom(b: Builder, inp: Inputs, u: UiStep, g: GpuStep, *, forge_inf
               f"{forge_inference_mb}): `lowvram apply` writes both into Forge's config.json, and the value a page "
               "load of the 'xl' or 'flux' UI preset resets the slider to (xl_GPU_MB / flux_GPU_MB); the 'sd' and "
               "'all' presets reset it to total − 1024 at each page load (they have no such setting)")
-    elif u.key in ("forge", "forge-neo") and vram_total and not g.cpu_mode:  # Forge 2's GPU Weights slider
+    elif u.key == "forge" and vram_total and not g.cpu_mode:  # Forge 2's GPU Weights slider (not Neo's: it has none)
         weights = max(0, vram_total - room - FORGE_INFERENCE_MB)
         b.add("forge.gpu_weights_mb", weights, "auto",
               f"Forge's GPU Weights slider (Settings) follows the VRAM kept free: at most {vram_total} − {room} kept "

@@ -34,7 +34,7 @@ __all__ = ["ApplyResult", "RevertResult", "apply_plan", "check_applied", "check_
 NO_FILES_UIS = ("comfyui",)
 # Files lowvram writes that a user may keep as links into another folder of the tree: a killed
 # write leaves its temp file beside the link's target, so that folder is cleaned as well.
-LINKABLE = ("webui-user.sh", "webui-user.bat", "webui.settings.bat", "config.json")
+LINKABLE = ("webui-user.sh", "webui-user.bat", "webui.settings.bat", "webui.settings.sh", "config.json")
 MAX_FILE_BYTES = 64 * 1024 * 1024  # what revert reads of a file it changed (webui-user, config.json)
 
 
@@ -353,7 +353,7 @@ def apply_plan(plan: Plan, webui: Path, facts: Facts, *, dry_run: bool = False,
     hook_wanted = _hook_wanted(plan, ui)
     hook_config = str(paths.hook_config_path(webui)) if hook_wanted else None
     bvars = webui_user.block_vars(plan, hook_config)
-    target = webui_user.choose_target(webui, os_name)
+    target = webui_user.choose_target(webui, os_name, ui)
     result.target = str(target.path)
 
     with _locked(webui, held=lock_held or dry_run):
@@ -459,18 +459,18 @@ def _revert_file(webui: Path, key: str, entry: dict[str, Any], manifest: Manifes
 def _revert_unrecorded(webui: Path) -> list[dict[str, str]]:
     """Without a manifest: take the managed block out of the webui-user files that hold one.
 
-    The marker lines are lowvram's alone, so this is safe; a webui.settings.bat left empty was
-    lowvram's own (the stock tree has none).
+    The marker lines are lowvram's alone, so this is safe; a webui.settings.bat/.sh left empty was
+    lowvram's own (no stock tree has one).
     """
     changes: list[dict[str, str]] = []
     for name, kind in (("webui-user.sh", webui_user.SH), ("webui-user.bat", webui_user.BAT),
-                       ("webui.settings.bat", webui_user.BAT)):
+                       ("webui.settings.bat", webui_user.BAT), ("webui.settings.sh", webui_user.SH)):
         path = webui / name
         data = webui_user.read_bytes(path)
         if data is None or webui_user.find_block(data, kind, str(path)) is None:
             continue
         new = webui_user.remove_block(data, kind, where=str(path))
-        if name == "webui.settings.bat" and not new.strip():
+        if name.startswith("webui.settings.") and not new.strip():
             fsutil.write_target(path, webui).unlink()
             changes.append({"path": str(path), "action": "removed"})
         else:

@@ -312,12 +312,16 @@ def _check_runs_at_end(data: bytes, kind: str, where: str) -> None:
         return
     state, said = bash_reads(data)
     name = where_name(where)
-    stop = sh_first_stop(data, split_lines(data))
+    stop = sh_first_stop(data, split_lines(data), exec_too=True)
     if stop is not None:
+        said_line = line_text(split_lines(data)[stop][1]).decode("utf-8", "replace").strip()
+        hint = f"move that line to the end of {name} (or remove it), then run again"
+        if said_line.startswith("exec"):
+            hint = (f"{name} hands over to another program there: start the UI with that program instead of "
+                    f"{name}, or put the flags into COMMANDLINE_ARGS by hand")
         raise ApplyError(
             f"lowvram's block would never run at the end of {where}: line {stop + 1} "
-            f"({line_text(split_lines(data)[stop][1]).decode('utf-8', 'replace').strip()[:40]}) ends the file before it",
-            f"move that line to the end of {name} (or remove it), then run again")
+            f"({said_line[:40]}) ends the file before it", hint)
     if state == "open":
         raise ApplyError(
             f"lowvram's block would never run at the end of {where}: bash reads the end of the file as inside a "
@@ -377,12 +381,16 @@ class Target:
     before_call: bool  # put the block before `call webui.bat`
 
 
-def choose_target(webui: Path, os_name: str) -> Target:
-    """webui-user.sh on Linux/macOS; on Windows webui-user.bat when it calls webui.bat (or already
-    holds the block), else the untracked webui.settings.bat that webui.bat calls first."""
+def choose_target(webui: Path, os_name: str, flavor: str | None = None) -> Target:
+    """On Linux/macOS the file the tree's webui.sh sources: webui-user.sh (A1111's launcher), or
+    webui.settings.sh (Forge Neo's, world/detect/launcher.py); on Windows webui-user.bat when it
+    calls webui.bat (or already holds the block), else the untracked webui.settings.bat that
+    webui.bat calls first."""
+    from lowvram.world.detect.launcher import read_launcher
+
     webui = Path(webui)
     if os_name != "windows":
-        return Target(webui / "webui-user.sh", SH, False)
+        return Target(webui / read_launcher(webui, flavor).block_file, SH, False)
     bat = webui / "webui-user.bat"
     data = read_bytes(bat)
     if data is not None and (call_line_offset(data) is not None or find_block(data, BAT, str(bat)) is not None):

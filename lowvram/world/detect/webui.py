@@ -411,12 +411,22 @@ def parse_bat_args(text: str) -> tuple[tuple[str, ...] | None, bool]:
         return None, False
 
 
-def read_user_args(root: Path, os_name: str) -> tuple[tuple[str, ...] | None, bool]:
+def read_user_args(root: Path, os_name: str, flavor: str | None = None) -> tuple[tuple[str, ...] | None, bool]:
     """The user's flags from webui-user.sh/.bat; a missing file (or a dangling link) has none.
 
+    Where webui.sh is Forge Neo's (world/detect/launcher.py), it reads webui.settings.sh after
+    whatever webui-user.sh exported: a COMMANDLINE_ARGS the user set there (outside lowvram's block) wins.
     A FIFO, device, folder, link loop or huge file there is one UnsafeFileError naming it
     (checked before opening: nothing blocks); a link is read through.
     """
+    from lowvram.world.detect.launcher import SETTINGS, SETTINGS_SH, read_launcher
+
+    if os_name != "windows" and read_launcher(root, flavor).style == SETTINGS:
+        data = read_regular_bytes(root / SETTINGS_SH, MAX_SCRIPT_BYTES, "webui settings file")
+        if data is not None:
+            args, literal = parse_sh_args(data.decode("utf-8", "replace"))
+            if args is not None or not literal:
+                return args, literal
     name = "webui-user.bat" if os_name == "windows" else "webui-user.sh"
     data = read_regular_bytes(root / name, MAX_SCRIPT_BYTES, "webui-user file")
     if data is None:
@@ -791,7 +801,7 @@ def probe_webui(path: Path, os_name: str | None = None) -> WebuiFacts:
     }
     if flavor == "comfyui":
         return _comfy_facts(root, common)
-    user_args, literal = read_user_args(root, os_name)
+    user_args, literal = read_user_args(root, os_name, flavor)
     data_dir = _abs(root, flag_value(user_args, "--data-dir") or ".")
     settings_file = flag_value(user_args, "--ui-settings-file")
     config_error = checkpoint_error = None

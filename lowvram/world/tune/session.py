@@ -156,10 +156,13 @@ def run_tune(*, webui: Path | None, facts_file: Path | None, overrides: Override
         raise TuneError("no WebUI found to tune: tune starts a local A1111 and measures it",
                         "point at one with --webui PATH (or LOWVRAM_WEBUI), or install one with `lowvram setup`")
     flavor = detect_flavor(found)
-    if flavor not in (*FORGE_SLIDER_UIS, "a1111", "comfyui"):  # reForge (Forge 1) has no GPU Weights slider
-        raise TuneError(f"tune drives A1111's API and the layout hook, Forge's GPU Weights (Forge, Forge Neo) or "
-                        f"ComfyUI's; {found} is {flavor}" + (", which has no GPU Weights slider" * (flavor == "reforge")),
-                        "use `lowvram launch` there; the search needs A1111, Forge, Forge Neo or ComfyUI")
+    if flavor not in (*FORGE_SLIDER_UIS, "a1111", "comfyui"):  # reForge (Forge 1) and Forge Neo have no GPU Weights
+        which = {"reforge": ", which has no GPU Weights slider",
+                 "forge-neo": ", which has no GPU Weights slider (its memory management is ComfyUI's: --reserve-vram, "
+                              "which tune does not sweep on Forge Neo yet)"}.get(flavor or "", "")
+        raise TuneError(f"tune drives A1111's API and the layout hook, Forge's GPU Weights or ComfyUI's "
+                        f"--reserve-vram; {found} is {flavor}{which}",
+                        "use `lowvram launch` there; the search needs A1111, Forge or ComfyUI")
     if settings.extra_args and flavor != "comfyui":
         from lowvram.core.errors import UsageError
 

@@ -88,7 +88,7 @@ class TreeSnapshot:
         from lowvram.world.apply.hook import hook_dir
 
         webui = Path(webui).resolve()
-        names = ("webui-user.sh", "webui-user.bat", "webui.settings.bat")
+        names = ("webui-user.sh", "webui-user.bat", "webui.settings.bat", "webui.settings.sh")
         files = [webui / n for n in names] + [paths.hook_config_path(webui)]
         return cls(webui=webui, files=tuple((f, _save_file(f)) for f in files), hook_dir=_save_dir(hook_dir(webui)),
                    extensions_dir=(webui / "extensions").is_dir(), backups=_save_dir(paths.backups_dir(webui)),
