@@ -137,3 +137,15 @@ def test_doctor_reads_the_users_flags_beside_the_block_in_webui_settings_sh(tmp_
     done = run_lowvram("doctor", "--json", "--webui", str(root))
     check = next(c for c in json.loads(done.stdout)["checks"] if c["id"] == "lowvram.applied")
     assert check["status"] == "warn" and "--novram" in check["message"], check
+
+
+def test_a_webui_user_sh_that_does_not_start_webui_sh_gives_no_user_flags(tmp_path: Path) -> None:
+    """Neo's webui.sh never sources webui-user.sh: its COMMANDLINE_ARGS count only where it starts webui.sh."""
+    from lowvram.world.detect.webui import read_user_args
+
+    root = make_neo_tree(tmp_path / "neo")
+    assert read_user_args(root, "linux", "forge-neo") == (("--uv",), True)
+    (root / "webui-user.sh").write_text('export COMMANDLINE_ARGS="--uv"\n')  # a leftover A1111-style file
+    assert read_user_args(root, "linux", "forge-neo") == (None, True)
+    (root / "webui.settings.sh").write_text('export COMMANDLINE_ARGS="--api"\n')
+    assert read_user_args(root, "linux", "forge-neo") == (("--api",), True)

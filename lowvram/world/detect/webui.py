@@ -419,9 +419,10 @@ def read_user_args(root: Path, os_name: str, flavor: str | None = None) -> tuple
     A FIFO, device, folder, link loop or huge file there is one UnsafeFileError naming it
     (checked before opening: nothing blocks); a link is read through.
     """
-    from lowvram.world.detect.launcher import SETTINGS, SETTINGS_SH, read_launcher
+    from lowvram.world.detect.launcher import SETTINGS, SETTINGS_SH, read_launcher, runs_webui_sh
 
-    if os_name != "windows" and read_launcher(root, flavor).style == SETTINGS:
+    settings_style = os_name != "windows" and read_launcher(root, flavor).style == SETTINGS
+    if settings_style:
         data = read_regular_bytes(root / SETTINGS_SH, MAX_SCRIPT_BYTES, "webui settings file")
         if data is not None:
             args, literal = parse_sh_args(data.decode("utf-8", "replace"))
@@ -432,6 +433,8 @@ def read_user_args(root: Path, os_name: str, flavor: str | None = None) -> tuple
     if data is None:
         return None, True
     text = data.decode("utf-8", "replace")
+    if settings_style and not runs_webui_sh(text)[0]:
+        return None, True  # Neo's webui.sh never reads it, and this one does not start webui.sh: nothing reads it
     return parse_bat_args(text) if name.endswith(".bat") else parse_sh_args(text)
 
 
