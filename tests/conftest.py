@@ -39,6 +39,19 @@ def lowvram_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     return home
 
 
+@pytest.fixture
+def rtx3060_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working folder (no WebUI in or above it) on a machine whose NVML is a fake RTX 3060."""
+    from lowvram.world.detect import nvml
+    from tests.fixtures import fake_nvml
+
+    monkeypatch.setattr(nvml, "pynvml", fake_nvml.SCENARIOS["rtx3060"]())
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    return here
+
+
 @dataclass
 class CliResult:
     code: int

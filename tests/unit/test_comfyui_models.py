@@ -10,20 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from lowvram.world.detect import nvml
-from tests.fixtures import fake_nvml
 from tests.fixtures.model_headers import write_gguf, write_model
 from tests.fixtures.webui_trees import make_webui
 
 
 @pytest.fixture
-def comfy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setattr(nvml, "pynvml", fake_nvml.SCENARIOS["rtx3060"]())
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    monkeypatch.delenv("LOWVRAM_WEBUI", raising=False)
-    monkeypatch.delenv("LOWVRAM_FACTS", raising=False)
+def comfy(tmp_path: Path, rtx3060_cwd: Path) -> Path:
     return make_webui(tmp_path / "ComfyUI", flavor="comfyui", version="0.3.64", family=None)
 
 

@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 
 from lowvram.core.model_files import DETECTED_FAMILIES
-from lowvram.world.detect import nvml
-from tests.fixtures import fake_nvml
 from tests.fixtures.facts_matrix import MACHINES, write_facts
 from tests.fixtures.model_headers import write_gguf, write_model
 from tests.fixtures.webui_trees import make_webui
@@ -19,14 +17,8 @@ NEW_FAMILIES = ("flux1-dev", "flux1-schnell", "sd3-medium", "sd3.5-medium", "sd3
 
 
 @pytest.fixture
-def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setattr(nvml, "pynvml", fake_nvml.SCENARIOS["rtx3060"]())
-    here = tmp_path / "cwd"
-    here.mkdir()
-    monkeypatch.chdir(here)
-    monkeypatch.delenv("LOWVRAM_WEBUI", raising=False)
-    monkeypatch.delenv("LOWVRAM_FACTS", raising=False)
-    return here
+def cwd(rtx3060_cwd: Path) -> Path:
+    return rtx3060_cwd
 
 
 @pytest.fixture

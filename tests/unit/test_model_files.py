@@ -131,11 +131,7 @@ def test_damaged_safetensors_is_a_reason(tmp_path: Path, raw: bytes, words: str)
 
 
 @pytest.fixture
-def flux_webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setattr(nvml, "pynvml", fake_nvml.SCENARIOS["rtx3060"]())
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
+def flux_webui(tmp_path: Path, rtx3060_cwd: Path) -> Path:
     root = make_webui(tmp_path / "forge", flavor="forge", family=None)
     write_model(root / "models" / "Stable-diffusion" / "flux1-dev-bnb-nf4.safetensors", "flux1-dev", "nf4",
                 single_file=True)
