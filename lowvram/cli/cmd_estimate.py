@@ -347,14 +347,16 @@ def _probe_machine(webui_arg: Path | None, facts_file: Path | None, vram_mb: int
     return _Machine(webui, facts, wf_obj, from_file)
 
 
-def _model_file(model: str | None, machine: _Machine, notes: list[str]) -> tuple[str | None, _Machine]:
-    """--model FILE: the file's family, with the file as the WebUI's checkpoint (world/plan_inputs.py)."""
+def _model_file(model: str | None, machine: _Machine,
+                notes: list[str]) -> tuple[str | None, _Machine, str | None]:
+    """--model FILE: the file's family, with the file as the WebUI's checkpoint (world/plan_inputs.py); and
+    where no WebUI was found, the file's stored format as its header said (read once, there)."""
     from lowvram.world.plan_inputs import resolve_model_arg
 
     arg = resolve_model_arg(model, machine.webui_facts)
     if arg.choice is not None:
         notes.append(f"model family {arg.family}: {arg.choice.reason}")
-    return arg.family, replace(machine, webui_facts=arg.webui)
+    return arg.family, replace(machine, webui_facts=arg.webui), arg.file.format if arg.file is not None else None
 
 
 def _resolve_family(model: str | None, prof: dict[str, Any], wf_obj: Any, ui: str | None, notes: list[str]) -> str:
@@ -433,17 +435,13 @@ def _format_name(value: str, option: str) -> str:
     return name
 
 
-def _file_format(model_arg: str | None, family: str, machine: _Machine) -> str | None:
-    """The stored format of the model file the family came from: --model FILE's, else the WebUI's checkpoint
-    where it is of the family estimated; None where no file says."""
-    from lowvram.core.model_files import DETECTED_FAMILIES
-
+def _file_format(lone_file_format: str | None, family: str, machine: _Machine) -> str | None:
+    """The stored format of the model file the family came from: --model FILE's where no WebUI was found
+    (`lone_file_format`, from _model_file), else the WebUI's checkpoint where it is of the family estimated;
+    None where no file says."""
     wf = machine.webui_facts
-    if model_arg is not None and model_arg not in DETECTED_FAMILIES and wf is None:  # a file, no WebUI
-        from lowvram.world.detect.checkpoint import checkpoint_info
-        from lowvram.world.plan_inputs import find_model_file
-
-        return checkpoint_info(find_model_file(model_arg, None)).format
+    if lone_file_format is not None and wf is None:
+        return lone_file_format
     if wf is not None and wf.model_family == family and wf.model_format:
         return str(wf.model_format)
     return None
@@ -602,8 +600,7 @@ def run_estimate(
     text_format = _format_name(text_format, "--text-format") if text_format else None
     prof = _profile_values(profile) if profile else {}
     machine = _probe_machine(webui_arg, facts_file, vram_mb, notes, ui)
-    model_arg = model
-    model, machine = _model_file(model, machine, notes)
+    model, machine, lone_file_format = _model_file(model, machine, notes)
     family = _resolve_family(model, prof, machine.webui_facts, ui, notes)
     if formats:
         from lowvram.core.estimate.format_choice import require_dit
@@ -614,7 +611,7 @@ def run_estimate(
         vae_precision=vae_precision, tiled_vae=tiled_vae, ui=ui, attention=attention, offload=offload,
         hires_scale=hires_scale,
     )
-    file_format = _file_format(model_arg, family, machine)
+    file_format = _file_format(lone_file_format, family, machine)
     req = _with_formats(req, weight_format, text_format, file_format, notes)
     other_runs = _other_ui_runs(machine, notes)
     calibration = _calibration_for(machine.webui, req, notes, other_runs)
