@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from tests.e2e.conftest import RealUi
+from tests.fixtures.api_ui import pid_alive
 from tests.fixtures.faults import write_gtx1070_facts
 
 
@@ -22,14 +23,6 @@ def _state(tree: Path) -> dict[str, str]:
             rel = path.relative_to(tree).as_posix()
             out[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:].split()[0] not in ("Z", "X")
 
 
 def test_tune_on_the_real_comfyui_leaves_the_tree_as_it_was(real_comfy: RealUi, tmp_path: Path) -> None:
@@ -61,4 +54,4 @@ def test_tune_on_the_real_comfyui_leaves_the_tree_as_it_was(real_comfy: RealUi, 
             cwd, cmd = Path(os.readlink(entry / "cwd")), (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        assert not (cwd == tree and b"main.py" in cmd and _alive(int(entry.name))), cmd
+        assert not (cwd == tree and b"main.py" in cmd and pid_alive(int(entry.name))), cmd

@@ -18,6 +18,7 @@ import pytest
 
 from lowvram.world import paths
 from lowvram.world.observation_log import load_observations
+from tests.fixtures.api_ui import pid_alive
 from tests.fixtures.comfy_api import make_fake_comfy
 from tests.fixtures.faults import write_gtx1070_facts
 from tests.fixtures.webui_trees import make_webui
@@ -51,14 +52,6 @@ def _lowvram(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[st
 
 def _starts(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:].split()[0] not in ("Z", "X")
 
 
 def _plan(root: Path, facts: Path) -> dict[str, Any]:
@@ -102,7 +95,7 @@ def test_tune_sweeps_reserve_vram_and_the_next_plan_uses_the_fastest(tmp_path: P
         for flag in ("--output-directory", "--temp-directory", "--user-directory"):
             assert not Path(argv[argv.index(flag) + 1]).is_relative_to(root)
             assert not Path(argv[argv.index(flag) + 1]).exists()  # removed afterwards
-        assert not _alive(start["pid"])
+        assert not pid_alive(start["pid"])
     assert [s["argv"][s["argv"].index("--reserve-vram") + 1] if "--reserve-vram" in s["argv"] else None
             for s in starts] == [None, "0.2", "0.8", "1.2", "1.6"]
     assert _tree_state(root) == before
@@ -148,7 +141,7 @@ def test_ctrl_c_stops_comfyuis_group_and_puts_the_tree_back(tmp_path: Path, sig:
     assert "interrupted" in err and "user/, temp/, output/ and input/" in err
     assert "Traceback" not in err
     for start in _starts(log):
-        assert not _alive(start["pid"])
+        assert not pid_alive(start["pid"])
     assert _tree_state(root) == before
 
 
