@@ -27,14 +27,14 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from lowvram.core.errors import LaunchError, LowvramError, UsageError
+from lowvram.core.errors import LaunchError, UsageError
 from lowvram.core.facts import Facts
 from lowvram.core.plan import Plan
 from lowvram.ui import FORGE_LINEAGE
 from lowvram.ui.base import FlagSet, UiAdapter, flags_for
 from lowvram.world import paths
-from lowvram.world.detect.launcher import MAX_LAUNCHER_BYTES, SETTINGS, SETTINGS_SH, read_launcher, runs_webui_sh
-from lowvram.world.fsutil import FileLock, atomic_write_text, read_regular_bytes
+from lowvram.world.detect.launcher import SETTINGS, SETTINGS_SH, read_launcher, read_script, runs_webui_sh
+from lowvram.world.fsutil import FileLock, atomic_write_text
 
 # Forge's lineage (Forge, Forge Neo, reForge) starts through a webui.sh too. Forge and reForge keep A1111's,
 # LAUNCH_SCRIPT and install_dir/clone_dir included; Forge Neo's is its own (world/detect/launcher.py).
@@ -290,7 +290,7 @@ def _settings_spec(tree: Path, ui: str, target: str, *, extra: tuple[str, ...], 
     """Forge Neo's launcher (world/detect/launcher.py): `bash webui-user.sh` where that runs webui.sh
     (as the user would), else `bash webui.sh`; webui.sh reads lowvram's block from webui.settings.sh."""
     script = "webui.sh"
-    user_text = _read_text(tree / "webui-user.sh")
+    user_text = read_script(tree / "webui-user.sh")
     runs, passes_args = runs_webui_sh(user_text) if user_text is not None else (False, False)
     if runs:
         script = "webui-user.sh"
@@ -308,15 +308,6 @@ def _settings_spec(tree: Path, ui: str, target: str, *, extra: tuple[str, ...], 
                  "returns when the UI exits, and its exit code is that last read's, not the UI's")
     return LaunchSpec(argv=("bash", script, *extra), cwd=tree, env_changes=env, ui=ui, target_os=target,
                       stdin_closed=True, exit_code_of="webui.sh", notes=tuple(notes), warnings=tuple(warnings))
-
-
-def _read_text(path: Path) -> str | None:
-    """A launcher file's text; None when missing or not a regular file lowvram can read (a FIFO never blocks)."""
-    try:
-        data = read_regular_bytes(path, MAX_LAUNCHER_BYTES, "launcher script")
-    except LowvramError:
-        return None
-    return None if data is None else data.decode("utf-8", "replace")
 
 
 def _windows_spec(plan: Plan, tree: Path, *, extra: tuple[str, ...], python: Path | None, env: dict[str, str],
@@ -353,7 +344,7 @@ def _windows_spec(plan: Plan, tree: Path, *, extra: tuple[str, ...], python: Pat
 
 
 def _user_sets_launch_script(tree: Path) -> bool:
-    text = _read_text(tree / "webui-user.sh")
+    text = read_script(tree / "webui-user.sh")
     return text is not None and _USER_LAUNCH_SCRIPT.search(text) is not None
 
 

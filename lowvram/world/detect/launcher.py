@@ -59,13 +59,19 @@ def style_of_text(text: str | None, flavor: str | None) -> Launcher:
     return Launcher(SETTINGS if flavor == "forge-neo" else A1111, "flavor")
 
 
-def read_launcher(webui: Path, flavor: str | None) -> Launcher:
-    """The tree's launcher; a webui.sh lowvram cannot read safely (a FIFO, a folder) counts as missing."""
+def read_script(path: Path) -> str | None:
+    """A launcher script's text; None when missing or not a regular file lowvram can read safely (a FIFO,
+    a folder: never opened, so nothing blocks)."""
     try:
-        data = read_regular_bytes(Path(webui) / "webui.sh", MAX_LAUNCHER_BYTES, "launcher script")
+        data = read_regular_bytes(Path(path), MAX_LAUNCHER_BYTES, "launcher script")
     except LowvramError:
-        data = None
-    return style_of_text(None if data is None else data.decode("utf-8", "replace"), flavor)
+        return None
+    return None if data is None else data.decode("utf-8", "replace")
+
+
+def read_launcher(webui: Path, flavor: str | None) -> Launcher:
+    """The tree's launcher; a webui.sh lowvram cannot read safely counts as missing."""
+    return style_of_text(read_script(Path(webui) / "webui.sh"), flavor)
 
 
 def runs_webui_sh(text: str) -> tuple[bool, bool]:
